@@ -1,0 +1,289 @@
+"""Message schemas (v1) for every topic, with validation and encode/decode.
+
+Every JSON payload carries ``"v": 1``. ``decode(kind, payload)`` returns a
+validated message or raises ProtocolError naming what is wrong; a payload that
+fails is logged by the receiver and dropped, and never changes state.
+Unknown fields are refused, so a typo cannot pass as a default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lepton.errors import ProtocolError
+from lepton.protocol.topics import ID_PATTERN
+
+SCHEMA_VERSION = 1
+MAX_JSON_BYTES = 256 * 1024  # a JSON message above this is refused unread
+MAX_DEPTH = 16  # nesting deeper than this is refused before parsing
+
+Id = Annotated[str, Field(pattern=ID_PATTERN.pattern)]
+NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class Message(BaseModel):
+    """Base: strict about unknown keys, NaN and infinity."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="null")
+    v: Literal[1] = SCHEMA_VERSION
+
+
+# --- device status (birth / last will) --------------------------------------
+
+
+class StreamInfo(BaseModel):
+    """A data stream a device originates: what the planner needs to place it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: Id
+    model: Id
+    rate_hz: NonNeg
+    payload_bytes: Annotated[int, Field(ge=0)]
+    reply_bytes: Annotated[int, Field(ge=0)] = 256
+    slo_ms: NonNeg | None = None
+
+
+class Capabilities(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    cpu_count: Annotated[int, Field(ge=1)]
+    memory_mb: NonNeg
+    arch: str
+    runtime: str
+    runtime_version: str
+    threads: Annotated[int, Field(ge=1)] = 1
+    cpu_share: Annotated[float, Field(gt=0, le=1024)] = 1.0  # usable cores for inference
+    models: list[Id] = []
+    link: dict[str, NonNeg] = {}  # configured link hints: up_mbps, down_mbps, rtt_ms
+
+
+class Status(Message):
+    device: Id
+    state: Literal["online", "offline"]
+    ts: NonNeg
+    reason: str = ""
+    agent_version: str = ""
+    capabilities: Capabilities | None = None
+    streams: list[StreamInfo] = []
+
+
+# --- telemetry ----------------------------------------------------------------
+
+
+class ModelTiming(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    p50_ms: NonNeg
+    p95_ms: NonNeg
+    count: Annotated[int, Field(ge=0)]
+
+
+class Link(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    rtt_ms: NonNeg | None = None
+    up_mbps: NonNeg | None = None
+    down_mbps: NonNeg | None = None
+
+
+class Telemetry(Message):
+    device: Id
+    ts: NonNeg
+    load1: NonNeg = 0.0
+    cpu_percent: NonNeg = 0.0
+    memory_used_mb: NonNeg = 0.0
+    memory_total_mb: NonNeg = 0.0
+    temperature_c: Finite | None = None
+    models: dict[Id, ModelTiming] = {}
+    frames_in: Annotated[int, Field(ge=0)] = 0
+    frames_dropped: Annotated[int, Field(ge=0)] = 0
+    results: Annotated[int, Field(ge=0)] = 0
+    outbox_depth: Annotated[int, Field(ge=0)] = 0
+    outbox_dropped: Annotated[int, Field(ge=0)] = 0
+    outbox_expired: Annotated[int, Field(ge=0)] = 0
+    offload_failed: Annotated[int, Field(ge=0)] = 0
+    link: Link = Link()
+    streams: dict[Id, NonNeg] = {}  # measured rate per stream (Hz)
+
+
+# --- placement ----------------------------------------------------------------
+
+
+class ModelRef(BaseModel):
+    """A model version as the device must fetch and verify it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: Id
+    version: Annotated[str, Field(min_length=1, max_length=64)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    size: Annotated[int, Field(ge=0)]
+    url: Annotated[str, Field(min_length=1, max_length=2048)]
+    manifest_url: str = ""
+
+
+class Route(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    device: Id
+    share: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class Desired(Message):
+    device: Id
+    generation: Annotated[int, Field(ge=0)]
+    ts: NonNeg
+    models: list[ModelRef] = []
+    routes: dict[Id, list[Route]] = {}  # own stream id -> where it is served
+    serve: dict[Id, list[Id]] = {}  # origin device -> its streams this device serves
+
+
+class ModelState(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    state: Literal["loading", "loaded", "failed"]
+    version: str = ""
+    sha256: str = ""
+    reason: str = ""
+    invoke_ms: NonNeg | None = None
+
+
+class Reported(Message):
+    device: Id
+    generation: Annotated[int, Field(ge=0)]
+    ts: NonNeg
+    models: dict[Id, ModelState] = {}
+
+
+# --- results and acks ---------------------------------------------------------
+
+
+class ModelId(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: Id
+    version: str
+    sha256: str
+
+
+class Result(Message):
+    device: Id
+    stream: Id
+    seq: Annotated[int, Field(ge=1)]
+    floor: Annotated[int, Field(ge=1)] = 1  # every seq below is acked or counted dropped
+    model: ModelId
+    captured_at: NonNeg
+    inferred_at: NonNeg
+    infer_ms: NonNeg
+    computed_on: Id
+    rtt_ms: NonNeg | None = None
+    deadline: NonNeg | None = None
+    output: dict[str, Any]
+
+    @field_validator("output")
+    @classmethod
+    def _finite(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_finite(value)
+        return value
+
+
+class Ack(Message):
+    device: Id
+    seq: Annotated[int, Field(ge=0)]  # highest contiguous committed
+
+
+class CoordinatorStatus(Message):
+    state: Literal["online", "offline"]
+    ts: NonNeg
+    http: str = ""  # model registry base URL
+
+
+class Reply(Message):
+    """The output for an offloaded input, sent back to its origin."""
+
+    server: Id
+    origin: Id
+    request: Annotated[int, Field(ge=0)]
+    model: Id
+    infer_ms: NonNeg = 0.0
+    error: str = ""
+    output: dict[str, Any] = {}
+
+
+KINDS: dict[str, type[Message]] = {
+    "status": Status,
+    "telemetry": Telemetry,
+    "desired": Desired,
+    "reported": Reported,
+    "results": Result,
+    "acks": Ack,
+    "coordinator": CoordinatorStatus,
+    "replies": Reply,
+}
+
+AnyMessage = Union[Status, Telemetry, Desired, Reported, Result, Ack, CoordinatorStatus, Reply]
+
+
+def _check_finite(value: Any, depth: int = 0) -> None:
+    if depth > MAX_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_DEPTH}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("NaN or infinity in output")
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_finite(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _check_finite(item, depth + 1)
+
+
+def _too_deep(raw: bytes) -> bool:
+    depth = 0
+    in_str = esc = False
+    for ch in raw:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == 0x5C:
+                esc = True
+            elif ch == 0x22:
+                in_str = False
+        elif ch == 0x22:
+            in_str = True
+        elif ch in (0x5B, 0x7B):
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif ch in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
+def encode(message: Message) -> bytes:
+    """Serialise a message to compact JSON bytes."""
+    return message.model_dump_json(exclude_none=True).encode()
+
+
+def decode(kind: str, payload: bytes | str) -> AnyMessage:
+    """Validate *payload* as a message of *kind*; ProtocolError names what is wrong."""
+    cls = KINDS.get(kind)
+    if cls is None:
+        raise ProtocolError(f"no JSON schema for topic kind {kind!r}")
+    raw = payload.encode() if isinstance(payload, str) else bytes(payload)
+    if len(raw) > MAX_JSON_BYTES:
+        raise ProtocolError(f"{kind}: payload of {len(raw)} bytes exceeds {MAX_JSON_BYTES}")
+    if not raw:
+        raise ProtocolError(f"{kind}: empty payload")
+    if _too_deep(raw):
+        raise ProtocolError(f"{kind}: JSON nested deeper than {MAX_DEPTH}")
+    try:
+        return cls.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "payload"
+        raise ProtocolError(f"{kind}: {where}: {first.get('msg')} ({exc.error_count()} error(s))") from None
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(f"{kind}: {exc}") from None
+
+
+def to_json(message: Message) -> dict[str, Any]:
+    """The message as a plain dict, as it travels."""
+    return json.loads(encode(message))
