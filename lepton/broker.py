@@ -8,6 +8,7 @@ stop, SIGKILL and restart it on the same port and data directory.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -74,6 +75,9 @@ class MosquittoBroker:
 
     def config_text(self) -> str:
         lines = [
+            # Run as whoever started us: as root, mosquitto would otherwise switch
+            # to the `mosquitto` user and fail to write our private data dir.
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
             f"listener {self.port} {self.host}",
             f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             f"max_queued_messages {self.max_queued_messages}",
