@@ -1,0 +1,1 @@
+"""Scripts that reproduce the model zoo and the test models (need TensorFlow)."""
