@@ -181,7 +181,7 @@ def read_metadata(path: str | os.PathLike, interpreter: Any = None) -> ModelMeta
     try:
         op_count = count_ops(data)
     except ModelError as exc:
-        raise ModelError(f"model file {path}: truncated or malformed TFLite FlatBuffer: {exc}") from None
+        raise ModelError(f"model file {path}: truncated or corrupt TFLite FlatBuffer: {exc}") from None
     if interpreter is None:
         interpreter = load_interpreter(path)
     return ModelMetadata(

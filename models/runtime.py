@@ -153,6 +153,7 @@ def load_interpreter(
         interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise ModelError(f"model file {path}: {runtime.name} cannot load it: {reason}") from None
+        cause = "truncated or corrupt" if "flatbuffer" in reason.lower() else "cannot be loaded"
+        raise ModelError(f"model file {path}: {cause}: {runtime.name} says: {reason}") from None
     log.debug("loaded %s with %s %s (threads=%d, delegate=%s)", path, runtime.name, runtime.version, num_threads, delegate)
     return interpreter
