@@ -1,0 +1,141 @@
+"""The coordinator's MQTT connection.
+
+A persistent session (clean_session False on MQTT 3.1.1, clean_start False +
+session expiry on MQTT 5) so the broker queues results while the coordinator
+is down; ``manual_ack`` so a PUBACK is sent only after ingest committed the
+message. The retained ``coordinator/status`` says ``online`` on every connect
+and the last will says ``offline``. paho's callbacks only enqueue: they must
+never raise, since an exception there ends paho's network thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+
+from lepton.coordinator.ingest import Inbound
+from lepton.errors import ConfigError
+from lepton.protocol import Topics, encode
+from lepton.protocol import messages as m
+
+log = logging.getLogger(__name__)
+
+
+class Bus:
+    """One paho client: subscribes for the coordinator, PUBACKs for ingest, publishes for everyone."""
+
+    def __init__(self, broker, topics: Topics, on_message: Callable[[Inbound], None], http_url: str = ""):
+        self.cfg, self.topics, self.http_url = broker, topics, http_url
+        self.on_message_cb = on_message
+        self.on_connected: Callable[[], None] = lambda: None
+        self.conn = 0  # connection generation, bumped on every successful connect
+        self.connected = threading.Event()
+        v5 = broker.mqtt_version == "5"
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=broker.client_id,
+            clean_session=None if v5 else False,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            manual_ack=True,
+        )
+        self._configure()
+
+    def _configure(self) -> None:
+        c, cfg = self.client, self.cfg
+        c.max_inflight_messages_set(1000)  # acks and placements go out faster than paho's default of 20
+        c.max_queued_messages_set(0)
+        c.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
+        if cfg.username:
+            c.username_pw_set(cfg.username, _read_password(cfg.password_file))
+        if cfg.tls_ca:
+            c.tls_set(ca_certs=cfg.tls_ca, certfile=cfg.tls_cert or None, keyfile=cfg.tls_key or None)
+        offline = m.CoordinatorStatus(state="offline", ts=time.time(), http=self.http_url)
+        c.will_set(self.topics.coordinator_status(), encode(offline), qos=1, retain=True)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+
+    def start(self) -> None:
+        """Connect in the background: a broker that is not up yet is retried, never fatal."""
+        props = None
+        if self.cfg.mqtt_version == "5":
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.cfg.session_expiry_s
+            props.ReceiveMaximum = 1000
+        kwargs = {"clean_start": False, "properties": props} if props else {}
+        self.client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive, **kwargs)
+        self.client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def stop(self) -> None:
+        """Say offline (retained), then disconnect cleanly; the will is for crashes only."""
+        if self.connected.is_set():
+            info = self.client.publish(
+                self.topics.coordinator_status(),
+                encode(m.CoordinatorStatus(state="offline", ts=time.time(), http=self.http_url)),
+                qos=1,
+                retain=True,
+            )
+            try:
+                info.wait_for_publish(timeout=3)
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    # --- used by ingest and the rebalancer ---------------------------------------
+    def puback(self, mid: int, qos: int, conn: int) -> None:
+        """Acknowledge a committed message, if it came on the live connection (else it is re-delivered)."""
+        if conn == self.conn and self.connected.is_set():
+            self.client.ack(mid, qos)
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
+        """Queue a publish; paho sends it now or after the reconnect."""
+        self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    # --- paho callbacks (network thread) ---------------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker %s:%s refused the connection: %s", self.cfg.host, self.cfg.port, reason_code)
+            return
+        self.conn += 1
+        client.subscribe(self.topics.coordinator_subscriptions())
+        online = m.CoordinatorStatus(state="online", ts=time.time(), http=self.http_url)
+        client.publish(self.topics.coordinator_status(), encode(online), qos=1, retain=True)
+        log.info("connected to %s:%s (session present: %s)", self.cfg.host, self.cfg.port, flags.session_present)
+        self.connected.set()
+        try:
+            self.on_connected()
+        except Exception:  # never let a callback end paho's loop thread
+            log.exception("on_connected hook failed")
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        log.warning("disconnected from broker: %s", reason_code)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            # A topic that is not UTF-8 still reaches ingest, which refuses it, logs it and PUBACKs it.
+            topic = msg._topic.decode("utf-8", "replace") if isinstance(msg._topic, bytes) else str(msg.topic)
+            self.on_message_cb(Inbound(topic, msg.payload, msg.qos, msg.mid, self.conn))
+        except Exception:
+            log.exception("could not queue a message (mid %s)", getattr(msg, "mid", "?"))
+
+
+def _read_password(path: str) -> str:
+    if not path:
+        return ""
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"broker password_file {path}: {exc.strerror}") from None

@@ -1,0 +1,129 @@
+"""The coordinator's configuration: one TOML file, validated once at start.
+
+Unknown keys are refused (a typo never passes as a default); every field has a
+default and a description. ``lepton coordinator --check-config FILE`` exits 0,
+or 2 with the reason.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lepton.errors import ConfigError
+from lepton.protocol import DEFAULT_PREFIX, Topics
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BrokerConfig(_Section):
+    host: str = Field("127.0.0.1", description="MQTT broker host")
+    port: int = Field(1883, ge=1, le=65535, description="MQTT broker port (8883 is usual with TLS)")
+    keepalive: int = Field(10, ge=1, le=3600, description="MQTT keepalive (s); the broker fires the last will after 1.5x")
+    client_id: str = Field("lepton-coordinator", min_length=1, description="MQTT client id; the persistent session is kept under it")
+    mqtt_version: Literal["3.1.1", "5"] = Field("3.1.1", description="MQTT protocol version")
+    session_expiry_s: int = Field(7 * 86400, ge=0, description="MQTT 5 only: how long the broker keeps the session (and queues) while the coordinator is away")
+    tls_ca: str = Field("", description="CA certificate file; set to use TLS")
+    tls_cert: str = Field("", description="client certificate file (TLS)")
+    tls_key: str = Field("", description="client private key file (TLS)")
+    username: str = Field("", description="broker user name, if the broker asks for one")
+    password_file: str = Field("", description="file holding the broker password (never the password itself)")
+    reconnect_min_s: float = Field(0.5, gt=0, description="first reconnect delay (s)")
+    reconnect_max_s: float = Field(10.0, gt=0, description="longest reconnect delay (s)")
+
+
+class DbConfig(_Section):
+    path: str = Field("/var/lib/lepton/coordinator.db", description="the fleet registry and results (SQLite, WAL)")
+    synchronous: Literal["NORMAL", "FULL"] = Field("FULL", description="FULL: an acked result survives a power cut; NORMAL: a crash only")
+    batch_max: int = Field(2000, ge=1, le=100000, description="most messages committed in one transaction")
+
+
+class PlannerConfig(_Section):
+    interval_s: float = Field(30.0, gt=0, description="replan at least this often (s); events replan sooner")
+    time_limit_s: float = Field(5.0, gt=0, description="solver time limit (s)")
+    migration_penalty_ms: float = Field(20.0, ge=0, description="cost of loading a model not already held (keeps the fleet from flapping)")
+    utilization_cap: float = Field(0.8, gt=0, le=1, description="share of a device's CPU the planner may fill")
+    unserved_penalty_ms: float = Field(10000.0, ge=0, description="cost of a stream share left unserved")
+    default_compute_ms: float = Field(50.0, gt=0, description="inference time assumed when neither telemetry nor a bench profile knows it")
+    debounce_s: float = Field(0.2, ge=0, description="events within this window are planned together")
+    drift: float = Field(0.25, gt=0, description="relative change of a measured compute time or link that triggers a replan")
+    exclude_failed_s: float = Field(600.0, ge=0, description="a (model, device) that failed to load is kept out of plans this long")
+    queueing: bool = Field(False, description="add the planner's queueing term to the objective")
+
+
+class LivenessConfig(_Section):
+    stale_after_s: float = Field(15.0, gt=0, description="an online device silent this long is stale and planned as offline")
+
+
+class HttpConfig(_Section):
+    enabled: bool = Field(True, description="serve the model registry over HTTP(S)")
+    bind: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 for every interface)")
+    port: int = Field(8080, ge=0, le=65535, description="port; 0 picks a free one")
+    base_url: str = Field("", description="URL devices fetch models from; default this server. Any HTTP store serving /models/<name>/<version>/... may stand in")
+    tls_cert: str = Field("", description="certificate file: serve HTTPS")
+    tls_key: str = Field("", description="private key file for tls_cert")
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class ModelsConfig(_Section):
+    dir: str = Field("", description="model registry directory; default the shipped zoo")
+    trusted_keys: list[str] = Field(default_factory=list, description="public keys whose manifest signatures are trusted")
+
+
+class MetricsConfig(_Section):
+    port: int = Field(0, ge=0, le=65535, description="Prometheus metrics port; 0 is off")
+    bind: str = Field("127.0.0.1", description="metrics address")
+
+
+class CoordinatorConfig(_Section):
+    prefix: str = Field(DEFAULT_PREFIX, description="MQTT topic prefix")
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    db: DbConfig = Field(default_factory=DbConfig)
+    planner: PlannerConfig = Field(default_factory=PlannerConfig)
+    liveness: LivenessConfig = Field(default_factory=LivenessConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        Topics(value)  # raises on wildcards or a trailing '/'
+        return value
+
+
+def load_config(path: str | Path | None = None, data: dict | None = None) -> CoordinatorConfig:
+    """Read and validate a config file (or a dict); ConfigError names the bad key."""
+    if data is None:
+        if path is None:
+            return CoordinatorConfig()
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    try:
+        return CoordinatorConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "config"
+        raise ConfigError(f"config {path or ''}: {where}: {first.get('msg')}".replace("config : ", "config: ")) from None
+    except Exception as exc:  # the prefix check raises ProtocolError
+        raise ConfigError(f"config {path or ''}: {exc}") from None

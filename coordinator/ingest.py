@@ -1,0 +1,253 @@
+"""Exactly-once ingest: the one thread that writes what devices send.
+
+paho's callbacks only enqueue (``submit``). This thread takes whatever has
+queued (up to ``batch_max``), validates it, and commits it in ONE transaction:
+results with ``INSERT ... ON CONFLICT (device, seq) DO NOTHING`` (a re-sent
+result is stored once), status, telemetry and reported placement through the
+fleet registry, and the new per-device ack. Only after the commit does it
+PUBACK the MQTT messages (paho ``manual_ack``) and publish the highest
+contiguous committed seq on each device's ``acks`` topic. A crash before the
+commit loses nothing: the broker re-delivers what was never PUBACKed and the
+device re-sends what was never acked.
+
+An invalid payload is logged with device, topic and reason, PUBACKed (so the
+broker does not re-deliver it forever) and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from lepton.coordinator.acks import AckTracker
+from lepton.coordinator.db import open_db
+from lepton.coordinator.registry import Change, FleetRegistry
+from lepton.errors import ProtocolError
+from lepton.protocol import Topics, decode, encode
+from lepton.protocol import messages as m
+
+log = logging.getLogger(__name__)
+
+INSERT_RESULT = (
+    "INSERT INTO results (device, seq, stream, model, computed_on, captured_at, infer_ms, received_at, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, seq) DO NOTHING"
+)
+SAVE_ACK = (
+    "INSERT INTO acks (device, seq) VALUES (?, ?) "
+    "ON CONFLICT (device) DO UPDATE SET seq = excluded.seq WHERE excluded.seq > acks.seq"
+)
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """One received MQTT message, as paho's callback hands it over."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    mid: int
+    conn: int = 0  # connection generation it arrived on: a PUBACK only makes sense on the same one
+
+
+class Sink(Protocol):
+    """Where ingest sends its acknowledgements (the coordinator's MQTT client)."""
+
+    def puback(self, mid: int, qos: int, conn: int) -> None: ...
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None: ...
+
+
+@dataclass
+class _Batch:
+    rows: list[tuple]
+    floors: dict[str, int]  # device -> highest floor seen in this batch
+    seqs: dict[str, list[int]]
+    changes: list[Change]
+
+
+class Ingest:
+    """Validates, stores and acknowledges in batches; owns its database connection."""
+
+    def __init__(
+        self,
+        db_path: str,
+        topics: Topics,
+        sink: Sink,
+        on_changes: Callable[[list[Change]], None] = lambda changes: None,
+        synchronous: str = "FULL",
+        batch_max: int = 2000,
+        metrics=None,
+    ):
+        self.db_path, self.topics, self.sink = db_path, topics, sink
+        self.on_changes, self.synchronous, self.batch_max = on_changes, synchronous, batch_max
+        self.metrics = metrics
+        self.queue: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
+        self.tracker = AckTracker()
+        self.committed = 0  # results newly stored since start (duplicates excluded)
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    # --- paho side ------------------------------------------------------------
+    def submit(self, item: Inbound) -> None:
+        """Hand one message to the ingest thread (safe from any thread, never blocks)."""
+        self.queue.put(item)
+
+    def depth(self) -> int:
+        return self.queue.qsize()
+
+    # --- lifecycle --------------------------------------------------------------
+    def start(self, stop: threading.Event) -> None:
+        """Open the database in the ingest thread and start consuming; raises if the database fails."""
+        self._thread = threading.Thread(target=self._run, args=(stop,), name="ingest", daemon=True)
+        self._thread.start()
+        self._ready.wait(60)
+        if self._error:
+            raise self._error
+
+    def join(self, timeout: float = 30.0) -> None:
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _run(self, stop: threading.Event) -> None:
+        try:
+            self.db = open_db(self.db_path, self.synchronous)
+            self.registry = FleetRegistry(self.db)
+            self._load_acks()
+        except BaseException as exc:  # handed to start(): the daemon must not run without its database
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        while not stop.is_set():
+            try:
+                first = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self._commit(self._drain(first), stop)
+        while not self.queue.empty():  # what arrived before the stop is still committed and acked
+            self._commit(self._drain(self.queue.get()), stop)
+        self.db.close()
+
+    def _drain(self, first: Inbound) -> list[Inbound]:
+        batch = [first]
+        try:
+            while len(batch) < self.batch_max:
+                batch.append(self.queue.get_nowait())
+        except queue.Empty:
+            pass
+        return batch
+
+    def _load_acks(self) -> None:
+        for row in list(self.db.query("SELECT device, seq FROM acks")):
+            above = [r["seq"] for r in self.db.query(
+                "SELECT seq FROM results WHERE device = ? AND seq > ?", [row["device"], row["seq"]])]
+            self.tracker.load(row["device"], row["seq"], above)
+
+    # --- the batch ------------------------------------------------------------------
+    def _commit(self, items: list[Inbound], stop: threading.Event) -> None:
+        """Store a batch in one transaction; retry (never PUBACK) while the database refuses."""
+        delay = 0.1
+        while True:
+            started = time.perf_counter()
+            try:
+                batch, acks, new_rows = self._write(items)
+                break
+            except sqlite3.Error as exc:
+                log.error("ingest commit of %d messages failed, retrying in %.1f s: %s", len(items), delay, exc)
+                self._reload({self._device_of(i) for i in items})
+                if stop.wait(delay):
+                    return  # not PUBACKed: the broker re-delivers to the next run
+                delay = min(delay * 2, 5.0)
+        if self.metrics:
+            self.metrics.batch_seconds.observe(time.perf_counter() - started)
+            self.metrics.results_stored.inc(new_rows)
+            self.metrics.results_duplicate.inc(len(batch.rows) - new_rows)
+        self.committed += new_rows
+        for item in items:
+            if item.qos:
+                self.sink.puback(item.mid, item.qos, item.conn)
+        for device, seq in acks.items():
+            self.sink.publish(self.topics.acks(device), encode(m.Ack(device=device, seq=seq)), 1)
+        if batch.changes:
+            self.on_changes(batch.changes)
+
+    def _write(self, items: list[Inbound]) -> tuple[_Batch, dict[str, int], int]:
+        now = time.time()
+        batch = _Batch([], {}, {}, [])
+        with self.db.atomic():
+            for item in items:
+                self._one(item, batch, now)
+            cur = self.db.conn.executemany(INSERT_RESULT, batch.rows)
+            new_rows = max(cur.rowcount, 0)
+            acks = {d: self.tracker.committed(d, seqs, batch.floors[d]) for d, seqs in batch.seqs.items()}
+            self.db.conn.executemany(SAVE_ACK, list(acks.items()))
+        return batch, acks, new_rows
+
+    def _one(self, item: Inbound, batch: _Batch, now: float) -> None:
+        device = self._device_of(item)
+        try:
+            parsed = self.topics.parse(item.topic)
+            msg = decode(parsed.kind, item.payload)
+            _check_ids(parsed, msg)
+        except ProtocolError as exc:
+            log.warning("invalid payload from device %s on %s: %s", device or "?", item.topic, exc)
+            if self.metrics:
+                self.metrics.invalid.labels(kind=_kind(item.topic, self.topics)).inc()
+            return
+        if isinstance(msg, m.Result):
+            batch.rows.append((msg.device, msg.seq, msg.stream, msg.model.name, msg.computed_on, msg.captured_at,
+                               msg.infer_ms, now, bytes(item.payload).decode(errors="replace")))
+            batch.seqs.setdefault(msg.device, []).append(msg.seq)
+            batch.floors[msg.device] = max(batch.floors.get(msg.device, 1), msg.floor)
+            return
+        apply = {"status": self.registry.apply_status, "telemetry": self.registry.apply_telemetry,
+                 "reported": self.registry.apply_reported}[parsed.kind]
+        try:
+            with self.db.atomic():  # a savepoint: one bad message cannot take the batch down
+                batch.changes += apply(msg, now)
+        except sqlite3.OperationalError:
+            raise  # the database itself is unwell: retry the whole batch
+        except Exception:
+            log.exception("could not store %s from device %s on %s", parsed.kind, device, item.topic)
+
+    def _device_of(self, item: Inbound) -> str:
+        try:
+            return self.topics.parse(item.topic).device
+        except ProtocolError:
+            return ""
+
+    def _reload(self, devices: set[str]) -> None:
+        """After a failed commit, forget in-memory ack progress that never reached the disk."""
+        for device in devices:
+            if not device:
+                continue
+            self.tracker.forget(device)
+            rows = list(self.db.query("SELECT seq FROM acks WHERE device = ?", [device]))
+            if rows:
+                above = [r["seq"] for r in self.db.query(
+                    "SELECT seq FROM results WHERE device = ? AND seq > ?", [device, rows[0]["seq"]])]
+                self.tracker.load(device, rows[0]["seq"], above)
+
+
+def _check_ids(parsed, msg) -> None:
+    """The topic is what the broker's ACL vouches for: the payload must agree with it."""
+    if parsed.kind not in ("status", "telemetry", "reported", "results"):
+        raise ProtocolError(f"the coordinator does not take {parsed.kind} messages")
+    if msg.device != parsed.device:
+        raise ProtocolError(f"payload device {msg.device!r} differs from topic device {parsed.device!r}")
+    if parsed.kind == "results" and msg.stream != parsed.stream:
+        raise ProtocolError(f"payload stream {msg.stream!r} differs from topic stream {parsed.stream!r}")
+
+
+def _kind(topic: str, topics: Topics) -> str:
+    try:
+        return topics.parse(topic).kind
+    except ProtocolError:
+        return "unknown"

@@ -1,0 +1,104 @@
+"""Ingest: results stored exactly once, acks contiguous and monotone, telemetry and status stored."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from test_coordinator_standins import MODEL, StandIn, db_rows, wait_for
+
+from lepton.coordinator.acks import AckTracker
+from lepton.coordinator.bus import Bus
+from lepton.coordinator.config import load_config
+from lepton.coordinator.ingest import Ingest
+from lepton.protocol import Topics, encode
+from lepton.protocol import messages as m
+
+CAM = {"id": "cam", "model": "digits", "rate_hz": 5, "payload_bytes": 192}
+
+
+def test_ack_is_contiguous_then_jumps_the_floor():
+    t = AckTracker()
+    assert t.committed("d", [1, 2, 4], floor=1) == 2  # 3 missing: stop at 2
+    assert t.pending("d") == 1
+    assert t.committed("d", [3], floor=1) == 4  # the gap filled: 4 was already stored
+    assert t.committed("d", [9], floor=8) == 7  # the device dropped 5..7: floor 8 says so; 8 is still due
+    assert t.committed("d", [8], floor=8) == 9
+    assert t.committed("d", [2], floor=1) == 9  # a late duplicate never moves the ack back
+
+
+def test_ack_restores_from_database_state():
+    t = AckTracker()
+    t.load("d", 10, [12, 13, 11, 20])
+    assert t.acked["d"] == 13 and t.pending("d") == 1
+    assert t.committed("d", [14, 15, 16, 17, 18, 19], floor=1) == 20
+
+
+@pytest.fixture
+def ingest(broker, prefix, tmp_path):
+    """The real ingest path (Bus + Ingest) in this process, on the test's broker."""
+    topics = Topics(prefix)
+    cfg = load_config(data={"prefix": prefix, "broker": {"port": broker.port, "client_id": "coord-ingest"}})
+    holder: dict = {}
+    bus = Bus(cfg.broker, topics, lambda item: holder["ingest"].submit(item))
+    ing = holder["ingest"] = Ingest(str(tmp_path / "c.db"), topics, bus)
+    stop = threading.Event()
+    ing.start(stop)
+    bus.start()
+    assert bus.wait_connected(5)
+    yield ing, topics, tmp_path / "c.db"
+    stop.set()
+    ing.join()
+    bus.stop()
+
+
+def test_duplicates_stored_once_and_gaps_hold_the_ack(ingest, broker):
+    ing, topics, db = ingest
+    dev = StandIn(broker.port, topics, "dev-1", streams=[CAM]).connect()
+    try:
+        for seq in [1, 2, 3, 2, 3, 5, 6]:  # re-sends and a gap at 4
+            dev.result(seq)
+        wait_for(lambda: dev.last_ack() == 3 and ing.committed == 5, 5, what="ack 3")
+        dev.result(4)
+        wait_for(lambda: dev.last_ack() == 6, 5, what="ack 6 once 4 arrives")
+        dev.result(9, floor=9)  # 7 and 8 dropped by the device's outbox policy
+        wait_for(lambda: dev.last_ack() == 9, 5, what="ack past the floor")
+        assert db_rows(db, "SELECT seq FROM results WHERE device='dev-1' ORDER BY seq") == [(s,) for s in (1, 2, 3, 4, 5, 6, 9)]
+        assert db_rows(db, "SELECT seq FROM acks WHERE device='dev-1'") == [(9,)]
+        assert dev.acks == sorted(dev.acks), "acks went backwards"
+    finally:
+        dev.close()
+
+
+def test_birth_telemetry_and_will_are_stored(ingest, broker):
+    ing, topics, db = ingest
+    dev = StandIn(broker.port, topics, "dev-2", streams=[CAM], keepalive=1).connect()
+    wait_for(lambda: db_rows(db, "SELECT liveness FROM devices WHERE id='dev-2'") == [("online",)], 5, what="birth")
+    for ms in (4.0, 6.0, 100.0):
+        dev.telemetry(models={"digits": ms}, link={"rtt_ms": 12.0, "up_mbps": 8.0})
+    wait_for(lambda: db_rows(db, "SELECT ms FROM compute WHERE device='dev-2'") == [(6.0,)], 5, what="median of the window")
+    assert db_rows(db, "SELECT rtt_ms, up_mbps, down_mbps FROM links") == [(12.0, 8.0, None)]
+    assert db_rows(db, "SELECT stream, model, rate_hz FROM streams") == [("cam", "digits", 5.0)]
+    dev.client.socket().close()  # a crash: the broker sends the last will at once
+    wait_for(lambda: db_rows(db, "SELECT liveness, reason FROM devices WHERE id='dev-2'") == [("offline", "last will")],
+             5, what="last will")
+    kinds = [k for (k,) in db_rows(db, "SELECT kind FROM events WHERE device='dev-2' ORDER BY id")]
+    assert kinds == ["device-new", "streams", "device-offline"]
+    dev.client.loop_stop()
+
+
+def test_payload_naming_another_device_is_refused(ingest, broker):
+    ing, topics, db = ingest
+    dev = StandIn(broker.port, topics, "dev-3", streams=[CAM]).connect()
+    try:
+        wait_for(lambda: db_rows(db, "SELECT id FROM devices WHERE id='dev-3'"), 5, what="birth")
+        spoof = dev.result(1)  # publish a result for dev-4 on dev-3's topic
+        forged = m.Result(device="dev-4", stream="cam", seq=1, model=MODEL, captured_at=1, inferred_at=1, infer_ms=1,
+                          computed_on="dev-4", output={})
+        dev.client.publish(topics.result("dev-3", "cam"), encode(forged), qos=1)
+        spoof.wait_for_publish(5)
+        wait_for(lambda: dev.last_ack() == 1, 5, what="ack of the genuine result")
+        wait_for(lambda: ing.depth() == 0, 5, what="queue drained")
+        assert db_rows(db, "SELECT device, seq FROM results") == [("dev-3", 1)]
+    finally:
+        dev.close()
