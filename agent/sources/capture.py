@@ -54,7 +54,7 @@ class _SizeConfig(SourceConfig):
 class CameraConfig(_SizeConfig):
     """``type = "camera"``: a live camera, or anything OpenCV can open."""
 
-    type: Literal["camera"] = "camera"
+    type: Literal["camera"] = Field("camera", description="this source's type")
     device: int | str = Field(
         0,
         description="V4L2 index (0 = /dev/video0; a string of digits counts as an index), "
@@ -83,7 +83,7 @@ class CameraConfig(_SizeConfig):
 class VideoConfig(_SizeConfig):
     """``type = "video"``: a video file, paced at fps, looping."""
 
-    type: Literal["video"] = "video"
+    type: Literal["video"] = Field("video", description="this source's type")
     path: str = Field(description="video file (anything OpenCV/FFmpeg decodes)")
     fps: float = Field(0.0, ge=0, le=1000, description="frames per second delivered; 0: the file's own rate")
     loop: bool = Field(True, description="start again at the end; false: stop after one pass")

@@ -41,7 +41,7 @@ _MODE_KEYS = {
 class SensorConfig(SourceConfig):
     """``type = "sensor"``. Keys of another mode are refused, so a typo in ``mode`` cannot pass silently."""
 
-    type: Literal["sensor"] = "sensor"
+    type: Literal["sensor"] = Field("sensor", description="this source's type")
     mode: Literal["synthetic", "csv", "iio"] = Field("synthetic", description="synthetic, csv or iio")
     fps: float = Field(0.0, ge=0, le=1000, description="windows per second for synthetic and csv files; "
                        "0: real time (fs / length). Streams and iio deliver at the device's rate.")

@@ -26,7 +26,7 @@ _DIGIT_LEVELS = 16.0
 class SyntheticConfig(SourceConfig):
     """``type = "synthetic"``."""
 
-    type: Literal["synthetic"] = "synthetic"
+    type: Literal["synthetic"] = Field("synthetic", description="this source's type")
     pattern: Literal["digits", "noise"] = Field(
         "digits", description="digits: held-out handwritten digits with their label; noise: random pixels"
     )
