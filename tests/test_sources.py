@@ -145,6 +145,30 @@ def test_camera_that_vanishes_is_reported_and_recovers(tmp_path, started):
     assert source.stats()["connected"] is True
 
 
+def test_camera_reads_a_network_stream_and_keeps_credentials_out_of_logs(tmp_path, started, caplog):
+    import functools
+    import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    write_video(tmp_path / "net.avi")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, name="test-http", daemon=True).start()
+    caplog.set_level(logging.INFO, logger="lepton.agent.sources")
+    try:
+        url = f"http://viewer:s3cret@127.0.0.1:{server.server_port}/net.avi"
+        source = started({"id": "ipcam", "type": "camera", "device": url, "timeout_s": 2, "reconnect_s": 0.05})
+        frames = collect(source, 0.5, limit=3)
+        assert frames and frames[0].data.shape == (48, 64, 3)
+    finally:
+        server.shutdown()
+        server.server_close()
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "connected to http://127.0.0.1:" in logged and "s3cret" not in logged
+
+
 # -- the mailbox --------------------------------------------------------------
 
 

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 # How often a waiting source thread looks at the shared stop event: the
 # bound on how long stopping the daemon waits for an idle source.
 _STOP_POLL_S = 0.1
+# A connection that lasted this long resets the reconnect backoff.
+_STABLE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ class Backoff:
         return wait
 
     def reset(self) -> None:
-        """Back to the first wait (after a successful connect)."""
+        """Back to the first wait (after a connection that held)."""
         self._next = self.first_s
 
 
@@ -217,7 +219,9 @@ class BaseSource:
         """Capture until stopped (subclasses)."""
         raise NotImplementedError
 
-    def supervise(self, open_device: Callable[[], Any], pump: Callable[[Any], str], what: str, backoff: Backoff) -> None:
+    def supervise(
+        self, open_device: Callable[[], Any], pump: Callable[[Any], str], what: str, backoff: Backoff
+    ) -> None:
         """Open, pump, close, and reconnect with *backoff* until stopped.
 
         *open_device* returns an object with ``close()`` or raises Unavailable;
@@ -240,7 +244,7 @@ class BaseSource:
             if lost:
                 self.reconnects += 1
             failing = lost = False
-            backoff.reset()
+            opened_at = time.monotonic()
             self.set_connected(True, "connected to %s", what)
             try:
                 outcome = pump(device)
@@ -253,6 +257,10 @@ class BaseSource:
                     self.set_connected(False, "finished %s", what)
                 return
             lost = True
+            # A device that drops right after each connect must not be
+            # reopened at the first (short) wait forever.
+            if time.monotonic() - opened_at >= _STABLE_S:
+                backoff.reset()
             self.set_connected(False, "lost %s (%s); reconnecting", what, outcome)
             if not self.sleep(backoff.next()):
                 return

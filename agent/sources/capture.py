@@ -60,8 +60,10 @@ class CameraConfig(_SizeConfig):
         description="V4L2 index (0 = /dev/video0; a string of digits counts as an index), "
         "a device path, a video file (looped) or an rtsp:// / http:// URL",
     )
-    fps: float = Field(0.0, ge=0, le=1000, description="frames per second delivered; 0: as fast as the device gives them "
-                       "(a file: its own rate)")
+    fps: float = Field(
+        0.0, ge=0, le=1000,
+        description="frames per second delivered; 0: as fast as the device gives them (a file: its own rate)",
+    )
     reconnect_s: float = Field(1.0, gt=0, le=3600, description="first wait before reopening a missing or lost camera")
     reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="cap of the doubling reconnect wait")
     timeout_s: float = Field(10.0, gt=0, le=600, description="open and read timeout for network streams")
