@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import numpy as np
@@ -32,6 +34,8 @@ log = logging.getLogger(__name__)
 # A file whose header claims a rate outside this range is paced at the default.
 _FILE_FPS_RANGE = (0.5, 240.0)
 _DEFAULT_FILE_FPS = 25.0
+_FFMPEG_ENV = "OPENCV_FFMPEG_CAPTURE_OPTIONS"
+_ffmpeg_env_lock = threading.Lock()
 _URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 
 
@@ -67,6 +71,10 @@ class CameraConfig(_SizeConfig):
     reconnect_s: float = Field(1.0, gt=0, le=3600, description="first wait before reopening a missing or lost camera")
     reconnect_max_s: float = Field(30.0, gt=0, le=3600, description="cap of the doubling reconnect wait")
     timeout_s: float = Field(10.0, gt=0, le=600, description="open and read timeout for network streams")
+    rtsp_transport: Literal["tcp", "udp"] = Field(
+        "tcp", description="rtsp:// over tcp (reliable, the usual choice) or udp (less delay; frames tear when "
+        "packets are lost)"
+    )
 
     @field_validator("device")
     @classmethod
@@ -102,7 +110,21 @@ class _Capture:
         self.cap.release()
 
 
-def _open(device: int | str, timeout_s: float) -> _Capture:
+@contextmanager
+def _ffmpeg_options(rtsp_transport: str):
+    """OpenCV takes FFmpeg options only from the environment, read at open time."""
+    with _ffmpeg_env_lock:
+        if not rtsp_transport or _FFMPEG_ENV in os.environ:  # an operator's own setting wins
+            yield
+            return
+        os.environ[_FFMPEG_ENV] = f"rtsp_transport;{rtsp_transport}"
+        try:
+            yield
+        finally:
+            del os.environ[_FFMPEG_ENV]
+
+
+def _open(device: int | str, timeout_s: float, rtsp_transport: str = "tcp") -> _Capture:
     """Open *device* with the right OpenCV backend, or raise Unavailable saying why."""
     import cv2
 
@@ -116,7 +138,8 @@ def _open(device: int | str, timeout_s: float) -> _Capture:
     elif is_url(device):
         ms = int(timeout_s * 1000)
         params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
-        cap, live = cv2.VideoCapture(device, cv2.CAP_FFMPEG, params), True
+        with _ffmpeg_options(rtsp_transport if device.lower().startswith("rtsp") else ""):
+            cap, live = cv2.VideoCapture(device, cv2.CAP_FFMPEG, params), True
     else:
         if not os.path.exists(device):
             raise Unavailable("no such file or device")
@@ -145,13 +168,14 @@ class CaptureSource(BaseSource):
         self.supervise(self._open, self._pump, _describe(self.target()), backoff)
 
     def _open(self) -> _Capture:
-        capture = _open(self.target(), getattr(self.config, "timeout_s", 10.0))
-        if capture.live and self.config.width:
+        cfg = self.config
+        capture = _open(self.target(), getattr(cfg, "timeout_s", 10.0), getattr(cfg, "rtsp_transport", "tcp"))
+        if capture.live and cfg.width:
             import cv2
 
             # A request only: the driver may pick another size; _fit() resizes then.
-            capture.cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.config.width)
-            capture.cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.config.height)
+            capture.cap.set(cv2.CAP_PROP_FRAME_WIDTH, cfg.width)
+            capture.cap.set(cv2.CAP_PROP_FRAME_HEIGHT, cfg.height)
         return capture
 
     def _pump(self, capture: _Capture) -> str:

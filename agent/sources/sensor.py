@@ -27,6 +27,7 @@ from lepton.agent.sources.base import (
     Unavailable,
 )
 from lepton.agent.sources.sensor_io import IIOReader, LineFile, LineStream, is_stream, parse_sample, valid_baud
+from lepton.errors import LeptonError
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,15 @@ class SensorConfig(SourceConfig):
         return self.fps or self.fs / self.length
 
 
+def load_vibration():
+    """``lepton.models.synth.vibration_window``, or LeptonError if this install lacks it."""
+    try:
+        from lepton.models.synth import vibration_window
+    except ImportError as exc:
+        raise LeptonError(f"sensor mode 'synthetic': the vibration generator cannot be loaded ({exc})") from None
+    return vibration_window
+
+
 class _Window:
     """Collects samples; hands out a full (length, channels) float32 window."""
 
@@ -109,6 +119,8 @@ class SensorSource(BaseSource):
         self._forced: bool | None = None
         self._reject_logged_at: float | None = None
         self._reject_logged = 0
+        # Looked up here so a broken install fails at start-up, not in the thread.
+        self._generate = load_vibration() if config.mode == "synthetic" else None
 
     def set_fault(self, fault: bool | None) -> None:
         """Synthetic mode: force fault (True) or normal (False) windows; None returns to fault_rate/fault_every."""
@@ -128,8 +140,6 @@ class SensorSource(BaseSource):
     # -- synthetic -------------------------------------------------------
 
     def _run_synthetic(self) -> None:
-        from lepton.models.synth import vibration_window
-
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
         pacer = Pacer(cfg.window_rate)
@@ -137,7 +147,7 @@ class SensorSource(BaseSource):
         index = 0
         while self.sleep(pacer.delay()):
             fault = self._next_fault(rng, index)
-            window = np.asarray(vibration_window(rng, fault, cfg.length, cfg.fs, cfg.channels), np.float32)
+            window = np.asarray(self._generate(rng, fault, cfg.length, cfg.fs, cfg.channels), np.float32)
             self.publish(window, {"fault": fault})
             index += 1
 
