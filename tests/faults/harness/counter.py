@@ -1,0 +1,188 @@
+"""The receiving end: a persistent-session QoS 1 subscriber that records every result.
+
+It subscribes to every device's results (and status, for liveness timings)
+under the test's prefix, validates each payload with the protocol's own
+schema, and records (device, seq, arrival time). It reconnects quickly
+(0.2-1 s) so that it is never the slowest part of a recovery.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+
+from lepton.protocol import Topics, decode
+
+from .accounting import Arrival, DeliveryReport, Expected, analyse, expected_sets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StatusEvent:
+    """A device status message as seen by the counter."""
+
+    t: float  # time.monotonic()
+    device: str
+    state: str
+    reason: str
+    retained: bool
+
+
+class ResultCounter:
+    """Count results by (device, seq) at the receiving end."""
+
+    def __init__(self, host: str, port: int, prefix: str, client_id: str = "", tls_ca: str = "",
+                 tls_cert: str = "", tls_key: str = "", username: str = "", password: str = "") -> None:
+        self.topics = Topics(prefix)
+        self.client_id = client_id or f"lxf-counter-{uuid.uuid4().hex[:8]}"
+        self._lock = threading.Lock()
+        self._arrivals: list[Arrival] = []
+        self._statuses: list[StatusEvent] = []
+        self.invalid: list[str] = []  # reasons of payloads that failed validation
+        self.connects = 0
+        self.disconnects = 0
+        self._subscribed = threading.Event()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False,
+                        protocol=mqtt.MQTTv311)
+        c.reconnect_delay_set(min_delay=0.2, max_delay=1)
+        c.max_queued_messages_set(0)
+        if tls_ca:
+            c.tls_set(ca_certs=tls_ca, certfile=tls_cert or None, keyfile=tls_key or None,
+                      cert_reqs=ssl.CERT_REQUIRED)
+        if username:
+            c.username_pw_set(username, password or None)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.on_subscribe = lambda *a: self._subscribed.set()
+        self.client = c
+        self.host, self.port = host, port
+
+    def start(self, timeout: float = 10.0) -> "ResultCounter":
+        """Connect, subscribe, and return once the broker has granted the subscription."""
+        self.client.connect_async(self.host, self.port, keepalive=5)
+        self.client.loop_start()
+        self.client._thread.name = f"counter-{self.client_id}"  # paho names it generically
+        if not self._subscribed.wait(timeout):
+            self.stop()
+            raise TimeoutError(f"result counter could not subscribe at {self.host}:{self.port} within {timeout}s")
+        return self
+
+    def stop(self) -> None:
+        """Disconnect and stop the network thread (idempotent)."""
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+    # --- paho callbacks: tiny, never raise ---------------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        if reason_code.is_failure:
+            log.warning("counter connect refused: %s", reason_code)
+            return
+        self.connects += 1
+        # Subscribe every time: a broker without persistence forgot the session.
+        client.subscribe([(self.topics.all_results(), 1), (self.topics.all_status(), 1)])
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        self.disconnects += 1
+
+    def _on_message(self, client, userdata, msg) -> None:
+        now, wall = time.monotonic(), time.time()
+        try:
+            parsed = self.topics.parse(msg.topic)
+            message = decode(parsed.kind, msg.payload)
+        except Exception as exc:  # a bad payload is recorded, never fatal here
+            with self._lock:
+                self.invalid.append(f"{msg.topic}: {exc}")
+            return
+        with self._lock:
+            if parsed.kind == "results":
+                self._arrivals.append(Arrival(message.device, message.seq, now, message.stream, wall,
+                                              message.captured_at))
+            elif parsed.kind == "status":
+                self._statuses.append(StatusEvent(now, message.device, message.state, message.reason,
+                                                  bool(msg.retain)))
+
+    # --- queries -----------------------------------------------------------------------
+    def arrivals(self, device: str | None = None) -> list[Arrival]:
+        """Every result so far, in arrival order (duplicates included)."""
+        with self._lock:
+            items = list(self._arrivals)
+        return [a for a in items if device is None or a.device == device]
+
+    def statuses(self, device: str | None = None) -> list[StatusEvent]:
+        with self._lock:
+            items = list(self._statuses)
+        return [s for s in items if device is None or s.device == device]
+
+    def seqs(self, device: str) -> set[int]:
+        return {a.seq for a in self.arrivals(device)}
+
+    def count(self, device: str | None = None) -> int:
+        """Distinct (device, seq) received."""
+        return len({(a.device, a.seq) for a in self.arrivals(device)})
+
+    def report(self, expected: Expected | None = None) -> DeliveryReport:
+        return analyse(self.arrivals(), expected)
+
+    def first_after(self, t: float, device: str | None = None) -> Arrival | None:
+        """The first arrival at or after monotonic time *t*."""
+        return next((a for a in self.arrivals(device) if a.t >= t), None)
+
+    def last_before(self, t: float, device: str | None = None) -> Arrival | None:
+        """The last arrival before monotonic time *t*."""
+        before = [a for a in self.arrivals(device) if a.t < t]
+        return before[-1] if before else None
+
+    def wait_for(self, expected: Expected, timeout: float) -> float:
+        """Wait until every expected (device, seq) arrived; returns time.monotonic() then.
+
+        TimeoutError lists how many are still missing per device.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            seen: dict[str, set[int]] = {}
+            for a in self.arrivals():
+                seen.setdefault(a.device, set()).add(a.seq)
+            want = expected_sets(expected, seen)
+            missing = {d: len(s - seen.get(d, set())) for d, s in want.items()}
+            if not any(missing.values()):
+                return time.monotonic()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"results still missing after {timeout}s: {missing}")
+            time.sleep(0.02)
+
+    def wait_count(self, n: int, timeout: float, device: str | None = None) -> float:
+        """Wait until *n* distinct results arrived (of *device*, or in all)."""
+        deadline = time.monotonic() + timeout
+        while self.count(device) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.count(device)} of {n} results after {timeout}s")
+            time.sleep(0.02)
+        return time.monotonic()
+
+    def wait_status(self, device: str, state: str, timeout: float, after: float = 0.0) -> StatusEvent:
+        """Wait for a status *state* ("online"/"offline") of *device* seen at or after *after*."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for s in self.statuses(device):
+                if s.state == state and s.t >= after:
+                    return s
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {state!r} status from {device} within {timeout}s")
+            time.sleep(0.02)
+
+
+def total(expected: Expected, devices: Iterable[str]) -> int:
+    """How many results *expected* names over *devices*."""
+    sets = expected_sets(expected, {})
+    return sum(len(sets.get(d, ())) for d in devices)
