@@ -1,0 +1,175 @@
+"""The coordinator daemon: ``start()`` is the list of what it runs, ``stop()`` undoes it.
+
+    coord = Coordinator(load_config("coordinator.toml"))
+    coord.start()          # returns once everything runs (the broker may still be connecting)
+    ...
+    coord.stop()
+
+``run()`` is what ``lepton coordinator --config FILE`` does: start, tell
+systemd READY, ping its watchdog while ingest and the rebalancer live, stop on
+SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+from lepton.coordinator import notify
+from lepton.coordinator.bus import Bus
+from lepton.coordinator.catalog import Catalog
+from lepton.coordinator.config import CoordinatorConfig
+from lepton.coordinator.db import open_db
+from lepton.coordinator.http import ModelServer
+from lepton.coordinator.ingest import Ingest
+from lepton.coordinator.metrics import Metrics
+from lepton.coordinator.rebalance import Rebalancer, planner_params
+from lepton.coordinator.registry import FleetRegistry
+from lepton.errors import ConfigError
+from lepton.protocol import Topics
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    """Fleet registry, ingest, rebalancer, model HTTP server and metrics, around one MQTT connection."""
+
+    def __init__(self, config: CoordinatorConfig):
+        self.cfg = config
+        self.topics = Topics(config.prefix)
+        self.stopping = threading.Event()
+        self.metrics = Metrics()
+        self.http: ModelServer | None = None
+        self.bus: Bus | None = None
+        self.ingest: Ingest | None = None
+        self.rebalancer: Rebalancer | None = None
+        self._metrics_server = None
+        self.base_url = ""
+
+    def start(self) -> "Coordinator":
+        """Run each init step in order; a failing step undoes the ones before it."""
+        steps = (self._load_models, self._start_http, self._record_start, self._start_ingest,
+                 self._start_rebalancer, self._connect, self._start_metrics)
+        try:
+            for step in steps:
+                step()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("coordinator running: broker %s:%s, db %s, models at %s", self.cfg.broker.host,
+                 self.cfg.broker.port, self.cfg.db.path, self.base_url)
+        return self
+
+    def stop(self) -> None:
+        """Commit and acknowledge what arrived, say offline, close everything. Safe to call twice."""
+        self.stopping.set()
+        notify.notify("STOPPING=1")
+        if self.ingest:
+            self.ingest.join()
+        if self.rebalancer:
+            self.rebalancer.join()
+        if self.bus:
+            self.bus.stop()
+            self.bus = None
+        if self.http:
+            self.http.stop()
+            self.http = None
+        if self._metrics_server:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
+
+    # --- init steps ------------------------------------------------------------
+    def _load_models(self) -> None:
+        self.catalog = Catalog(self.cfg.models.dir, self.cfg.models.trusted_keys)
+        self.catalog.reload()
+
+    def _start_http(self) -> None:
+        h = self.cfg.http
+        if h.enabled:
+            self.http = ModelServer(self.catalog, h.bind, h.port, h.tls_cert, h.tls_key).start()
+        elif not h.base_url:
+            raise ConfigError("http: disabled and no base_url: devices would have nowhere to fetch models from")
+        self.base_url = h.base_url or self.http.url
+
+    def _record_start(self) -> None:
+        """Migrate the database; note the known models and planner params so snapshots replay exactly."""
+        db = open_db(self.cfg.db.path, self.cfg.db.synchronous)
+        try:
+            reg = FleetRegistry(db)
+            reg.set_models([c.row() for c in self.catalog.all()])
+            with db.atomic():
+                reg.set_meta("planner", planner_params(self.cfg.planner))
+                reg.set_meta("defaults", {"default_compute_ms": self.cfg.planner.default_compute_ms,
+                                          "exclude_failed_s": self.cfg.planner.exclude_failed_s})
+                reg.set_meta("http", self.base_url)
+                reg.set_meta("started_at", time.time())
+                reg.event("coordinator-start", detail=f"models at {self.base_url}, {len(self.catalog.all())} model versions")
+        finally:
+            db.close()
+
+    def _start_ingest(self) -> None:
+        self.ingest = Ingest(self.cfg.db.path, self.topics, self._sink, self._changes, self.cfg.db.synchronous,
+                             self.cfg.db.batch_max, self.metrics)
+        self.ingest.start(self.stopping)
+
+    def _start_rebalancer(self) -> None:
+        self.rebalancer = Rebalancer(self.cfg.db.path, self.topics, self._sink, self.cfg.planner,
+                                     self.cfg.liveness.stale_after_s, self.base_url, self.cfg.db.synchronous, self.metrics)
+        self.rebalancer.start(self.stopping)
+
+    def _connect(self) -> None:
+        self.bus = Bus(self.cfg.broker, self.topics, self.ingest.submit, http_url=self.base_url)
+        self.bus.on_connected = self.rebalancer.republish
+        self.bus.start()
+
+    def _start_metrics(self) -> None:
+        if self.cfg.metrics.port:
+            self._metrics_server = self.metrics.serve(self.cfg.metrics.port, self.cfg.metrics.bind)
+
+    # --- glue -------------------------------------------------------------------------
+    @property
+    def _sink(self):
+        """Ingest and the rebalancer publish through the bus, which exists only after _connect."""
+        return _LateBus(self)
+
+    def _changes(self, changes) -> None:
+        if self.rebalancer:
+            self.rebalancer.notify(changes)
+
+    def healthy(self) -> bool:
+        """Whether the threads that matter still run (the watchdog pings only then)."""
+        threads = [t for t in (self.ingest and self.ingest._thread, self.rebalancer and self.rebalancer._thread) if t]
+        return len(threads) == 2 and all(t.is_alive() for t in threads)
+
+    def run(self) -> int:
+        """Serve until SIGTERM or SIGINT; the exit status for the CLI."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        self.start()
+        notify.notify(f"READY=1\nSTATUS=coordinator running, models at {self.base_url}")
+        interval = notify.watchdog_interval() or 1.0
+        while not self.stopping.wait(interval):
+            self.metrics.ingest_queue.set(self.ingest.depth())
+            if self.healthy():
+                notify.notify("WATCHDOG=1")
+            else:
+                log.error("a coordinator thread died: withholding the watchdog ping")
+        self.stop()
+        return 0
+
+
+class _LateBus:
+    """Forwards to the coordinator's bus once it exists; before that nothing can be sent anyway."""
+
+    def __init__(self, coordinator: Coordinator):
+        self.c = coordinator
+
+    def puback(self, mid: int, qos: int, conn: int) -> None:
+        if self.c.bus:
+            self.c.bus.puback(mid, qos, conn)
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
+        if self.c.bus:
+            self.c.bus.publish(topic, payload, qos, retain)

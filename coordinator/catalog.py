@@ -1,0 +1,112 @@
+"""The models the coordinator can place: its view of the model registry.
+
+Reads the registry directory (default: the shipped zoo) through
+``lepton.models.registry.Registry``, so only models whose manifests validate
+are offered. Each model's bench profile (the inference time the planner
+assumes before any device has measured it) comes from a ``bench.json`` next to
+the manifest (``{"invoke_ms": 3.2}``), else the manifest's
+``metrics.invoke_ms``, else the planner's default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from lepton.errors import ConfigError, LeptonError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CatalogModel:
+    """One model version as devices fetch it."""
+
+    name: str
+    version: str
+    sha256: str
+    size: int
+    path: Path  # the .tflite
+    manifest_path: Path
+    memory_mb: float | None = None
+    compute_ms: float | None = None  # bench profile
+    family: str = ""
+    variant: str = ""
+
+    def row(self) -> dict:
+        """As stored in the fleet registry's ``models`` table."""
+        return {"name": self.name, "version": self.version, "sha256": self.sha256, "size": self.size,
+                "memory_mb": self.memory_mb, "compute_ms": self.compute_ms, "family": self.family, "variant": self.variant}
+
+
+class Catalog:
+    """Model versions by (name, version), reloaded on demand."""
+
+    def __init__(self, root: str | Path = "", trusted_keys: list[str] | tuple = ()):
+        self.root = Path(root) if root else _zoo_dir()
+        self.trusted_keys = [Path(k) for k in trusted_keys]
+        self._models: dict[tuple[str, str], CatalogModel] = {}
+
+    def reload(self) -> list[CatalogModel]:
+        """Read the registry again; ConfigError if its directory is missing."""
+        if not self.root.is_dir():
+            raise ConfigError(f"model registry directory {self.root} does not exist")
+        try:
+            from lepton.models.registry import Registry  # the models part owns manifest validation
+        except ModuleNotFoundError:
+            raise ConfigError("the model registry (lepton.models.registry) is not installed") from None
+
+        try:
+            entries = Registry(self.root, trusted_keys=self.trusted_keys or None).list()
+        except LeptonError as exc:
+            raise ConfigError(f"model registry {self.root}: {exc}") from None
+        found = {}
+        for entry in entries:
+            man = entry.manifest
+            found[(man.name, man.version)] = CatalogModel(
+                name=man.name, version=man.version, sha256=man.sha256, size=man.size, path=Path(entry.path),
+                manifest_path=Path(entry.manifest_path), memory_mb=getattr(man, "memory_mb", None),
+                compute_ms=_bench_ms(Path(entry.manifest_path), getattr(man, "metrics", None) or {}),
+                family=getattr(man, "family", "") or "", variant=getattr(man, "variant", "") or "",
+            )
+        self._models = found
+        log.info("model registry %s: %d model versions", self.root, len(found))
+        return list(found.values())
+
+    def add(self, model: CatalogModel) -> None:
+        """Offer one more model version (e.g. one built in place); the registry directory is not touched."""
+        self._models[(model.name, model.version)] = model
+
+    def all(self) -> list[CatalogModel]:
+        return sorted(self._models.values(), key=lambda c: (c.name, c.version))
+
+    def get(self, name: str, version: str | None = None) -> CatalogModel | None:
+        """That version, or the newest of *name* when *version* is None."""
+        if version is not None:
+            return self._models.get((name, version))
+        versions = [c for (n, _), c in self._models.items() if n == name]
+        from lepton.coordinator.registry import _version_key
+
+        return max(versions, key=lambda c: _version_key(c.version), default=None)
+
+
+def _zoo_dir() -> Path:
+    from lepton.models.registry import zoo_dir
+
+    return Path(zoo_dir())
+
+
+def _bench_ms(manifest_path: Path, metrics: dict) -> float | None:
+    bench = manifest_path.parent / "bench.json"
+    try:
+        data = json.loads(bench.read_text()) if bench.exists() else {}
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable bench profile %s: %s", bench, exc)
+        data = {}
+    for source in (data, metrics if isinstance(metrics, dict) else {}):
+        value = source.get("invoke_ms") or source.get("median_ms")
+        if isinstance(value, (int, float)) and value > 0:
+            return float(value)
+    return None

@@ -1,0 +1,133 @@
+"""``lepton coordinator``, ``lepton status``, ``lepton events`` (and the planner's ``lepton plan``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lepton.errors import ConfigError
+
+
+def register(subparsers) -> None:
+    """Add the coordinator's subcommands to the ``lepton`` parser."""
+    p = subparsers.add_parser(
+        "coordinator",
+        help="run the fleet coordinator (ingest, placement, model server)",
+        description="Run the coordinator: follows the fleet over MQTT, stores results exactly once, plans which "
+        "model runs on which device and publishes placements, and serves model files over HTTP.",
+    )
+    p.add_argument("--config", metavar="FILE", help="coordinator TOML config (defaults for every key left out)")
+    p.add_argument("--check-config", metavar="FILE", help="validate FILE and exit: 0 if valid, 2 with the reason")
+    p.set_defaults(func=_run)
+    sub = p.add_subparsers(dest="coordinator_command", metavar="SUBCOMMAND")
+    snap = sub.add_parser(
+        "snapshot",
+        help="write the live fleet as a planner snapshot",
+        description="Write the fleet as the coordinator sees it as a snapshot JSON for `lepton plan --snapshot`, "
+        "so any live decision can be replayed and explained offline.",
+    )
+    _db_args(snap)
+    snap.add_argument("--out", metavar="FILE", help="write here instead of standard output")
+    snap.set_defaults(func=_snapshot)
+
+    st = subparsers.add_parser(
+        "status", help="the fleet as the coordinator sees it",
+        description="Devices (liveness, load, outbox depth, acked results, desired and reported placement, "
+        "routes) and the last plan, read from the coordinator's database.",
+    )
+    _db_args(st)
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=_status)
+
+    ev = subparsers.add_parser(
+        "events", help="what changed in the fleet and why",
+        description="The coordinator's event log: devices born, gone offline or stale, placements published, "
+        "models that failed to load, streams left unserved, plans that failed.",
+    )
+    _db_args(ev)
+    ev.add_argument("--limit", type=int, default=50, help="newest N events (default 50)")
+    ev.add_argument("--device", default="", help="only this device")
+    ev.add_argument("--kind", default="", help="only this kind (e.g. placement, device-offline)")
+    ev.add_argument("--json", action="store_true", help="print JSON")
+    ev.set_defaults(func=_events)
+
+    try:
+        from lepton.coordinator.planner.cli import register as register_planner
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("lepton.coordinator.planner"):
+            raise
+    else:
+        register_planner(subparsers)
+
+
+def _db_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", metavar="DB", help="coordinator database (default: [db] path of --config, else "
+                   "/var/lib/lepton/coordinator.db)")
+    p.add_argument("--config", metavar="FILE", help="take the database path from this coordinator config")
+
+
+def _db_path(args) -> str:
+    from lepton.coordinator.config import load_config
+
+    if args.db:
+        return args.db
+    return load_config(args.config).db.path
+
+
+def _run(args) -> int:
+    from lepton.coordinator.config import load_config
+
+    if args.check_config:
+        cfg = load_config(args.check_config)
+        print(f"{args.check_config}: valid (broker {cfg.broker.host}:{cfg.broker.port}, db {cfg.db.path})")
+        return 0
+    from lepton.coordinator.app import Coordinator
+
+    return Coordinator(load_config(args.config)).run()
+
+
+def _snapshot(args) -> int:
+    from lepton.coordinator import fleetview
+    from lepton.coordinator.db import open_readonly
+    from lepton.coordinator.registry import FleetRegistry
+
+    reg = FleetRegistry(open_readonly(_db_path(args)))
+    params = reg.meta("planner")
+    if params is None:
+        raise ConfigError("the database has no planner parameters yet: start the coordinator on it once")
+    defaults = reg.meta("defaults", {})
+    view = fleetview.build(reg, params, **defaults)
+    try:
+        from lepton.coordinator.snapshot import load_snapshot
+    except ModuleNotFoundError:
+        pass
+    else:
+        load_snapshot(view.snapshot)  # what we write must be what `lepton plan` accepts
+    text = json.dumps(view.snapshot, indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}: {len(view.snapshot['devices'])} devices, {len(view.snapshot['streams'])} streams",
+              file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _status(args) -> int:
+    from lepton.coordinator.db import open_readonly
+    from lepton.coordinator.status import fleet_status, render_status
+
+    status = fleet_status(open_readonly(_db_path(args)))
+    print(json.dumps(status, indent=2) if args.json else render_status(status))
+    return 0
+
+
+def _events(args) -> int:
+    from lepton.coordinator.db import open_readonly
+    from lepton.coordinator.status import events, render_events
+
+    rows = events(open_readonly(_db_path(args)), args.limit, args.device, args.kind)
+    print(json.dumps(rows, indent=2) if args.json else render_events(rows))
+    return 0

@@ -1,0 +1,153 @@
+"""The live fleet as a planner snapshot (the JSON ``lepton plan --snapshot`` reads).
+
+Everything comes from the fleet registry, so ``lepton coordinator snapshot``
+writes exactly what the rebalancer planned on, and any live decision can be
+replayed offline. Where a figure comes from, in order of trust:
+
+- compute time of model m on device d: the median of d's recent measurements
+  (telemetry, reported invoke time); else the model's bench profile from the
+  registry; else ``default_compute_ms``.
+- links: the device's measured rtt / up / down; else the hints in its birth
+  (``capabilities.link``); else ``DEFAULT_LINK``.
+- streams: from the devices' births; a stream whose origin is not online
+  produces nothing and is left out; so is one whose model the registry lacks.
+- current: the models each device reported loaded.
+- a (model, device) that failed to load within ``exclude_failed_s`` gets no
+  compute time there (and the model no default), which the snapshot format
+  reads as "cannot run on that device": the next plan avoids it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+
+from lepton.coordinator.registry import FleetRegistry
+
+DEFAULT_LINK = {"up_mbps": 10.0, "down_mbps": 10.0, "rtt_ms": 20.0}  # a modest broadband link
+
+
+@dataclass
+class FleetView:
+    """A snapshot (plain JSON) plus how its stream ids map back to (origin, stream)."""
+
+    snapshot: dict
+    streams: dict[str, tuple[str, str]] = field(default_factory=dict)
+    excluded: list[tuple[str, str]] = field(default_factory=list)  # (model, device)
+    skipped: list[str] = field(default_factory=list)  # why a stream was left out
+
+
+def stream_keys(pairs: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """Snapshot ids for (origin, stream): the bare stream id where it is unique in the fleet."""
+    counts: dict[str, int] = {}
+    for _, sid in pairs:
+        counts[sid] = counts.get(sid, 0) + 1
+    return {(o, s): s if counts[s] == 1 else _qualified(o, s) for o, s in pairs}
+
+
+def _qualified(origin: str, stream: str) -> str:
+    key = f"{origin}.{stream}"
+    if len(key) <= 64:
+        return key
+    return f"{stream[:55]}.{hashlib.sha1(origin.encode()).hexdigest()[:8]}"  # ids are at most 64 characters
+
+
+def build(registry: FleetRegistry, params: dict, default_compute_ms: float = 50.0,
+          exclude_failed_s: float = 600.0, now: float | None = None) -> FleetView:
+    """The registry's fleet as a snapshot dict, ready for ``load_snapshot``."""
+    now = now or time.time()
+    devices = registry.devices()
+    online = {d["id"] for d in devices if d["liveness"] == "online"}
+    known = registry.known_models()
+    links = registry.links()
+    view = FleetView(snapshot={})
+    snap_devices = [_device(d, links.get(d["id"]), d["id"] in online) for d in devices if d["capabilities"]]
+    streams = []
+    for row in registry.streams():
+        if row["device"] not in online:
+            continue
+        if row["model"] not in known:
+            view.skipped.append(f"{row['device']}/{row['stream']}: model {row['model']} is not in the registry")
+            continue
+        streams.append(row)
+    keys = stream_keys([(r["device"], r["stream"]) for r in streams])
+    snap_streams = []
+    for row in streams:
+        key = keys[(row["device"], row["stream"])]
+        view.streams[key] = (row["device"], row["stream"])
+        spec = {"id": key, "origin": row["device"], "model": row["model"], "rate_hz": row["rate_hz"],
+                "payload_bytes": row["payload_bytes"], "reply_bytes": row["reply_bytes"]}
+        if row["slo_ms"] is not None:
+            spec["slo_ms"] = row["slo_ms"]
+        snap_streams.append(spec)
+    ids = [d["id"] for d in snap_devices]
+    view.excluded = [(f["model"], f["device"]) for f in registry.failures(since=now - exclude_failed_s)
+                     if f["device"] in ids]
+    used = sorted({s["model"] for s in snap_streams})
+    measured = {k: v for k, v in registry.compute().items() if k[0] in ids}
+    snap_models = [_model(known[name], measured, default_compute_ms, view.excluded, ids) for name in used]
+    view.snapshot = {
+        "v": 1,
+        "ts": now,
+        "devices": snap_devices,
+        "models": snap_models,
+        "streams": snap_streams,
+        "current": _current(registry, set(ids), set(used)),
+        "params": params,
+    }
+    return view
+
+
+def _device(row: dict, link: dict | None, online: bool) -> dict:
+    caps = json.loads(row["capabilities"])
+    hints = caps.get("link") or {}
+    measured = link or {}
+
+    def pick(key: str) -> float:
+        for source in (measured, hints, DEFAULT_LINK):
+            value = source.get(key)
+            if value is not None and value > 0:
+                return float(value)
+        return DEFAULT_LINK[key]
+
+    return {
+        "id": row["id"],
+        "cpu": float(caps.get("cpu_share") or caps.get("cpu_count") or 1),
+        "memory_mb": float(caps.get("memory_mb") or 0),
+        "uplink_mbps": pick("up_mbps"),
+        "downlink_mbps": pick("down_mbps"),
+        "rtt_ms": pick("rtt_ms"),
+        "online": online,
+    }
+
+
+def _model(row: dict, measured: dict, default_ms: float, excluded: list[tuple[str, str]], devices: list[str]) -> dict:
+    compute = {dev: ms for (dev, model), ms in measured.items() if model == row["name"] and ms and ms > 0}
+    default = float(row["compute_ms"] or default_ms)
+    banned = {dev for model, dev in excluded if model == row["name"]}
+    size_mb = (row["size"] or 0) / 1e6
+    spec = {
+        "name": row["name"],
+        "memory_mb": float(row["memory_mb"] or round(2 * size_mb + 8, 1)),  # no estimate: weights twice + runtime
+        "compute_ms": dict(sorted(compute.items())),
+        "default_compute_ms": default,
+    }
+    if banned:
+        # The snapshot's way to say "cannot run there": no compute_ms entry and no default.
+        spec["compute_ms"] = {d: compute.get(d, default) for d in devices if d not in banned}
+        spec["default_compute_ms"] = None
+    return spec
+
+
+def _current(registry: FleetRegistry, devices: set[str], models: set[str]) -> dict[str, list[str]]:
+    current: dict[str, list[str]] = {}
+    for dev, row in registry.placements().items():
+        if dev not in devices or not row.get("reported"):
+            continue
+        held = json.loads(row["reported"]).get("models", {})
+        loaded = sorted(name for name, state in held.items() if state.get("state") == "loaded" and name in models)
+        if loaded:
+            current[dev] = loaded
+    return current

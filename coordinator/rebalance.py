@@ -1,0 +1,245 @@
+"""Replanning: on a timer and on events, publish only what changed.
+
+A named thread with its own database connection. Ingest hands it ``Change``s
+(device offline by last will, a new device, a device back, streams added,
+a model that failed to load, new measurements); the thread itself finds
+stale devices (no telemetry for ``stale_after_s``) and measured compute or
+link figures that drifted past ``drift`` from what the last plan assumed.
+Events within ``debounce_s`` are planned together. Each plan builds a
+snapshot from the registry (``fleetview``), solves it with the planner, and
+publishes a new retained ``placement/desired`` generation only to devices
+whose placement changed. Plans and what they changed are recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from lepton.coordinator import fleetview, placement
+from lepton.coordinator.db import open_db
+from lepton.coordinator.registry import Change, FleetRegistry
+from lepton.errors import LeptonError
+from lepton.protocol import Topics, encode
+from lepton.protocol import messages as m
+
+log = logging.getLogger(__name__)
+
+REPLAN_KINDS = {"new-device", "online", "offline", "stale", "streams", "failed"}
+KEEP_PLANS = 200
+
+
+def planner_params(cfg) -> dict:
+    """Snapshot ``params`` from the ``[planner]`` config section."""
+    return {"utilization_cap": cfg.utilization_cap, "migration_penalty_ms": cfg.migration_penalty_ms,
+            "unserved_penalty_ms": cfg.unserved_penalty_ms, "time_limit_s": cfg.time_limit_s, "queueing": cfg.queueing}
+
+
+class Rebalancer:
+    """Plans the fleet and publishes desired placements."""
+
+    def __init__(self, db_path: str, topics: Topics, bus, planner_cfg, stale_after_s: float, base_url: str,
+                 synchronous: str = "FULL", metrics=None):
+        self.db_path, self.topics, self.bus, self.cfg = db_path, topics, bus, planner_cfg
+        self.stale_after_s, self.base_url, self.synchronous, self.metrics = stale_after_s, base_url, synchronous, metrics
+        self.params = planner_params(planner_cfg)
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._triggers: list[str] = []
+        self._measured: set[str] = set()
+        self._republish = False
+        self._last: dict = {}  # the snapshot the last plan used: the baseline for drift
+        self._thread: threading.Thread | None = None
+        self.plans = 0
+
+    # --- from other threads -------------------------------------------------
+    def notify(self, changes: list[Change]) -> None:
+        """Hand over changes from ingest (any thread)."""
+        with self._lock:
+            for c in changes:
+                if c.kind in REPLAN_KINDS:
+                    self._triggers.append(f"{c.kind} {c.device}")
+                elif c.kind == "measured":
+                    self._measured.add(c.device)
+        self._wake.set()
+
+    def request(self, trigger: str) -> None:
+        """Ask for a plan now (operator, tests, start-up)."""
+        with self._lock:
+            self._triggers.append(trigger)
+        self._wake.set()
+
+    def republish(self) -> None:
+        """Send every stored desired placement again (after a reconnect: a crash may have lost one)."""
+        with self._lock:
+            self._republish = True
+        self._wake.set()
+
+    # --- the thread -------------------------------------------------------------
+    def start(self, stop: threading.Event) -> None:
+        self.started = time.time()
+        self._thread = threading.Thread(target=self._run, args=(stop,), name="rebalancer", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout: float = 30.0) -> None:
+        if self._thread:
+            self._thread.join(timeout)
+
+    def _run(self, stop: threading.Event) -> None:
+        self.db = open_db(self.db_path, self.synchronous)
+        self.registry = FleetRegistry(self.db)
+        next_timer = time.time() + min(1.0, self.cfg.interval_s)  # a first plan soon after start
+        while not stop.is_set():
+            self._wake.wait(timeout=max(0.0, min(1.0, next_timer - time.time())))
+            self._wake.clear()
+            if stop.is_set():
+                break
+            try:
+                trigger = self._due(time.time() >= next_timer)
+                if trigger:
+                    if self.cfg.debounce_s and not trigger.startswith("timer"):
+                        stop.wait(self.cfg.debounce_s)  # let a burst of events arrive: plan them together
+                        trigger = self._collect(trigger)
+                    self.plan_once(trigger)
+                    next_timer = time.time() + self.cfg.interval_s
+            except Exception:  # a planning failure must not end the thread: the next trigger tries again
+                log.exception("rebalance failed")
+                next_timer = time.time() + self.cfg.interval_s
+        self.db.close()
+
+    def _due(self, timer: bool) -> str:
+        """What calls for a plan now ('' for nothing): stale devices, events, drift, the timer."""
+        if self._take_republish():
+            self._republish_all()
+        if time.time() - self.started >= self.stale_after_s:  # give devices one period to report after a restart
+            with self.db.atomic():
+                stale = self.registry.mark_stale(time.time(), self.stale_after_s)
+            if stale:
+                self.notify(stale)
+        trigger = self._collect("")
+        drift = self._drift()
+        if drift:
+            trigger = f"{trigger}; {drift}" if trigger else drift
+        return trigger or ("timer" if timer else "")
+
+    def _collect(self, trigger: str) -> str:
+        with self._lock:
+            parts = ([trigger] if trigger else []) + self._triggers
+            self._triggers = []
+        return "; ".join(dict.fromkeys(parts))
+
+    def _take_republish(self) -> bool:
+        with self._lock:
+            flag, self._republish = self._republish, False
+        return flag
+
+    def _drift(self) -> str:
+        """Measured compute or link figures that moved past ``drift`` since the last plan."""
+        with self._lock:
+            devices, self._measured = self._measured, set()
+        if not devices or not self._last:
+            return ""
+        view = fleetview.build(self.registry, self.params, self.cfg.default_compute_ms, self.cfg.exclude_failed_s)
+        new, old = _figures(view.snapshot, devices), _figures(self._last, devices)
+        moved = [f"{k} {old[k]:.3g}->{v:.3g}" for k, v in new.items()
+                 if k in old and abs(v - old[k]) > max(self.cfg.drift * abs(old[k]), 0.5)]
+        return "drift " + ", ".join(moved[:5]) if moved else ""
+
+    # --- one plan -------------------------------------------------------------------
+    def plan_once(self, trigger: str) -> dict | None:
+        """Build the snapshot, solve, publish changed placements; returns the plan row written."""
+        from lepton.coordinator.planner import plan as solve  # scipy: loaded only where plans are made
+        from lepton.coordinator.snapshot import load_snapshot
+
+        now = time.time()
+        view = fleetview.build(self.registry, self.params, self.cfg.default_compute_ms, self.cfg.exclude_failed_s, now)
+        if not any(d["online"] for d in view.snapshot["devices"]):
+            self._last = view.snapshot
+            return None
+        try:
+            result = solve(load_snapshot(view.snapshot))
+        except LeptonError as exc:
+            with self.db.atomic():
+                self.registry.event("plan-failed", detail=f"{trigger}: {exc}")
+            log.error("plan failed (%s): %s", trigger, exc)
+            return None
+        known = self.registry.known_models()
+        desired = placement.contents(result, view, known, self.base_url)
+        changed = self._store(result, view, desired, trigger, now)
+        for msg in changed:
+            self.bus.publish(self.topics.desired(msg.device), encode(msg), qos=1, retain=True)
+        self._last = view.snapshot
+        self.plans += 1
+        self._observe(result, trigger, changed)
+        log.info("plan (%s): %s via %s in %.3f s, %d device(s) changed", trigger, result.status, result.path,
+                 result.solve_s, len(changed))
+        return {"trigger": trigger, "changed": [c.device for c in changed], "plan": result}
+
+    def _store(self, result, view: fleetview.FleetView, desired: dict, trigger: str, now: float) -> list[m.Desired]:
+        placements = self.registry.placements()
+        changed: list[m.Desired] = []
+        with self.db.atomic():
+            for dev, content in desired.items():
+                prev = placements.get(dev) or {}
+                if placement.same(prev.get("desired"), content):
+                    continue
+                msg = m.Desired(device=dev, generation=(prev.get("desired_gen") or 0) + 1, ts=now, **content)
+                self.db["placement"].upsert({"device": dev, "desired_gen": msg.generation,
+                                             "desired": encode(msg).decode(), "desired_at": now}, pk="device")
+                self.registry.event("placement", dev, placement.describe(prev.get("desired"), msg), now=now)
+                changed.append(msg)
+            for note in view.skipped:
+                self.registry.event("stream-skipped", detail=note, now=now)
+            unserved = {k: v for k, v in (result.unserved or {}).items() if v > placement.MIN_SHARE}
+            if unserved:
+                self.registry.event("unserved", detail=", ".join(f"{k} {v:.0%}" for k, v in sorted(unserved.items())), now=now)
+            self.db.execute(
+                "INSERT INTO plans (ts, trigger, status, path, objective, gap, solve_s, changed, plan, snapshot) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [now, trigger[:500], str(result.status), result.path, _num(result.objective), _num(result.gap),
+                 result.solve_s, len(changed), json.dumps(result.to_json(), default=str), json.dumps(view.snapshot)],
+            )
+            self.db.execute("DELETE FROM plans WHERE id <= (SELECT max(id) FROM plans) - ?", [KEEP_PLANS])
+        return changed
+
+    def _republish_all(self) -> None:
+        for dev, row in self.registry.placements().items():
+            if row.get("desired"):
+                self.bus.publish(self.topics.desired(dev), row["desired"].encode(), qos=1, retain=True)
+
+    def _observe(self, result, trigger: str, changed: list) -> None:
+        if not self.metrics:
+            return
+        self.metrics.plans.labels(trigger=trigger.split(" ")[0].rstrip(";")).inc()
+        self.metrics.plan_seconds.observe(result.solve_s or 0.0)
+        self.metrics.placements_published.inc(len(changed))
+        self.metrics.unserved.set(sum(1 for v in (result.unserved or {}).values() if v > placement.MIN_SHARE))
+        counts: dict[str, int] = {"online": 0, "stale": 0, "offline": 0}
+        for d in self.registry.devices():
+            counts[d["liveness"]] = counts.get(d["liveness"], 0) + 1
+        for k, v in counts.items():
+            self.metrics.devices.labels(liveness=k).set(v)
+
+
+def _figures(snapshot: dict, devices: set[str]) -> dict[str, float]:
+    """Compute and link figures of *devices* in a snapshot, keyed for comparison."""
+    out: dict[str, float] = {}
+    for d in snapshot.get("devices", []):
+        if d["id"] in devices:
+            for k in ("uplink_mbps", "downlink_mbps", "rtt_ms"):
+                out[f"{d['id']}.{k}"] = d[k]
+    for mod in snapshot.get("models", []):
+        for dev in devices:  # a first measurement replaces the bench default: compare with what was assumed
+            ms = mod["compute_ms"].get(dev, mod.get("default_compute_ms"))
+            if ms is not None:
+                out[f"{mod['name']}@{dev}"] = ms
+    return out
+
+
+def _num(value) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None

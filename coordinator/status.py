@@ -1,0 +1,113 @@
+"""What ``lepton status`` and ``lepton events`` show, read from the fleet database.
+
+Read-only: these open the database in ``mode=ro`` and never block the
+running coordinator.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from sqlite_utils import Database
+
+
+def fleet_status(db: Database, now: float | None = None) -> dict:
+    """Devices (liveness, load, placement, outbox depth, acks) and the last plan, as plain JSON."""
+    now = now or time.time()
+    placements = {r["device"]: r for r in db.query("SELECT * FROM placement")}
+    acks = {r["device"]: r["seq"] for r in db.query("SELECT device, seq FROM acks")}
+    streams: dict[str, list[str]] = {}
+    for r in db.query("SELECT device, stream, model, rate_hz FROM streams ORDER BY device, stream"):
+        streams.setdefault(r["device"], []).append(f"{r['stream']}:{r['model']}@{r['rate_hz']:g}Hz")
+    devices = []
+    for d in db.query("SELECT * FROM devices ORDER BY id"):
+        p = placements.get(d["id"], {})
+        desired = json.loads(p["desired"]) if p.get("desired") else {}
+        reported = json.loads(p["reported"]) if p.get("reported") else {}
+        seen = max(d["status_at"] or 0, d["telemetry_at"] or 0)
+        devices.append({
+            "id": d["id"], "liveness": d["liveness"], "degraded": bool(d["degraded"]),
+            "degraded_reason": d["degraded_reason"], "reason": d["reason"] if d["liveness"] == "offline" else "",
+            "last_seen_s": round(now - seen, 1) if seen else None,
+            "load1": d["load1"], "cpu_percent": d["cpu_percent"], "outbox_depth": d["outbox_depth"],
+            "acked_seq": acks.get(d["id"], 0),
+            "streams": streams.get(d["id"], []),
+            "desired_generation": p.get("desired_gen"), "reported_generation": p.get("reported_gen"),
+            "desired_models": [mr["name"] for mr in desired.get("models", [])],
+            "routes": {s: [f"{r['device']}:{r['share']:.2f}" for r in rs] for s, rs in desired.get("routes", {}).items()},
+            "reported_models": {k: v.get("state") for k, v in reported.get("models", {}).items()},
+        })
+    return {"devices": devices, "last_plan": last_plan(db, now)}
+
+
+def last_plan(db: Database, now: float) -> dict | None:
+    rows = list(db.query("SELECT id, ts, trigger, status, path, objective, gap, solve_s, changed, plan FROM plans "
+                         "ORDER BY id DESC LIMIT 1"))
+    if not rows:
+        return None
+    r = rows[0]
+    plan = json.loads(r.pop("plan") or "{}")
+    r["age_s"] = round(now - r["ts"], 1)
+    r["unserved"] = {k: v for k, v in (plan.get("unserved") or {}).items() if v and v > 1e-4}
+    return r
+
+
+def events(db: Database, limit: int = 50, device: str = "", kind: str = "") -> list[dict]:
+    """The newest events (oldest first), optionally for one device or kind."""
+    where, args = [], []
+    if device:
+        where.append("device = ?")
+        args.append(device)
+    if kind:
+        where.append("kind = ?")
+        args.append(kind)
+    sql = "SELECT id, ts, kind, device, detail FROM events"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    rows = list(db.query(sql + " ORDER BY id DESC LIMIT ?", args + [limit]))
+    return rows[::-1]
+
+
+def render_status(status: dict) -> str:
+    """A plain-text table for terminals."""
+    cols = ("DEVICE", "LIVENESS", "SEEN", "LOAD", "OUTBOX", "ACKED", "GEN d/r", "MODELS", "STREAMS -> SERVED ON")
+    rows = []
+    for d in status["devices"]:
+        live = d["liveness"] + (" degraded" if d["degraded"] else "")
+        seen = "-" if d["last_seen_s"] is None else f"{d['last_seen_s']:.0f}s"
+        models = ",".join(d["desired_models"]) or "-"
+        if d["reported_models"]:
+            bad = [k for k, v in d["reported_models"].items() if v != "loaded"]
+            models += f" ({'!' + ','.join(bad) if bad else 'loaded'})"
+        routes = " ".join(f"{s}->{'|'.join(r) or 'unserved'}" for s, r in d["routes"].items()) or ",".join(d["streams"]) or "-"
+        gen = f"{d['desired_generation'] if d['desired_generation'] is not None else '-'}/" \
+              f"{d['reported_generation'] if d['reported_generation'] not in (None, -1) else '-'}"
+        load = "-" if d["load1"] is None else f"{d['load1']:.2f}"
+        outbox = "-" if d["outbox_depth"] is None else str(d["outbox_depth"])
+        rows.append((d["id"], live, seen, load, outbox, str(d["acked_seq"]), gen, models, routes))
+    lines = [_table(cols, rows) if rows else "no devices yet"]
+    p = status["last_plan"]
+    if p:
+        gap = "" if p["gap"] is None else f", gap {p['gap']:.3%}"
+        lines.append(f"\nlast plan #{p['id']} {p['age_s']:.0f}s ago ({p['trigger']}): {p['status']} via {p['path']}, "
+                     f"objective {p['objective']:.4g}{gap}, {p['solve_s']:.3f}s, {p['changed']} device(s) changed")
+        if p["unserved"]:
+            lines.append("unserved: " + ", ".join(f"{k} {v:.0%}" for k, v in p["unserved"].items()))
+    else:
+        lines.append("\nno plan yet")
+    return "\n".join(lines)
+
+
+def render_events(rows: list[dict]) -> str:
+    out = []
+    for e in rows:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts"]))
+        out.append(f"{stamp}  {e['kind']:<18} {e['device'] or '-':<16} {e['detail']}")
+    return "\n".join(out) or "no events"
+
+
+def _table(cols: tuple[str, ...], rows: list[tuple]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*r).rstrip() for r in [cols, *rows])
