@@ -186,3 +186,38 @@ def test_namespace_tests_skip_with_a_reason_when_not_root(monkeypatch):
 
     monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
     assert "root" in netns.unavailable_reason()
+
+
+def test_generated_configs_pass_the_parts_own_validation(tmp_path):
+    """The harness writes configs the agent and coordinator accept (catches format drift)."""
+    from .harness import configs
+
+    agent = pytest.importorskip("lepton.agent.config")
+    coordinator = pytest.importorskip("lepton.coordinator.config")
+    data = configs.agent_config("dev-1", ("10.231.200.1", 1883), "lxf-test/v1", tmp_path, rate_hz=10, streams=2,
+                                overrides={"outbox": {"max_rows": 500}})
+    cfg = agent.load_config(configs.write_toml(tmp_path / "agent.toml", data))
+    assert cfg.outbox.max_rows == 500 and cfg.broker.keepalive == 5 and len(cfg.streams) == 2
+    assert cfg.outbox.path == str(tmp_path / "outbox.db")
+    data = configs.coordinator_config(("10.231.200.1", 1883), "lxf-test/v1", tmp_path, http=("10.231.200.1", 8123))
+    cfg = coordinator.load_config(configs.write_toml(tmp_path / "coordinator.toml", data))
+    assert cfg.http.port == 8123 and cfg.db.path == str(tmp_path / "coordinator.db")
+
+
+def test_stale_namespaces_of_a_dead_run_are_removed(netns):
+    from .harness import Network, cleanup_stale
+    from .harness.netns import sh
+
+    net = Network()
+    try:
+        host = net.add_host("dev-1")
+        orphan = subprocess.Popen([*host.exec_prefix(), "sleep", "60"])
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        sh(["ip", "link", "set", net.bridge, "alias", f"lxf-owner={dead.pid}"])  # as if its run had crashed
+        removed = cleanup_stale()
+        assert net.bridge in removed and host.ns in removed
+        assert host.ns not in sh(["ip", "netns", "list"])
+        assert orphan.wait(5) == -signal.SIGKILL
+    finally:
+        net.close()

@@ -1,8 +1,10 @@
 """The receiving end: a persistent-session QoS 1 subscriber that records every result.
 
-It subscribes to every device's results (and status, for liveness timings)
-under the test's prefix, validates each payload with the protocol's own
-schema, and records (device, seq, arrival time). It reconnects quickly
+It subscribes to what the coordinator subscribes to (status, telemetry,
+placement reports, results) plus the acks of the devices it is told about,
+validates each payload with the protocol's own schema, and records every
+result as (device, seq, arrival time), every status and ack with its arrival
+time, and the newest telemetry and report per device. It reconnects quickly
 (0.2-1 s) so that it is never the slowest part of a recovery.
 """
 
@@ -15,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -39,9 +42,14 @@ class StatusEvent:
 class ResultCounter:
     """Count results by (device, seq) at the receiving end."""
 
-    def __init__(self, host: str, port: int, prefix: str, client_id: str = "", tls_ca: str = "",
-                 tls_cert: str = "", tls_key: str = "", username: str = "", password: str = "") -> None:
+    def __init__(self, host: str, port: int, prefix: str, devices: Iterable[str] = (), client_id: str = "",
+                 tls_ca: str = "", tls_cert: str = "", tls_key: str = "", username: str = "",
+                 password: str = "") -> None:
         self.topics = Topics(prefix)
+        self.devices = list(devices)
+        self._acks: list[tuple[float, str, int]] = []  # (monotonic, device, seq)
+        self.telemetry: dict[str, Any] = {}  # device -> newest Telemetry message
+        self.reported: dict[str, Any] = {}  # device -> newest Reported message
         self.client_id = client_id or f"lxf-counter-{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
         self._arrivals: list[Arrival] = []
@@ -90,7 +98,8 @@ class ResultCounter:
             return
         self.connects += 1
         # Subscribe every time: a broker without persistence forgot the session.
-        client.subscribe([(self.topics.all_results(), 1), (self.topics.all_status(), 1)])
+        subs = self.topics.coordinator_subscriptions() + [(self.topics.acks(d), 1) for d in self.devices]
+        client.subscribe(subs)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         self.disconnects += 1
@@ -111,6 +120,12 @@ class ResultCounter:
             elif parsed.kind == "status":
                 self._statuses.append(StatusEvent(now, message.device, message.state, message.reason,
                                                   bool(msg.retain)))
+            elif parsed.kind == "acks":
+                self._acks.append((now, message.device, message.seq))
+            elif parsed.kind == "telemetry":
+                self.telemetry[message.device] = message
+            elif parsed.kind == "reported":
+                self.reported[message.device] = message
 
     # --- queries -----------------------------------------------------------------------
     def arrivals(self, device: str | None = None) -> list[Arrival]:
@@ -181,8 +196,21 @@ class ResultCounter:
                 raise TimeoutError(f"no {state!r} status from {device} within {timeout}s")
             time.sleep(0.02)
 
+    def acked(self, device: str) -> int:
+        """The highest contiguous seq the coordinator has acknowledged to *device* (0: none seen)."""
+        with self._lock:
+            return max((seq for _, d, seq in self._acks if d == device), default=0)
 
-def total(expected: Expected, devices: Iterable[str]) -> int:
-    """How many results *expected* names over *devices*."""
-    sets = expected_sets(expected, {})
-    return sum(len(sets.get(d, ())) for d in devices)
+    def wait_acked(self, expected: dict[str, int], timeout: float) -> float:
+        """Wait until each device's ack reached its count in *expected*; returns time.monotonic() then."""
+        unknown = set(expected) - set(self.devices)
+        if unknown:
+            raise ValueError(f"counter does not watch acks of {sorted(unknown)}: pass devices=")
+        deadline = time.monotonic() + timeout
+        while True:
+            behind = {d: (self.acked(d), n) for d, n in expected.items() if self.acked(d) < n}
+            if not behind:
+                return time.monotonic()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"acks (have, want) still behind after {timeout}s: {behind}")
+            time.sleep(0.02)

@@ -46,7 +46,8 @@ def format_table(entries: list[dict]) -> list[str]:
         keys = [k for k in LEAD if k in figs] + [k for k in figs if k not in LEAD]
         text = " ".join(f"{k}={_fmt(figs[k])}" for k in keys)
         label = e["name"] if len(e["name"]) <= 44 else e["name"][:43] + "~"
-        lines.append(f"{e['row']!s:>4}  {e['outcome'].upper():<6}  {e['duration_s']:>5.1f}s  {label:<44}  {text}")
+        result = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}.get(e["outcome"], e["outcome"].upper())
+        lines.append(f"{e['row']!s:>4}  {result:<6}  {e['duration_s']:>5.1f}s  {label:<44}  {text}")
     return lines
 
 

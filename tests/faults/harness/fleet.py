@@ -102,6 +102,7 @@ class Fleet:
 
     def start_counter(self, **kwargs) -> ResultCounter:
         """Start the receiving-end counter on the broker (kwargs: TLS / credentials)."""
+        kwargs.setdefault("devices", self.devices)
         self.counter = ResultCounter(*self.broker_address, self.prefix, **kwargs).start()
         return self.counter
 

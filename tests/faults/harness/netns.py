@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass, field
 
@@ -98,10 +99,9 @@ def cleanup_stale() -> list[str]:
     """Remove harness bridges, veths and namespaces whose owner process is gone."""
     removed = []
     for index, owner in _bridges().items():
-        if owner and _pid_alive(owner) and owner != os.getpid():
+        if owner and _pid_alive(owner):
             continue
-        _delete_network(index)
-        removed.append(f"{PREFIX}{index}")
+        removed += _delete_network(index)
     live = {f"{PREFIX}{i}-" for i in _bridges()}
     for ns in _namespaces():
         m = re.match(rf"{PREFIX}(\d+)-(\d+)-", ns)
@@ -109,21 +109,35 @@ def cleanup_stale() -> list[str]:
             continue
         if ns.startswith(f"{PREFIX}probe-") and _pid_alive(int(ns.rsplit("-", 1)[1] or 0)):
             continue
-        sh(["ip", "netns", "del", ns], check=False)
+        _delete_namespace(ns)
         removed.append(ns)
     if removed:
         log.info("removed stale test network resources: %s", ", ".join(removed))
     return removed
 
 
-def _delete_network(index: int) -> None:
+def _delete_namespace(ns: str) -> None:
+    """Kill whatever still runs inside *ns* (it would keep the namespace alive), then delete it."""
+    for pid in sh(["ip", "netns", "pids", ns], check=False).split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    sh(["ip", "netns", "del", ns], check=False)
+
+
+def _delete_network(index: int) -> list[str]:
+    """Delete network *index*: its namespaces, veths and bridge. Returns their names."""
+    removed = []
     for ns in _namespaces():
         if ns.startswith(f"{PREFIX}{index}-"):
-            sh(["ip", "netns", "del", ns], check=False)
+            _delete_namespace(ns)
+            removed.append(ns)
     out = sh(["ip", "-o", "link", "show"], check=False)
     for m in re.finditer(rf"\d+: ({PREFIX}{index}h\d+)[:@]", out):
         sh(["ip", "link", "del", m.group(1)], check=False)
     sh(["ip", "link", "del", f"{PREFIX}{index}"], check=False)
+    return removed + [f"{PREFIX}{index}"]
 
 
 @dataclass
