@@ -1,0 +1,197 @@
+"""``lepton provision ...``: fleet identities, certificates, broker config, bundles.
+
+Thin: parses, calls lepton.provisioning.fleet, prints. Errors are
+LeptonError subclasses and become one line in lepton.cli.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+FLEET_ENV = "LEPTON_FLEET"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``lepton provision`` and its subcommands."""
+    p = subparsers.add_parser(
+        "provision",
+        help="create a fleet: CA, device certificates, broker config and ACL, install bundles",
+        description="Provision a fleet: a CA, one certificate per device (CN = device id), a Mosquitto "
+        "config whose ACL lets each device write only under its own id, and a bundle per device "
+        "(key, certificate, CA, agent config, install.sh, systemd unit). Commands are idempotent.",
+    )
+    sub = p.add_subparsers(dest="provision_command", metavar="COMMAND", required=True)
+    _init_parser(sub)
+    _device_parser(sub)
+    _bulk_parser(sub)
+    _simple(sub, "revoke", "ID", _revoke, "revoke an identity: its certificates go on the CRL, the ACL denies it "
+            "everything, its key and bundle are deleted; then reload the broker (SIGHUP)")
+    _simple(sub, "observer", "NAME", _observer, "issue a read-only identity (reads everything under the prefix, "
+            "writes nothing) for dashboards and mosquitto_sub checks")
+    b = sub.add_parser("broker-config", help="(re)write the broker's files: mosquitto.conf, acl, crl.pem, server key and certificate",
+                       description="Write everything the broker host needs into the fleet's broker/ directory (or --out). "
+                       "Paths inside mosquitto.conf point at broker.dir from fleet.toml, where the files go on the broker host.")
+    _fleet_arg(b)
+    b.add_argument("--out", type=Path, help="directory to write to (default: <fleet>/broker)")
+    b.add_argument("--json", action="store_true", help="print what was written as JSON")
+    b.set_defaults(func=_broker_config)
+    ls = sub.add_parser("list", help="list the fleet's identities: role, tags, certificate expiry, revoked")
+    _fleet_arg(ls)
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.set_defaults(func=_list)
+
+
+def _fleet_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fleet", type=Path, default=Path(os.environ.get(FLEET_ENV, ".")),
+                   help=f"fleet directory (default: ${FLEET_ENV} or the current directory)")
+
+
+def _init_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="create a fleet directory: CA, broker certificate, coordinator identity, model-signing key",
+                       description="Create a fleet in DIR. Re-running with the same options changes nothing.")
+    p.add_argument("dir", type=Path, metavar="DIR", help="the fleet directory (created if missing)")
+    p.add_argument("--host", action="append", required=True, metavar="NAME_OR_IP",
+                   help="broker host name or IP address; repeat for more. Devices connect to the first; "
+                   "the server certificate names all")
+    p.add_argument("--name", help="fleet name (CA name, comments)")
+    p.add_argument("--prefix", help="MQTT topic prefix (default lepton/v1)")
+    p.add_argument("--port", type=int, help="broker TLS port (default 8883)")
+    p.add_argument("--bind", help="address the broker's TLS listener binds (default: all)")
+    p.add_argument("--coordinator", metavar="ID", help="the coordinator's certificate CN (default lepton-coordinator)")
+    p.add_argument("--broker-dir", dest="dir_", metavar="PATH",
+                   help="where the broker's files will live on the broker host (default: <DIR>/broker)")
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    p.set_defaults(func=_init)
+
+
+def _device_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("device", help="issue (or keep) a device's key, certificate, agent config and bundle",
+                       description="Issue a device identity: key (0600), certificate (CN = ID), agent config from "
+                       "templates/agent.toml plus templates/tag-<tag>.toml per tag, and bundles/ID.tar.gz.")
+    p.add_argument("id", metavar="ID", help="device id: 1-64 of A-Z a-z 0-9 _ . - (no '/', '+', '#')")
+    _fleet_arg(p)
+    p.add_argument("--tags", help="comma-separated tags (replace the device's tags; default: keep them)")
+    p.add_argument("--rotate", action="store_true", help="issue a new key and certificate (also re-admits a revoked id)")
+    p.add_argument("--json", action="store_true", help="print what was done as JSON")
+    p.set_defaults(func=_device)
+
+
+def _bulk_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bulk", help="provision every device in an inventory CSV (header with 'id', optional 'tags')",
+                       description="Provision many devices. The CSV needs a header row with an 'id' column and may "
+                       "have 'tags' (separated by ';' or spaces); other columns are ignored. Idempotent: a re-run "
+                       "changes no file; --rotate renews every key and certificate.")
+    p.add_argument("inventory", type=Path, metavar="INVENTORY.csv")
+    _fleet_arg(p)
+    p.add_argument("--rotate", action="store_true", help="issue new keys and certificates for every listed device")
+    p.add_argument("--json", action="store_true", help="print what was done as JSON (no progress bar)")
+    p.set_defaults(func=_bulk)
+
+
+def _simple(sub, name, metavar, func, help_text):
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("name", metavar=metavar)
+    _fleet_arg(p)
+    p.add_argument("--json", action="store_true", help="print what was done as JSON")
+    p.set_defaults(func=func)
+
+
+# --- handlers ---------------------------------------------------------------------
+
+
+def _report(args, outcomes) -> int:
+    if args.json:
+        print(json.dumps([o.to_json() for o in outcomes], indent=2))
+        return 0
+    for o in outcomes:
+        print(f"{o.name}: {o.action}" + (f" ({len(o.written)} files written)" if o.written else ""))
+    return 0
+
+
+def _init(args) -> int:
+    from lepton.provisioning.fleet import Fleet
+    from lepton.provisioning.settings import new_settings
+
+    opts = {"name": args.name, "prefix": args.prefix, "port": args.port, "bind": args.bind,
+            "coordinator": args.coordinator, "dir": args.dir_}
+    fleet, outcome = Fleet.create(args.dir, new_settings(args.dir, args.host, **opts))
+    rc = _report(args, [outcome])
+    if not args.json:
+        print(f"fleet {fleet.settings.name} in {fleet.root}; broker files in {fleet.layout.broker_dir}, "
+              f"coordinator bundle {fleet.layout.bundle(fleet.settings.coordinator)}")
+    return rc
+
+
+def _device(args) -> int:
+    from lepton.provisioning.fleet import Fleet
+
+    tags = None if args.tags is None else [t for t in args.tags.split(",")]
+    outcome = Fleet(args.fleet).add_device(args.id, tags=tags, rotate=args.rotate)
+    return _report(args, [outcome])
+
+
+def _bulk(args) -> int:
+    from lepton.provisioning.fleet import Fleet
+    from lepton.provisioning.inventory import read_inventory
+
+    rows = read_inventory(args.inventory)
+    fleet = Fleet(args.fleet)
+    if args.json:
+        return _report(args, fleet.add_devices(rows, rotate=args.rotate))
+    from rich.progress import Progress
+
+    with Progress(transient=False) as bar:
+        task = bar.add_task("provisioning", total=len(rows))
+        outcomes = fleet.add_devices(rows, rotate=args.rotate, progress=lambda _o: bar.advance(task))
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.action] = counts.get(o.action, 0) + 1
+    print(", ".join(f"{n} {action}" for action, n in sorted(counts.items())))
+    return 0
+
+
+def _revoke(args) -> int:
+    from lepton.provisioning.fleet import Fleet
+
+    fleet = Fleet(args.fleet)
+    rc = _report(args, [fleet.revoke(args.name)])
+    if not args.json:
+        print(f"now reload the broker so it re-reads {fleet.settings.broker.dir}/crl.pem and acl "
+              "(systemctl reload mosquitto, or kill -HUP its pid)")
+    return rc
+
+
+def _observer(args) -> int:
+    from lepton.provisioning.fleet import Fleet
+
+    fleet = Fleet(args.fleet)
+    rc = _report(args, [fleet.add_observer(args.name)])
+    if not args.json:
+        print(f"key {fleet.layout.key(args.name)}, certificate {fleet.layout.cert(args.name)}, CA {fleet.layout.ca_cert}")
+    return rc
+
+
+def _broker_config(args) -> int:
+    from lepton.provisioning.fleet import Fleet, Outcome
+
+    fleet = Fleet(args.fleet)
+    with fleet.layout.locked():
+        written = fleet.write_broker_files(args.out)
+    return _report(args, [Outcome("broker", "updated" if written else "unchanged", written)])
+
+
+def _list(args) -> int:
+    from lepton.provisioning.fleet import Fleet
+
+    rows = Fleet(args.fleet).describe()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        state = "REVOKED" if r["revoked"] else f"valid until {r['not_after'] or '?'}"
+        tags = f" [{', '.join(r['tags'])}]" if r["tags"] else ""
+        print(f"{r['name']:<32} {r['role']:<12} {state}{tags}")
+    return 0

@@ -1,0 +1,238 @@
+"""A fleet: its CA, identities, revocations, broker files and bundles.
+
+Library first: ``lepton provision`` (provisioning/cli.py) only parses
+arguments and calls these methods. Every method is idempotent: what exists
+and is right is left alone (same bytes, same mtime); ``rotate=True`` renews.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from lepton.errors import ConfigError, LeptonError
+from lepton.protocol import check_id
+from lepton.provisioning import artifacts, pki
+from lepton.provisioning.files import make_dir, write_if_changed, write_private
+from lepton.provisioning.settings import SETTINGS_FILE, FleetSettings, load_settings, settings_toml
+from lepton.provisioning.store import IdentityRecord, Layout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What one provisioning step did: created, updated, unchanged, rotated or revoked."""
+
+    name: str
+    action: str
+    written: list[Path] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "action": self.action, "written": [str(p) for p in self.written]}
+
+
+def device_name(value: str) -> str:
+    """A valid device id (no '/', '+', '#'), else ConfigError naming it."""
+    try:
+        return check_id(value, "device id")
+    except LeptonError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+class Fleet:
+    """One fleet directory. Load with ``Fleet(root)``, create with ``Fleet.create``."""
+
+    def __init__(self, root: Path):
+        self.layout = Layout(Path(root).resolve())
+        self.settings: FleetSettings = load_settings(self.layout.root)
+        self._ca: pki.CA | None = None
+
+    @property
+    def root(self) -> Path:
+        return self.layout.root
+
+    @property
+    def ca(self) -> pki.CA:
+        """The CA, read once per process: issuing hundreds of devices reuses it."""
+        if self._ca is None:
+            self._ca = pki.CA.load(self.layout.ca_key, self.layout.ca_cert)
+        return self._ca
+
+    # --- creation -------------------------------------------------------------
+    @classmethod
+    def create(cls, root: Path, settings: FleetSettings) -> tuple["Fleet", Outcome]:
+        """Create a fleet in *root* (CA, broker and coordinator identities, signing key).
+
+        Re-running with the same settings only fills in what is missing; with
+        different settings it refuses (edit fleet.toml instead) and changes nothing.
+        """
+        layout = Layout(Path(root).resolve())
+        path = layout.root / SETTINGS_FILE
+        if path.exists():
+            current = load_settings(layout.root)
+            if current != settings:
+                raise ConfigError(f"{layout.root} is already a fleet with other settings; edit {path} instead")
+        with layout.locked():
+            written = [path] if write_if_changed(path, settings_toml(settings)) else []
+            fleet = cls(layout.root)
+            written += artifacts.init_files(fleet)
+            written += fleet._ensure_client(settings.coordinator, "coordinator").written
+            written += fleet.write_broker_files()
+        return fleet, Outcome(layout.root.name, "created" if written else "unchanged", written)
+
+    # --- identities -------------------------------------------------------------
+    def records(self) -> list[IdentityRecord]:
+        return self.layout.records()
+
+    def devices(self) -> list[IdentityRecord]:
+        return [r for r in self.records() if r.role == "device"]
+
+    def describe(self) -> list[dict]:
+        """Every identity: name, role, tags, revoked, current serial, expiry, bundle."""
+        out = []
+        for r in self.records():
+            cert_path, bundle = self.layout.cert(r.name), self.layout.bundle(r.name)
+            not_after = pki.load_cert(cert_path).not_valid_after_utc.isoformat() if cert_path.exists() else ""
+            out.append({
+                "name": r.name, "role": r.role, "tags": r.tags, "revoked": r.revoked,
+                "serial": r.serials[-1] if r.serials else "", "not_after": not_after,
+                "bundle": str(bundle) if bundle.exists() else "",
+            })
+        return out
+
+    def add_device(self, device_id: str, tags: Iterable[str] | None = None, rotate: bool = False, **cert_opts) -> Outcome:
+        """Issue (or keep) a device's key, certificate, agent config and bundle.
+
+        *tags* None keeps the tags it has. *cert_opts* (days, not_before) are
+        for certificates issued now; an existing one is kept unless *rotate*.
+        """
+        with self.layout.locked():
+            outcome = self._device(device_id, tags, rotate, **cert_opts)
+            outcome.written += self.write_broker_files()
+        return outcome
+
+    def add_devices(
+        self, rows: list[tuple[str, list[str]]], rotate: bool = False, progress: Callable[[Outcome], None] | None = None
+    ) -> list[Outcome]:
+        """Provision many devices; every row is checked before anything is written."""
+        seen: set[str] = set()
+        for device_id, _tags in rows:
+            self._check_device_name(device_name(device_id))
+            if device_id in seen:
+                raise ConfigError(f"device id {device_id!r} appears twice in the inventory")
+            seen.add(device_id)
+        outcomes = []
+        with self.layout.locked():
+            for device_id, tags in rows:
+                outcomes.append(self._device(device_id, tags, rotate))
+                if progress:
+                    progress(outcomes[-1])
+            broker = self.write_broker_files()
+        if broker:
+            outcomes.append(Outcome("broker", "updated", broker))
+        return outcomes
+
+    def add_observer(self, name: str) -> Outcome:
+        """A read-only identity (dashboards, `mosquitto_sub` checks): reads the whole prefix."""
+        with self.layout.locked():
+            outcome = self._ensure_client(device_name(name), "observer")
+            outcome.written += self.write_broker_files()
+        return outcome
+
+    def revoke(self, name: str) -> Outcome:
+        """Revoke every certificate *name* ever had, deny it in the ACL, delete its key and bundle."""
+        with self.layout.locked():
+            record = self.layout.read_record(name)
+            if record is None:
+                raise ConfigError(f"no identity {name!r} in fleet {self.root}")
+            if record.role == "coordinator":
+                raise ConfigError(f"{name!r} is the fleet's coordinator; rotate it instead of revoking it")
+            entries = self.layout.read_revoked()
+            known = {e["serial"] for e in entries}
+            now = pki.utcnow().isoformat()
+            entries += [{"serial": s, "name": name, "revoked_at": now} for s in record.serials if s not in known]
+            written = [self.layout.revoked] if self.layout.write_revoked(entries) else []
+            record.revoked = True
+            if self.layout.write_record(record):
+                written.append(self.layout.record_path(name))
+            for secret in (self.layout.key(name), self.layout.bundle(name)):
+                if secret.exists():
+                    secret.unlink()
+                    written.append(secret)
+            written += self.write_broker_files()
+        log.info("revoked %s (%d certificates)", name, len(record.serials))
+        return Outcome(name, "revoked" if written else "unchanged", written)
+
+    # --- broker -----------------------------------------------------------------
+    def write_broker_files(self, out: Path | None = None) -> list[Path]:
+        """(Re)write CRL, server certificate, ACL and mosquitto.conf where they changed."""
+        written = artifacts.write_crl(self)
+        written += artifacts.write_broker(self, out or self.layout.broker_dir)
+        return written
+
+    # --- internals ----------------------------------------------------------------
+    def _check_device_name(self, device_id: str) -> None:
+        record = self.layout.read_record(device_id)
+        if device_id == self.settings.coordinator or (record and record.role != "device"):
+            raise ConfigError(f"{device_id!r} is the name of a {record.role if record else 'coordinator'} identity, not a device")
+
+    def _device(self, device_id: str, tags: Iterable[str] | None, rotate: bool, **cert_opts) -> Outcome:
+        device_id = device_name(device_id)
+        self._check_device_name(device_id)
+        record = self.layout.read_record(device_id) or IdentityRecord(device_id, "device")
+        if record.revoked and not rotate:
+            raise ConfigError(f"device {device_id!r} is revoked; `--rotate` issues it a new identity (then restart the broker)")
+        if tags is not None:
+            record.tags = _clean_tags(tags)
+        action, written = self._ensure_keypair(record, rotate, **cert_opts)
+        written += artifacts.write_device_files(self, record)
+        if action == "unchanged" and written:
+            action = "updated"
+        return Outcome(device_id, action, written)
+
+    def _ensure_client(self, name: str, role: str, rotate: bool = False) -> Outcome:
+        record = self.layout.read_record(name) or IdentityRecord(name, role)
+        if record.role != role:
+            raise ConfigError(f"{name!r} is already a {record.role} identity")
+        action, written = self._ensure_keypair(record, rotate)
+        if role == "coordinator":
+            written += artifacts.write_coordinator_files(self, record)
+        elif self.layout.write_record(record):
+            written.append(self.layout.record_path(name))
+        return Outcome(name, action, written)
+
+    def _ensure_keypair(self, record: IdentityRecord, rotate: bool, days: int | None = None,
+                        not_before: dt.datetime | None = None) -> tuple[str, list[Path]]:
+        """Keep a matching key + certificate, or issue a new pair (rotate, missing, revoked)."""
+        key_path, cert_path = self.layout.key(record.name), self.layout.cert(record.name)
+        if not rotate and not record.revoked and key_path.exists() and cert_path.exists():
+            return "unchanged", []
+        existed = bool(record.serials)
+        make_dir(self.layout.identity_dir(record.name), private=True)
+        key = pki.new_key()
+        cert = self.ca.issue(key.public_key(), record.name, days or self.settings.pki.cert_days, not_before=not_before)
+        write_private(key_path, pki.key_pem(key))
+        write_if_changed(cert_path, pki.cert_pem(cert))
+        record.serials.append(format(cert.serial_number, "x"))
+        record.revoked = False
+        self.layout.write_record(record)
+        return ("rotated" if existed else "created"), [key_path, cert_path, self.layout.record_path(record.name)]
+
+
+def _clean_tags(tags: Iterable[str]) -> list[str]:
+    out: list[str] = []
+    for tag in tags:
+        tag = tag.strip()
+        if not tag:
+            continue
+        try:
+            check_id(tag, "tag")
+        except LeptonError as exc:
+            raise ConfigError(str(exc)) from None
+        if tag not in out:
+            out.append(tag)
+    return out
