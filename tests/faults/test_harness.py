@@ -116,6 +116,9 @@ def test_proxy_stall_holds_data_until_resumed():
     try:
         proxy.pause()
         with subprocess.Popen(probe, stdout=subprocess.PIPE, text=True) as p:
+            deadline = time.monotonic() + 10
+            while proxy.connections < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
             time.sleep(0.5)
             assert p.poll() is None  # held by the stalled proxy, connection open
             proxy.resume()
