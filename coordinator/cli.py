@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     )
     _db_args(snap)
     snap.add_argument("--out", metavar="FILE", help="write here instead of standard output")
+    snap.add_argument("--plan", metavar="ID", help="the exact snapshot a recorded plan was made from "
+                      "(an id from `lepton status --json`, or 'last') instead of the fleet now")
     snap.set_defaults(func=_snapshot)
 
     st = subparsers.add_parser(
@@ -94,6 +96,8 @@ def _snapshot(args) -> int:
     from lepton.coordinator.registry import FleetRegistry
 
     reg = FleetRegistry(open_readonly(_db_path(args)))
+    if args.plan:
+        return _write(_recorded(reg, args.plan), args.out)
     params = reg.meta("planner")
     if params is None:
         raise ConfigError("the database has no planner parameters yet: start the coordinator on it once")
@@ -105,11 +109,26 @@ def _snapshot(args) -> int:
         pass
     else:
         load_snapshot(view.snapshot)  # what we write must be what `lepton plan` accepts
-    text = json.dumps(view.snapshot, indent=2) + "\n"
-    if args.out:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}: {len(view.snapshot['devices'])} devices, {len(view.snapshot['streams'])} streams",
-              file=sys.stderr)
+    return _write(view.snapshot, args.out)
+
+
+def _recorded(reg, plan_id: str) -> dict:
+    sql = "SELECT id, snapshot FROM plans " + ("ORDER BY id DESC LIMIT 1" if plan_id == "last" else "WHERE id = ?")
+    try:
+        args = [] if plan_id == "last" else [int(plan_id)]
+    except ValueError:
+        raise ConfigError(f"--plan {plan_id!r}: give a plan id (a number) or 'last'") from None
+    rows = list(reg.db.query(sql, args))
+    if not rows or not rows[0]["snapshot"]:
+        raise ConfigError(f"no recorded plan {plan_id!r} in this database")
+    return json.loads(rows[0]["snapshot"])
+
+
+def _write(snapshot: dict, out: str | None) -> int:
+    text = json.dumps(snapshot, indent=2) + "\n"
+    if out:
+        Path(out).write_text(text)
+        print(f"wrote {out}: {len(snapshot['devices'])} devices, {len(snapshot['streams'])} streams", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return 0

@@ -87,9 +87,15 @@ class Rebalancer:
         if self._thread:
             self._thread.join(timeout)
 
-    def _run(self, stop: threading.Event) -> None:
+    def attach(self) -> None:
+        """Open this thread's database connection (the thread does it; tests may call it directly)."""
         self.db = open_db(self.db_path, self.synchronous)
         self.registry = FleetRegistry(self.db)
+        if not hasattr(self, "started"):
+            self.started = time.time()
+
+    def _run(self, stop: threading.Event) -> None:
+        self.attach()
         next_timer = time.time() + min(1.0, self.cfg.interval_s)  # a first plan soon after start
         while not stop.is_set():
             self._wake.wait(timeout=max(0.0, min(1.0, next_timer - time.time())))

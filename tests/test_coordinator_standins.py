@@ -181,3 +181,22 @@ def test_standin_speaks_valid_protocol():
     dev = StandIn(free_port(), topics, "dev-1", streams=[{"id": "cam", "model": "digits", "rate_hz": 5, "payload_bytes": 100}])
     status = m.Status(device="dev-1", state="online", ts=1.0, capabilities=dev.caps, streams=dev.streams)
     assert decode("status", encode(status)).streams[0].id == "cam"
+
+
+def serve(argv: list[str]) -> None:
+    """Run one stand-in until killed: ``python tests/test_coordinator_standins.py PORT PREFIX DEVICE KEEPALIVE CPU MODEL_MS``.
+
+    Sends its birth, then telemetry every 0.5 s; prints "up" once connected.
+    """
+    port, prefix, device, keepalive, cpu, model_ms = argv
+    dev = StandIn(int(port), Topics(prefix), device, keepalive=int(keepalive), cpu=int(cpu),
+                  link={"up_mbps": 100, "down_mbps": 100, "rtt_ms": 1})
+    dev.connect()
+    print("up", flush=True)
+    while True:
+        dev.telemetry(models={"digits": float(model_ms)})
+        time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1:])

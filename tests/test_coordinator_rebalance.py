@@ -1,0 +1,172 @@
+"""Rebalancing on a real registry database with the real planner: what gets published, to whom, and why."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lepton.coordinator.config import load_config
+from lepton.coordinator.db import open_db
+from lepton.coordinator.rebalance import Rebalancer
+from lepton.coordinator.registry import FleetRegistry
+from lepton.protocol import Topics, decode
+from lepton.protocol import messages as m
+
+pytest.importorskip("lepton.coordinator.planner")
+
+SHA = "cd" * 32
+
+
+class Recorder:
+    """Collects what the rebalancer publishes (the MQTT side is tested in the process-level tests)."""
+
+    def __init__(self, topics: Topics):
+        self.topics, self.sent = topics, []
+
+    def publish(self, topic, payload, qos, retain=False):
+        assert qos == 1 and retain, "placements are QoS 1 and retained"
+        self.sent.append(decode("desired", payload))
+
+    def take(self) -> dict[str, m.Desired]:
+        out = {d.device: d for d in self.sent}
+        self.sent = []
+        return out
+
+
+def birth(reg, device, cpu, streams=(), link=None, now=None):
+    caps = m.Capabilities(cpu_count=cpu, memory_mb=1024, arch="aarch64", runtime="ai-edge-litert",
+                          runtime_version="2", cpu_share=cpu, link=link or {})
+    msg = m.Status(device=device, state="online", ts=now or time.time(), capabilities=caps,
+                   streams=[m.StreamInfo(**s) for s in streams])
+    with reg.db.atomic():
+        return reg.apply_status(msg, time.time())
+
+
+def telemetry(reg, device, ms):
+    msg = m.Telemetry(device=device, ts=time.time(), models={"digits": m.ModelTiming(p50_ms=ms, p95_ms=ms, count=5)})
+    with reg.db.atomic():
+        return reg.apply_telemetry(msg, time.time())
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    """A weak camera device (1 core, 80 ms per input) beside a strong peer (8 cores, 2 ms)."""
+    db_path = tmp_path / "c.db"
+    reg = FleetRegistry(open_db(db_path))
+    reg.set_models([{"name": "digits", "version": "1.0.0", "sha256": SHA, "size": 200_000, "memory_mb": 4.0,
+                     "compute_ms": 3.0, "family": "digits", "variant": "int8"}])
+    cam = {"id": "cam", "model": "digits", "rate_hz": 10, "payload_bytes": 256}
+    fast = {"up_mbps": 100, "down_mbps": 100, "rtt_ms": 2}
+    birth(reg, "weak", 1, [cam], fast)
+    birth(reg, "strong", 8, [], fast)
+    telemetry(reg, "weak", 80.0)
+    telemetry(reg, "strong", 2.0)
+    topics = Topics("t/v1")
+    rec = Recorder(topics)
+    cfg = load_config(data={"planner": {"time_limit_s": 2, "migration_penalty_ms": 20}})
+    reb = Rebalancer(str(db_path), topics, rec, cfg.planner, 15.0, "http://models.example:8080")
+    reb.attach()
+    yield reg, reb, rec, db_path
+
+
+def test_offload_to_the_strong_peer_is_published_to_both(fleet):
+    reg, reb, rec, _ = fleet
+    reb.plan_once("test")
+    sent = rec.take()
+    assert set(sent) == {"weak", "strong"}
+    assert [(r.device, r.share) for r in sent["weak"].routes["cam"]] == [("strong", 1.0)]
+    assert sent["weak"].models == []
+    assert sent["strong"].serve == {"weak": ["cam"]}
+    ref = sent["strong"].models[0]
+    assert (ref.name, ref.version, ref.sha256, ref.size) == ("digits", "1.0.0", SHA, 200_000)
+    assert ref.url == "http://models.example:8080/models/digits/1.0.0/model.tflite"
+    assert sent["strong"].generation == 1
+    reb.plan_once("again")
+    assert rec.take() == {}, "nothing changed: nothing published"
+    kinds = [r["kind"] for r in reg.db.query("SELECT kind FROM events WHERE kind = 'placement'")]
+    assert len(kinds) == 2
+
+
+def test_failed_load_degrades_and_is_excluded_next_time(fleet):
+    reg, reb, rec, _ = fleet
+    reb.plan_once("test")
+    rec.take()
+    failed = m.Reported(device="strong", generation=1, ts=time.time(),
+                        models={"digits": m.ModelState(state="failed", version="1.0.0", reason="sha256 mismatch")})
+    with reg.db.atomic():
+        changes = reg.apply_reported(failed, time.time())
+    assert [c.kind for c in changes] == ["failed"]
+    dev = reg.device("strong")
+    assert dev["degraded"] == 1 and dev["degraded_reason"] == "digits"
+    reb.plan_once("failed strong")
+    sent = rec.take()
+    assert [(r.device, r.share) for r in sent["weak"].routes["cam"]] == [("weak", 1.0)]
+    assert [r.name for r in sent["weak"].models] == ["digits"]
+    assert sent["strong"].models == [] and sent["strong"].generation == 2
+    detail = [r["detail"] for r in reg.db.query("SELECT detail FROM events WHERE kind = 'model-failed'")]
+    assert detail == ["digits 1.0.0: sha256 mismatch"]
+
+
+def test_offline_device_is_planned_around_and_not_told(fleet):
+    reg, reb, rec, _ = fleet
+    reb.plan_once("test")
+    rec.take()
+    will = m.Status(device="strong", state="offline", ts=time.time(), reason="last will")
+    with reg.db.atomic():
+        assert [c.kind for c in reg.apply_status(will, time.time())] == ["offline"]
+        assert reg.apply_status(will, time.time()) == [], "a replayed will changes nothing"
+    reb.plan_once("offline strong")
+    sent = rec.take()
+    assert set(sent) == {"weak"}
+    assert [(r.device, r.share) for r in sent["weak"].routes["cam"]] == [("weak", 1.0)]
+
+
+def test_stale_telemetry_makes_a_device_offline_for_planning(fleet):
+    reg, reb, rec, _ = fleet
+    reb.plan_once("test")
+    rec.take()
+    reg.db.execute("UPDATE devices SET status_at = ?, telemetry_at = ? WHERE id = 'strong'", [1.0, 1.0])
+    with reg.db.atomic():
+        changes = reg.mark_stale(time.time(), 15.0)
+    assert [(c.kind, c.device) for c in changes] == [("stale", "strong")]
+    reb.plan_once("stale strong")
+    assert [(r.device, r.share) for r in rec.take()["weak"].routes["cam"]] == [("weak", 1.0)]
+    assert [c.kind for c in telemetry(reg, "strong", 2.0)] == ["measured", "online"]
+
+
+def test_drift_in_measured_compute_triggers_a_replan(fleet):
+    reg, reb, rec, _ = fleet
+    reb.plan_once("test")
+    reb.notify([])
+    assert reb._drift() == ""
+    for _ in range(8):  # the window's median moves only once most samples say so
+        telemetry(reg, "strong", 40.0)
+    from lepton.coordinator.registry import Change
+
+    reb.notify([Change("measured", "strong")])
+    assert reb._drift().startswith("drift digits@strong 2->40")
+
+
+def test_live_decision_replays_offline(fleet, tmp_path):
+    """`lepton coordinator snapshot` writes what was planned on; `plan` on it gives the same placement."""
+    reg, reb, rec, db_path = fleet
+    reg.set_meta("planner", reb.params)
+    reb.plan_once("test")
+    live = json.loads(list(reg.db.query("SELECT plan FROM plans ORDER BY id DESC LIMIT 1"))[0]["plan"])
+    out = tmp_path / "snap.json"
+    subprocess.run([sys.executable, "-m", "lepton.cli", "coordinator", "snapshot", "--db", str(db_path),
+                    "--out", str(out)], check=True, capture_output=True)
+    from lepton.coordinator.planner import plan
+    from lepton.coordinator.snapshot import load_snapshot
+
+    replay = plan(load_snapshot(out))
+    assert {d: sorted(ms) for d, ms in replay.placement.items() if ms} == \
+        {d: sorted(ms) for d, ms in live["placement"].items() if ms}
+    exact = subprocess.run([sys.executable, "-m", "lepton.cli", "coordinator", "snapshot", "--db", str(db_path),
+                            "--plan", "last"], check=True, capture_output=True, text=True).stdout
+    recorded = json.loads(list(reg.db.query("SELECT snapshot FROM plans ORDER BY id DESC LIMIT 1"))[0]["snapshot"])
+    assert json.loads(exact) == recorded
