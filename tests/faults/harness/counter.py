@@ -50,6 +50,7 @@ class ResultCounter:
         self._acks: list[tuple[float, str, int]] = []  # (monotonic, device, seq)
         self.telemetry: dict[str, Any] = {}  # device -> newest Telemetry message
         self.reported: dict[str, Any] = {}  # device -> newest Reported message
+        self._coordinator: list[tuple[float, str]] = []  # (monotonic, "online"/"offline")
         self.client_id = client_id or f"lxf-counter-{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
         self._arrivals: list[Arrival] = []
@@ -99,6 +100,7 @@ class ResultCounter:
         self.connects += 1
         # Subscribe every time: a broker without persistence forgot the session.
         subs = self.topics.coordinator_subscriptions() + [(self.topics.acks(d), 1) for d in self.devices]
+        subs.append((self.topics.coordinator_status(), 1))
         client.subscribe(subs)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
@@ -120,6 +122,8 @@ class ResultCounter:
             elif parsed.kind == "status":
                 self._statuses.append(StatusEvent(now, message.device, message.state, message.reason,
                                                   bool(msg.retain)))
+            elif parsed.kind == "coordinator":
+                self._coordinator.append((now, message.state))
             elif parsed.kind == "acks":
                 self._acks.append((now, message.device, message.seq))
             elif parsed.kind == "telemetry":
@@ -214,3 +218,17 @@ class ResultCounter:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"acks (have, want) still behind after {timeout}s: {behind}")
             time.sleep(0.02)
+
+    def coordinator_state(self) -> str:
+        """The coordinator's newest retained status ("online", "offline", or "" if none seen)."""
+        with self._lock:
+            return self._coordinator[-1][1] if self._coordinator else ""
+
+    def seen_coordinator(self, state: str, after: float = 0.0) -> bool:
+        """Whether a coordinator status *state* arrived at or after monotonic time *after*."""
+        with self._lock:
+            return any(s == state and t >= after for t, s in self._coordinator)
+
+    def seen_status(self, device: str, state: str, after: float = 0.0) -> bool:
+        """Whether *device* published status *state* at or after monotonic time *after*."""
+        return any(s.state == state and s.t >= after for s in self.statuses(device))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -116,10 +117,27 @@ class Fleet:
         return configs.coordinator_config(self.broker_address, self.prefix, self.root / "coordinator",
                                           keepalive=self.keepalive, http=http, overrides=overrides)
 
-    def start_coordinator(self, overrides: dict | None = None, extra_args: list[str] = ()) -> Proc:
-        """Write the coordinator config and start ``lepton coordinator --config`` as "coordinator"."""
+    def start_coordinator(self, overrides: dict | None = None, extra_args: list[str] = (), wait: float = 30.0) -> Proc:
+        """Write the coordinator config and start ``lepton coordinator --config`` as "coordinator".
+
+        With a counter running, waits up to *wait* s for its retained "online" status (0: no wait).
+        """
         path = configs.write_toml(self.root / "coordinator" / "coordinator.toml", self.coordinator_config(overrides))
-        return self.procs.add("coordinator", lepton_cmd("coordinator", "--config", str(path), *extra_args))
+        proc = self.procs.add("coordinator", lepton_cmd("coordinator", "--config", str(path), *extra_args))
+        if wait and self.counter is not None:
+            counter, since = self.counter, proc.started_at
+            self._wait_up(proc, lambda: counter.seen_coordinator("online", since), wait, "online status")
+        return proc
+
+    def _wait_up(self, proc: Proc, ready, timeout: float, what: str) -> None:
+        """Poll *ready* until true; fail at once, with the log, if *proc* exits meanwhile."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if not proc.running:
+                raise RuntimeError(f"{proc.name} exited with {proc.returncode} before its {what}:\n{proc.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{proc.name}: no {what} within {timeout}s:\n{proc.log_tail()}")
+            time.sleep(0.02)
 
     def agent_config(self, device: str, rate_hz: float = 10.0, streams: int = 1, model: str = configs.DEFAULT_MODEL,
                      pattern: str = "noise", overrides: dict | None = None, proxy: bool | None = None) -> dict:
@@ -135,19 +153,46 @@ class Fleet:
 
     def start_agent(self, device: str, rate_hz: float = 10.0, streams: int = 1, model: str = configs.DEFAULT_MODEL,
                     pattern: str = "noise", overrides: dict | None = None, proxy: bool | None = None,
-                    extra_args: list[str] = ()) -> Proc:
-        """Write *device*'s config and start ``lepton agent --config`` (in its namespace if any)."""
+                    extra_args: list[str] = (), wait: float = 30.0) -> Proc:
+        """Write *device*'s config and start ``lepton agent --config`` (in its namespace if any).
+
+        With a counter running, waits up to *wait* s for the device's "online" status (0: no wait).
+        """
         data = self.agent_config(device, rate_hz, streams, model, pattern, overrides, proxy)
         path = configs.write_toml(self.agent_config_path(device), data)
         ns = self.hosts[device].ns if device in self.hosts else None
-        return self.procs.add(device, lepton_cmd("agent", "--config", str(path), *extra_args), ns=ns)
+        proc = self.procs.add(device, lepton_cmd("agent", "--config", str(path), *extra_args), ns=ns)
+        if wait and self.counter is not None:
+            counter, since = self.counter, proc.started_at
+            self._wait_up(proc, lambda: counter.seen_status(device, "online", since), wait, "online status")
+        return proc
 
-    def start_agents(self, **kwargs) -> list[Proc]:
-        """``start_agent`` for every device with the same arguments."""
-        return [self.start_agent(dev, **kwargs) for dev in self.devices]
+    def start_agents(self, wait: float = 30.0, **kwargs) -> list[Proc]:
+        """``start_agent`` for every device with the same arguments; all start before any is waited for."""
+        procs = [self.start_agent(dev, wait=0, **kwargs) for dev in self.devices]
+        if wait and self.counter is not None:
+            counter = self.counter
+            for dev, proc in zip(self.devices, procs):
+                since = proc.started_at
+                self._wait_up(proc, lambda d=dev, s=since: counter.seen_status(d, "online", s), wait, "online status")
+        return procs
 
     def outbox_path(self, device: str) -> Path:
         return self.root / device / "outbox.db"
+
+    def outbox_counters(self, device: str) -> dict[str, int]:
+        """The agent outbox's own counters (next_seq, acked, dropped, expired) and its depth, read-only."""
+        conn = sqlite3.connect(f"file:{self.outbox_path(device)}?mode=ro", uri=True, timeout=30)
+        try:
+            counters = dict(conn.execute("SELECT name, value FROM counters"))
+            counters["depth"] = conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        finally:
+            conn.close()
+        return counters
+
+    def produced(self, devices: list[str] | None = None) -> dict[str, int]:
+        """How many results each device has numbered so far (seqs 1..n), from its outbox: the ``expected`` set."""
+        return {dev: self.outbox_counters(dev)["next_seq"] - 1 for dev in devices or self.devices}
 
     # --- processes by name ---------------------------------------------------------------
     def start(self, name: str) -> None:
