@@ -224,3 +224,17 @@ def test_stale_namespaces_of_a_dead_run_are_removed(netns):
         assert orphan.wait(5) == -signal.SIGKILL
     finally:
         net.close()
+
+
+def test_mqtt_client_tells_refused_from_accepted(fleet_factory):
+    from .harness.clients import ConnectRefused
+
+    fleet = fleet_factory(devices=1, netns=False)
+    fleet.start_broker(allow_anonymous=False)
+    with pytest.raises(ConnectRefused, match="refused"):
+        fleet.mqtt_client("nobody")
+    fleet.stop("broker")
+    fleet.broker.allow_anonymous = True
+    fleet.start("broker")
+    client = fleet.mqtt_client("anyone")
+    assert client.is_connected()

@@ -26,9 +26,12 @@ import time
 import uuid
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
+import psutil
+
 from lepton.broker import MosquittoBroker, free_port
 
-from . import configs
+from . import clients, configs
 from .accounting import DbReport, DeliveryReport, Expected, check_db
 from .counter import ResultCounter
 from .netns import Host, Network
@@ -54,6 +57,7 @@ class Fleet:
         self.broker: MosquittoBroker | None = None
         self.counter: ResultCounter | None = None
         self.proxies: dict[str, DelayProxy] = {}
+        self._clients: list = []
         self.hosts: dict[str, Host] = {}
         self.net: Network | None = None
         try:
@@ -107,6 +111,15 @@ class Fleet:
         self.counter = ResultCounter(*self.broker_address, self.prefix, **kwargs).start()
         return self.counter
 
+    def mqtt_client(self, client_id: str, clean_session: bool = True, **kwargs) -> "mqtt.Client":
+        """A connected paho client in this process (fuzzing, spoofing, ACL probes), closed with the fleet.
+
+        kwargs: tls_ca, tls_cert, tls_key, username, password, keepalive, timeout (see clients.connect).
+        """
+        client = clients.connect(*self.broker_address, client_id, clean_session=clean_session, **kwargs)
+        self._clients.append(client)
+        return client
+
     # --- coordinator and agents ----------------------------------------------------------
     @property
     def coordinator_db(self) -> Path:
@@ -124,19 +137,22 @@ class Fleet:
         """
         path = configs.write_toml(self.root / "coordinator" / "coordinator.toml", self.coordinator_config(overrides))
         proc = self.procs.add("coordinator", lepton_cmd("coordinator", "--config", str(path), *extra_args))
-        if wait and self.counter is not None:
-            counter, since = self.counter, proc.started_at
-            self._wait_up(proc, lambda: counter.seen_coordinator("online", since), wait, "online status")
+        self._wait_online(proc, wait)
         return proc
 
-    def _wait_up(self, proc: Proc, ready, timeout: float, what: str) -> None:
-        """Poll *ready* until true; fail at once, with the log, if *proc* exits meanwhile."""
+    def _wait_online(self, proc: Proc, timeout: float) -> None:
+        """Wait for *proc*'s "online" status since its start (no-op without a counter or timeout);
+        fail at once, with its log, if it exits meanwhile."""
+        if not timeout or self.counter is None:
+            return
+        counter, since, name = self.counter, proc.started_at, proc.name
         deadline = time.monotonic() + timeout
-        while not ready():
+        while not (counter.seen_coordinator("online", since) if name == "coordinator"
+                   else counter.seen_status(name, "online", since)):
             if not proc.running:
-                raise RuntimeError(f"{proc.name} exited with {proc.returncode} before its {what}:\n{proc.log_tail()}")
+                raise RuntimeError(f"{name} exited with {proc.returncode} before going online:\n{proc.log_tail()}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{proc.name}: no {what} within {timeout}s:\n{proc.log_tail()}")
+                raise TimeoutError(f"{name}: no online status within {timeout}s:\n{proc.log_tail()}")
             time.sleep(0.02)
 
     def agent_config(self, device: str, rate_hz: float = 10.0, streams: int = 1, model: str = configs.DEFAULT_MODEL,
@@ -162,19 +178,14 @@ class Fleet:
         path = configs.write_toml(self.agent_config_path(device), data)
         ns = self.hosts[device].ns if device in self.hosts else None
         proc = self.procs.add(device, lepton_cmd("agent", "--config", str(path), *extra_args), ns=ns)
-        if wait and self.counter is not None:
-            counter, since = self.counter, proc.started_at
-            self._wait_up(proc, lambda: counter.seen_status(device, "online", since), wait, "online status")
+        self._wait_online(proc, wait)
         return proc
 
     def start_agents(self, wait: float = 30.0, **kwargs) -> list[Proc]:
         """``start_agent`` for every device with the same arguments; all start before any is waited for."""
         procs = [self.start_agent(dev, wait=0, **kwargs) for dev in self.devices]
-        if wait and self.counter is not None:
-            counter = self.counter
-            for dev, proc in zip(self.devices, procs):
-                since = proc.started_at
-                self._wait_up(proc, lambda d=dev, s=since: counter.seen_status(d, "online", s), wait, "online status")
+        for proc in procs:
+            self._wait_online(proc, wait)
         return procs
 
     def outbox_path(self, device: str) -> Path:
@@ -190,17 +201,29 @@ class Fleet:
             conn.close()
         return counters
 
+    def outbox_integrity(self, device: str) -> str:
+        """``PRAGMA integrity_check`` of *device*'s outbox ("ok" when intact)."""
+        conn = sqlite3.connect(f"file:{self.outbox_path(device)}?mode=ro", uri=True, timeout=30)
+        try:
+            return "; ".join(r[0] for r in conn.execute("PRAGMA integrity_check"))
+        finally:
+            conn.close()
+
     def produced(self, devices: list[str] | None = None) -> dict[str, int]:
         """How many results each device has numbered so far (seqs 1..n), from its outbox: the ``expected`` set."""
         return {dev: self.outbox_counters(dev)["next_seq"] - 1 for dev in devices or self.devices}
 
     # --- processes by name ---------------------------------------------------------------
-    def start(self, name: str) -> None:
-        """Start *name* again after a stop or kill (same config, same data)."""
+    def start(self, name: str, wait: float = 0.0) -> None:
+        """Start *name* again after a stop or kill (same config, same data).
+
+        *wait* > 0 (needs the counter): wait that long for its "online" status
+        (the broker: until it listens, always).
+        """
         if name == "broker":
             self._broker().start()
-        else:
-            self.procs[name].start()
+            return
+        self._wait_online(self.procs[name].start(), wait)
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         """Stop *name* with *sig* (SIGTERM: clean) and wait for it to exit."""
@@ -235,6 +258,13 @@ class Fleet:
         if name == "broker":
             return self._broker().proc.pid if self._broker().proc else None
         return self.procs[name].pid
+
+    def rss_mb(self, name: str) -> float:
+        """Resident memory of *name* now (MB), for "RSS flat" checks."""
+        pid = self.pid(name)
+        if pid is None:
+            raise RuntimeError(f"{name} is not running")
+        return psutil.Process(pid).memory_info().rss / 2**20
 
     def _signal(self, name: str, sig: int) -> None:
         if name == "broker":
@@ -325,6 +355,7 @@ class Fleet:
         """Stop everything: counter, children, broker, proxies, namespaces. Safe to call twice."""
         steps = [
             lambda: self.counter and self.counter.stop(),
+            lambda: [(c.disconnect(), c.loop_stop()) for c in self._clients],
             self.procs.close,
             lambda: self.broker and self.broker.kill(),
             lambda: [p.close() for p in self.proxies.values()],
