@@ -1,0 +1,250 @@
+"""The result outbox: a SQLite file that holds every result until the coordinator has it.
+
+A result is committed here (WAL, ``synchronous=FULL``) before it is
+published, and deleted only when the coordinator's ``acks`` message says it
+committed that sequence number; the broker's PUBACK never deletes anything.
+Sequence numbers are per device, start at 1 and never repeat: the counter is
+stored in the same transaction as the rows it numbers, so a SIGKILL at any
+point leaves either both or neither.
+
+The outbox is bounded (rows and payload bytes). When full it drops the
+oldest result; results whose deadline passed are expired. Both are counted
+(persistently) and reported in telemetry. ``floor`` is the lowest seq still
+held: every seq below it was acknowledged or counted as dropped/expired, which
+lets the coordinator acknowledge past the gap.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lepton.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq      INTEGER PRIMARY KEY,
+    stream   TEXT NOT NULL,
+    topic    TEXT NOT NULL,
+    payload  BLOB NOT NULL,
+    created  REAL NOT NULL,
+    deadline REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_deadline ON outbox (deadline) WHERE deadline IS NOT NULL;
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+COUNTERS = ("next_seq", "acked", "dropped", "expired")
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A result waiting for its seq: the payload is built once seq and floor are known."""
+
+    stream: str
+    topic: str
+    build: Callable[[int, int], bytes]  # (seq, floor) -> payload bytes
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class Row:
+    """One stored result."""
+
+    seq: int
+    stream: str
+    topic: str
+    payload: bytes
+    created: float
+    deadline: float | None
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and self.deadline < now
+
+
+class Outbox:
+    """The outbox file. Thread-safe (one connection behind a lock); all writes are transactions."""
+
+    def __init__(self, path: str | Path, max_rows: int = 100000, max_bytes: int = 64 * 1024 * 1024):
+        self.path = Path(path)
+        self.max_rows, self.max_bytes = max_rows, max_bytes
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(SCHEMA)
+            for name in COUNTERS:
+                self._db.execute("INSERT OR IGNORE INTO counters (name, value) VALUES (?, ?)",
+                                 (name, 1 if name == "next_seq" else 0))
+            self._load()
+        except (sqlite3.Error, OSError) as exc:
+            raise ConfigError(f"outbox {self.path}: cannot be opened: {exc}") from None
+
+    def _load(self) -> None:
+        counters = dict(self._db.execute("SELECT name, value FROM counters"))
+        self.next_seq = counters["next_seq"]
+        self.acked = counters["acked"]
+        self.dropped = counters["dropped"]
+        self.expired = counters["expired"]
+        self.depth, self.bytes = self._db.execute(
+            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
+        low = self._db.execute("SELECT min(seq) FROM outbox").fetchone()[0]
+        self._floor = low if low is not None else self.next_seq
+
+    # --- reading ---------------------------------------------------------------
+    @property
+    def floor(self) -> int:
+        """The lowest seq still held (``next_seq`` when empty): everything below is acked or counted lost."""
+        return self._floor
+
+    def pending(self, after_seq: int = 0, limit: int = 100) -> list[Row]:
+        """Held results with ``seq > after_seq``, in seq order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, stream, topic, payload, created, deadline FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit)).fetchall()
+        return [Row(r[0], r[1], r[2], bytes(r[3]), r[4], r[5]) for r in rows]
+
+    def stats(self) -> dict[str, int]:
+        """Depth, bytes, counters: what telemetry reports."""
+        return {"depth": self.depth, "bytes": self.bytes, "dropped": self.dropped, "expired": self.expired,
+                "acked": self.acked, "next_seq": self.next_seq, "floor": self._floor}
+
+    # --- writing ---------------------------------------------------------------
+    def enqueue(self, items: Sequence[Pending], now: float | None = None) -> list[Row]:
+        """Number, build and commit *items* in one transaction; return the rows still held afterwards.
+
+        Returns only after the commit, so a caller may publish what it gets back.
+        """
+        if not items:
+            return []
+        now = time.time() if now is None else now
+        with self._lock:
+            seq = self.next_seq
+            floor = self._floor if self.depth else seq
+            rows = []
+            for item in items:
+                rows.append(Row(seq, item.stream, item.topic, item.build(seq, floor), now, item.deadline))
+                seq += 1
+            size = sum(len(r.payload) for r in rows)
+            self._tx(self._insert, rows, seq)
+            self.next_seq = seq
+            self.depth += len(rows)
+            self.bytes += size
+            if not self.depth - len(rows):
+                self._floor = rows[0].seq
+            dropped = self._enforce_bounds()
+        if dropped:
+            log.warning("outbox full (%d rows / %d bytes max): dropped the %d oldest result(s), %d in all",
+                        self.max_rows, self.max_bytes, dropped, self.dropped)
+        return [r for r in rows if r.seq >= self._floor]
+
+    def _insert(self, rows: list[Row], next_seq: int) -> None:
+        self._db.executemany(
+            "INSERT INTO outbox (seq, stream, topic, payload, created, deadline) VALUES (?, ?, ?, ?, ?, ?)",
+            [(r.seq, r.stream, r.topic, r.payload, r.created, r.deadline) for r in rows])
+        self._db.execute("UPDATE counters SET value = ? WHERE name = 'next_seq'", (next_seq,))
+
+    def ack(self, seq: int) -> int:
+        """The coordinator committed everything up to *seq*: delete it. Returns how many rows went."""
+        with self._lock:
+            if seq <= self.acked:
+                return 0
+            n, freed = self._db.execute(
+                "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox WHERE seq <= ?", (seq,)).fetchone()
+            updates = [("UPDATE counters SET value = ? WHERE name = 'acked'", (seq,))]
+            if seq >= self.next_seq:
+                # An ack above anything ever numbered here means this outbox was
+                # replaced: numbering again from 1 would make the coordinator
+                # drop new results as duplicates. Number on past the ack.
+                log.warning("ack %d is above the outbox's next seq %d (outbox replaced?): numbering from %d",
+                            seq, self.next_seq, seq + 1)
+                updates.append(("UPDATE counters SET value = ? WHERE name = 'next_seq'", (seq + 1,)))
+            self._tx(self._delete_upto, seq, updates)
+            self.acked = seq
+            self.next_seq = max(self.next_seq, seq + 1)
+            self._removed(n, freed)
+            return n
+
+    def _enforce_bounds(self) -> int:
+        """Drop the oldest rows until both bounds hold (caller holds the lock)."""
+        if self.depth <= self.max_rows and self.bytes <= self.max_bytes:
+            return 0
+        excess_rows = max(0, self.depth - self.max_rows)
+        excess_bytes = max(0, self.bytes - self.max_bytes)
+        cut, n, freed = 0, 0, 0
+        for seq, length in self._db.execute("SELECT seq, length(payload) FROM outbox ORDER BY seq"):
+            if n >= excess_rows and freed >= excess_bytes:
+                break
+            cut, n, freed = seq, n + 1, freed + length
+        self._tx(self._delete_upto, cut, [("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (n,))])
+        self.dropped += n
+        self._removed(n, freed)
+        return n
+
+    def expire(self, now: float | None = None) -> int:
+        """Delete results whose deadline passed; count them. Returns how many."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, length(payload) FROM outbox WHERE deadline IS NOT NULL AND deadline < ?", (now,)).fetchall()
+            if not rows:
+                return 0
+
+            def delete() -> None:
+                self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(r[0],) for r in rows])
+                self._db.execute("UPDATE counters SET value = value + ? WHERE name = 'expired'", (len(rows),))
+
+            self._tx(delete)
+            self.expired += len(rows)
+            self._removed(len(rows), sum(r[1] for r in rows))
+        return len(rows)
+
+    def _delete_upto(self, seq: int, updates: list[tuple[str, tuple]]) -> None:
+        self._db.execute("DELETE FROM outbox WHERE seq <= ?", (seq,))
+        for sql, params in updates:
+            self._db.execute(sql, params)
+
+    def _removed(self, n: int, freed: int) -> None:
+        """Account for deleted rows in memory (caller holds the lock, after the commit)."""
+        self.depth -= n
+        self.bytes -= freed
+        low = self._db.execute("SELECT min(seq) FROM outbox").fetchone()[0] if self.depth else None
+        self._floor = low if low is not None else self.next_seq
+
+    def _tx(self, fn: Callable, *args) -> None:
+        """Run *fn* in one IMMEDIATE transaction: all of it is committed, or none."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            fn(*args)
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
+
+    def integrity_check(self) -> str:
+        """SQLite's own verdict on the file ('ok' when sound)."""
+        with self._lock:
+            return self._db.execute("PRAGMA integrity_check").fetchone()[0]
+
+    def close(self) -> None:
+        """Close the file (a checkpoint folds the WAL back in)."""
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            self._db.close()
