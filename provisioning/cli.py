@@ -139,6 +139,7 @@ def _bulk(args) -> int:
 
     rows = read_inventory(args.inventory)
     fleet = Fleet(args.fleet)
+    fleet.check_rows(rows)  # before the progress bar: a bad row is one clean error line
     if args.json:
         return _report(args, fleet.add_devices(rows, rotate=args.rotate))
     from rich.progress import Progress
@@ -148,8 +149,11 @@ def _bulk(args) -> int:
         outcomes = fleet.add_devices(rows, rotate=args.rotate, progress=lambda _o: bar.advance(task))
     counts: dict[str, int] = {}
     for o in outcomes:
-        counts[o.action] = counts.get(o.action, 0) + 1
-    print(", ".join(f"{n} {action}" for action, n in sorted(counts.items())))
+        if o.name != "broker":
+            counts[o.action] = counts.get(o.action, 0) + 1
+    print(f"{len(rows)} devices: " + ", ".join(f"{n} {action}" for action, n in sorted(counts.items())))
+    if any(o.name == "broker" for o in outcomes):
+        print(f"broker files updated in {fleet.layout.broker_dir}; copy them to the broker host and reload it")
     return 0
 
 

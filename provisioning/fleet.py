@@ -119,12 +119,7 @@ class Fleet:
         self, rows: list[tuple[str, list[str]]], rotate: bool = False, progress: Callable[[Outcome], None] | None = None
     ) -> list[Outcome]:
         """Provision many devices; every row is checked before anything is written."""
-        seen: set[str] = set()
-        for device_id, _tags in rows:
-            self._check_device_name(device_name(device_id))
-            if device_id in seen:
-                raise ConfigError(f"device id {device_id!r} appears twice in the inventory")
-            seen.add(device_id)
+        self.check_rows(rows)
         outcomes = []
         with self.layout.locked():
             for device_id, tags in rows:
@@ -135,6 +130,16 @@ class Fleet:
         if broker:
             outcomes.append(Outcome("broker", "updated", broker))
         return outcomes
+
+    def check_rows(self, rows: list[tuple[str, list[str]]]) -> None:
+        """ConfigError for the first bad row: invalid or duplicate id, a name taken by another role."""
+        seen: set[str] = set()
+        for device_id, tags in rows:
+            self._check_device_name(device_name(device_id))
+            _clean_tags(tags)
+            if device_id in seen:
+                raise ConfigError(f"device id {device_id!r} appears twice in the inventory")
+            seen.add(device_id)
 
     def add_observer(self, name: str) -> Outcome:
         """A read-only identity (dashboards, `mosquitto_sub` checks): reads the whole prefix."""

@@ -109,7 +109,13 @@ if [ "$ROLE" = agent ] && [ "$JETSON" = yes ]; then
 fi
 
 echo "==> check config"
-"$VENV/bin/lepton" "$ROLE" --check-config "$ETC/$ROLE.toml"
+# The service reads its credentials from /run/credentials/$UNIT, which exists
+# only while it runs: check a copy that points at the installed files instead
+# (and at $ETC when staging under --prefix).
+CHECK=$(mktemp "${TMPDIR:-/tmp}/lepton-check.XXXXXX")
+trap 'rm -f "$CHECK"' EXIT
+sed -e "s#/run/credentials/$UNIT#$ETC/credentials#g" -e "s#\"/etc/lepton/#\"$ETC/#g" "$ETC/$ROLE.toml" > "$CHECK"
+"$VENV/bin/lepton" "$ROLE" --check-config "$CHECK"
 
 if [ "$SYSTEMCTL" = auto ]; then
     SYSTEMCTL=no

@@ -1,0 +1,313 @@
+"""Provisioning on disk: identities, key modes, idempotent bulk runs, bundles, configs, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import stat
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from lepton.cli import main
+from lepton.errors import ConfigError
+from lepton.provisioning import pki
+from lepton.provisioning.bundle import list_members
+from lepton.provisioning.fleet import Fleet
+from lepton.provisioning.settings import new_settings
+
+
+def make_fleet(root: Path, **opts) -> Fleet:
+    fleet, _ = Fleet.create(root, new_settings(root, ["broker.example.net", "10.0.0.5"], **opts))
+    return fleet
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, str, int]]:
+    """path -> (mtime_ns, sha256, mode) of every file under *root*."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != ".lock":
+            st = p.stat()
+            out[str(p.relative_to(root))] = (st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest(), stat.S_IMODE(st.st_mode))
+    return out
+
+
+def is_private_key(data: bytes) -> bool:
+    return b"PRIVATE KEY" in data
+
+
+def bundle_files(path: Path) -> dict[str, tuple[bytes, int]]:
+    with tarfile.open(path, "r:gz") as tar:
+        return {m.name.split("/", 1)[1]: (tar.extractfile(m).read(), m.mode) for m in tar.getmembers() if m.isfile()}
+
+
+def write_inventory(path: Path, n: int) -> list[str]:
+    ids = [f"cam-{i:03d}" for i in range(n)]
+    lines = ["id,tags,location", "# a comment row", ""] + [f"{d},camera;pi4,hall {i}" for i, d in enumerate(ids)]
+    path.write_text("\n".join(lines) + "\n")
+    return ids
+
+
+# --- init ---------------------------------------------------------------------------------
+
+
+def test_init_creates_ca_broker_coordinator_and_signing_key(tmp_path):
+    fleet = make_fleet(tmp_path / "f")
+    lay = fleet.layout
+    ca = pki.load_cert(lay.ca_cert)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    server = pki.load_cert(lay.broker_dir / "server.crt")
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["broker.example.net"]
+    assert [str(a) for a in san.get_values_for_type(x509.IPAddress)] == ["10.0.0.5"]
+    assert pki.common_name(pki.load_cert(lay.cert("lepton-coordinator"))) == "lepton-coordinator"
+    pub = serialization.load_pem_public_key(lay.signing_pub.read_bytes())
+    assert type(pub).__name__.startswith("Ed25519")
+    for key in (lay.ca_key, lay.broker_dir / "server.key", lay.key("lepton-coordinator"), lay.signing_key,
+                lay.bundle("lepton-coordinator")):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+    assert stat.S_IMODE(lay.ca_dir.stat().st_mode) == 0o700
+
+
+def test_init_again_changes_nothing_and_refuses_other_settings(tmp_path):
+    root = tmp_path / "f"
+    make_fleet(root)
+    before = snapshot(root)
+    _, outcome = Fleet.create(root, new_settings(root, ["broker.example.net", "10.0.0.5"]))
+    assert outcome.action == "unchanged" and snapshot(root) == before
+    with pytest.raises(ConfigError, match="already a fleet with other settings"):
+        Fleet.create(root, new_settings(root, ["other.example.net"]))
+    assert snapshot(root) == before
+
+
+def test_keys_are_born_0600(tmp_path, monkeypatch):
+    """Even with umask 0, every file holding a private key is created by os.open with mode
+    0600 (never created wider and tightened later) and nothing ever widens it."""
+    created: dict[str, int] = {}
+    chmods: dict[str, int] = {}
+    real_open, real_chmod = os.open, os.chmod
+
+    def spy_open(path, flags, mode=0o777, *a, **k):
+        if flags & os.O_CREAT:
+            created[os.fspath(path)] = mode
+        return real_open(path, flags, mode, *a, **k)
+
+    def spy_chmod(path, mode, *a, **k):
+        chmods[os.fspath(path)] = mode
+        return real_chmod(path, mode, *a, **k)
+
+    monkeypatch.setattr(os, "open", spy_open)
+    monkeypatch.setattr(os, "chmod", spy_chmod)
+    old = os.umask(0)
+    try:
+        fleet = make_fleet(tmp_path / "f")
+        fleet.add_device("cam-1")
+    finally:
+        os.umask(old)
+    secrets = [p for p in (tmp_path / "f").rglob("*") if p.is_file() and is_private_key(p.read_bytes())]
+    secrets += list((tmp_path / "f" / "bundles").iterdir())
+    assert len(secrets) == 7  # CA, server, coordinator, signing, cam-1 keys; two bundles
+    for p in secrets:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+        # Written atomically: the file that was created under a temporary name was born 0600.
+        births = [mode for name, mode in created.items() if Path(name).parent == p.parent and p.name in Path(name).name]
+        assert births and all(mode == 0o600 for mode in births), (p, births)
+        assert chmods.get(str(p), 0o600) == 0o600, f"{p} was chmod-ed to {oct(chmods[str(p)])}"
+
+
+# --- bulk -------------------------------------------------------------------------------------
+
+
+def test_bulk_200_devices_is_idempotent_with_one_private_key_per_bundle(tmp_path, capsys):
+    root = tmp_path / "f"
+    make_fleet(root)
+    inv = tmp_path / "inventory.csv"
+    ids = write_inventory(inv, 200)
+    t0 = time.monotonic()
+    assert main(["provision", "bulk", str(inv), "--fleet", str(root), "--json"]) == 0
+    first_s = time.monotonic() - t0
+    outcomes = json.loads(capsys.readouterr().out)
+    assert [o["action"] for o in outcomes if o["name"] in ids] == ["created"] * 200
+    before = snapshot(root)
+    t0 = time.monotonic()
+    assert main(["provision", "bulk", str(inv), "--fleet", str(root), "--json"]) == 0
+    rerun_s = time.monotonic() - t0
+    assert {o["action"] for o in json.loads(capsys.readouterr().out)} == {"unchanged"}
+    assert snapshot(root) == before, "a re-run changed files"
+    print(f"200 devices: first run {first_s:.2f} s, re-run {rerun_s:.2f} s")
+
+    fleet = Fleet(root)
+    serials = set()
+    for device in ids:
+        key_file = fleet.layout.key(device)
+        assert before[str(key_file.relative_to(root))][2] == 0o600
+        files = bundle_files(fleet.layout.bundle(device))
+        private = [name for name, (data, _mode) in files.items() if is_private_key(data)]
+        assert private == ["credentials/device.key"], device
+        data, mode = files["credentials/device.key"]
+        assert data == key_file.read_bytes() and mode == 0o600
+        cert = x509.load_pem_x509_certificate(files["credentials/device.crt"][0])
+        assert pki.common_name(cert) == device
+        assert cert.public_key() == serialization.load_pem_private_key(data, None).public_key()
+        serials.add(cert.serial_number)
+    assert len(serials) == 200
+    conf = (fleet.layout.broker_dir / "mosquitto.conf").read_text()
+    assert "max_queued_messages 40000" in conf  # 200 per device
+
+
+def test_bulk_refuses_a_bad_inventory_before_writing_anything(tmp_path):
+    root = tmp_path / "f"
+    make_fleet(root)
+    before = snapshot(root)
+    inv = tmp_path / "inv.csv"
+    inv.write_text("id,tags\ncam-1,a\ncam-2,b\ncam+3,c\n")
+    with pytest.raises(ConfigError, match=r"line 4: invalid device id 'cam\+3'"):
+        main_raise(["provision", "bulk", str(inv), "--fleet", str(root)])
+    inv.write_text("id\ncam-1\ncam-1\n")
+    with pytest.raises(ConfigError, match="appears twice"):
+        main_raise(["provision", "bulk", str(inv), "--fleet", str(root)])
+    inv.write_text("name,tags\ncam-1,a\n")
+    with pytest.raises(ConfigError, match="no 'id' column"):
+        main_raise(["provision", "bulk", str(inv), "--fleet", str(root)])
+    assert snapshot(root) == before
+
+
+def main_raise(argv):
+    """Run the CLI handler directly so the LeptonError surfaces."""
+    from lepton.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def test_cli_error_is_one_line_with_exit_code_2(tmp_path, capsys):
+    root = tmp_path / "f"
+    make_fleet(root)
+    assert main(["provision", "device", "a#b", "--fleet", str(root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "invalid device id 'a#b'" in err
+    assert main(["provision", "device", "cam-1", "--fleet", str(tmp_path / "nowhere")]) == 2
+    assert "not a fleet directory" in capsys.readouterr().err
+
+
+# --- rotate, revoke, names --------------------------------------------------------------------
+
+
+def test_rotate_renews_the_key_and_revoke_covers_every_certificate(tmp_path):
+    fleet = make_fleet(tmp_path / "f")
+    fleet.add_device("cam-1")
+    old_key = fleet.layout.key("cam-1").read_bytes()
+    old_bundle = fleet.layout.bundle("cam-1").read_bytes()
+    assert fleet.add_device("cam-1", rotate=True).action == "rotated"
+    assert fleet.layout.key("cam-1").read_bytes() != old_key
+    assert fleet.layout.bundle("cam-1").read_bytes() != old_bundle
+    record = fleet.layout.read_record("cam-1")
+    assert len(record.serials) == 2
+    fleet.revoke("cam-1")
+    crl = x509.load_pem_x509_crl(fleet.layout.crl.read_bytes())
+    assert {format(r.serial_number, "x") for r in crl} == set(record.serials)
+    assert crl.is_signature_valid(fleet.ca.cert.public_key())
+    assert (fleet.layout.broker_dir / "crl.pem").read_bytes() == fleet.layout.crl.read_bytes()
+    acl = (fleet.layout.broker_dir / "acl").read_text()
+    assert "user cam-1\ntopic deny #" in acl
+    before = snapshot(fleet.root)
+    assert fleet.revoke("cam-1").action == "unchanged" and snapshot(fleet.root) == before
+    with pytest.raises(ConfigError, match="is revoked"):
+        fleet.add_device("cam-1")
+    assert fleet.add_device("cam-1", rotate=True).action == "rotated"
+    assert "user cam-1\ntopic deny #" not in (fleet.layout.broker_dir / "acl").read_text()
+
+
+def test_names_are_unique_across_roles_and_the_coordinator_cannot_be_revoked(tmp_path):
+    fleet = make_fleet(tmp_path / "f")
+    fleet.add_observer("ops")
+    for taken in ("lepton-coordinator", "ops"):
+        with pytest.raises(ConfigError, match="not a device"):
+            fleet.add_device(taken)
+    with pytest.raises(ConfigError, match="coordinator"):
+        fleet.revoke("lepton-coordinator")
+    with pytest.raises(ConfigError, match="no identity"):
+        fleet.revoke("cam-9")
+
+
+def test_list_shows_roles_tags_expiry_and_revocation(tmp_path, capsys):
+    fleet = make_fleet(tmp_path / "f")
+    fleet.add_device("cam-1", tags=["door", "pi5"])
+    fleet.add_device("cam-2")
+    fleet.revoke("cam-2")
+    assert main(["provision", "list", "--fleet", str(fleet.root), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["cam-1"]["tags"] == ["door", "pi5"] and rows["cam-1"]["not_after"] and rows["cam-1"]["bundle"]
+    assert rows["cam-2"]["revoked"] and not rows["cam-2"]["bundle"]
+    assert rows["lepton-coordinator"]["role"] == "coordinator"
+
+
+# --- generated configs ---------------------------------------------------------------------------
+
+
+def test_generated_configs_pass_the_agent_and_coordinator_validators(tmp_path):
+    agent_config = pytest.importorskip("lepton.agent.config")
+    coordinator_config = pytest.importorskip("lepton.coordinator.config")
+    fleet = make_fleet(tmp_path / "f")
+    (fleet.root / "templates" / "agent.toml").write_text(
+        '[runtime]\nthreads = 2\n\n[[sources]]\nid = "synth"\ntype = "synthetic"\npattern = "digits"\n'
+        '\n[[streams]]\nid = "digits"\nsource = "synth"\nmodel = "digits-int8"\n'
+    )
+    (fleet.root / "templates" / "tag-vib.toml").write_text(
+        '[[sources]]\nid = "vib0"\ntype = "sensor"\nmode = "synthetic"\n'
+        '\n[[streams]]\nid = "vibration"\nsource = "vib0"\nmodel = "vibration-int8"\n'
+        '\n[broker]\nhost = "evil.example.net"\n'
+    )
+    fleet.add_device("pump-1", tags=["vib"])
+    path = fleet.layout.identity_dir("pump-1") / "agent.toml"
+    cfg = agent_config.load_config(path)
+    assert cfg.device_id == "pump-1" and cfg.runtime.threads == 2
+    assert [s["id"] for s in cfg.sources] == ["synth", "vib0"]
+    assert [s.id for s in cfg.streams] == ["digits", "vibration"]
+    assert cfg.broker.host == "broker.example.net" and cfg.broker.port == 8883  # a template cannot move the broker
+    assert cfg.broker.tls_key == "/run/credentials/lepton-agent.service/device.key"
+    assert "/etc/lepton/models.pub" in cfg.models.trusted_keys
+    ccfg = coordinator_config.load_config(fleet.layout.identity_dir("lepton-coordinator") / "coordinator.toml")
+    assert ccfg.broker.client_id == "lepton-coordinator" and ccfg.broker.tls_cert.endswith("coordinator.crt")
+    assert ccfg.http.base_url == "http://broker.example.net:8080"
+
+
+def test_agent_check_config_accepts_the_bundle_as_installed(tmp_path, capsys):
+    """`lepton agent --check-config` loads the credentials too: check the bundle's config with the
+    paths pointed where install.sh puts the files (the service itself finds them in /run/credentials)."""
+    pytest.importorskip("lepton.agent.cli")
+    pytest.importorskip("lepton.models.registry")
+    fleet = make_fleet(tmp_path / "f")
+    fleet.add_device("cam-1")
+    with tarfile.open(fleet.layout.bundle("cam-1"), "r:gz") as tar:
+        tar.extractall(tmp_path / "b", filter="data")
+    bundle = tmp_path / "b" / "lepton-cam-1"
+    text = (bundle / "agent.toml").read_text()
+    assert "/run/credentials/lepton-agent.service/device.key" in text
+    text = text.replace("/run/credentials/lepton-agent.service", str(bundle / "credentials"))
+    (bundle / "check.toml").write_text(text.replace('"/etc/lepton/', f'"{bundle}/'))
+    assert main(["agent", "--check-config", str(bundle / "check.toml")]) == 0, capsys.readouterr().err
+
+
+def test_bundle_is_reproducible_and_complete(tmp_path):
+    fleet = make_fleet(tmp_path / "f")
+    fleet.add_device("cam-1")
+    data = fleet.layout.bundle("cam-1").read_bytes()
+    members = list_members(data)
+    names = {n.split("/", 1)[1] for n in members}
+    assert {"agent.toml", "models.pub", "install.sh", "lepton-agent.service", "jetson.conf", "identity.json",
+            "credentials/ca.crt", "credentials/device.crt", "credentials/device.key"} <= names
+    assert all(n.startswith("lepton-cam-1/") for n in members)
+    assert members["lepton-cam-1/install.sh"].mode == 0o755
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        pub = tar.extractfile("lepton-cam-1/models.pub").read()
+    assert pub == fleet.layout.signing_pub.read_bytes()
+    assert not any(is_private_key(tarfile.open(fileobj=io.BytesIO(data)).extractfile(m).read())
+                   for m in tarfile.open(fileobj=io.BytesIO(data)).getmembers()
+                   if m.isfile() and not m.name.endswith("device.key"))
