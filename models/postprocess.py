@@ -68,7 +68,7 @@ class Postprocessor:
         out = self.outputs[0]
         if self.input is None:
             if out.quantized:
-                raise ModelError("postprocess.score 'reconstruction' of a quantised model needs the input tensor's info")
+                raise ModelError("postprocess.score 'reconstruction' of a quantised model needs the input tensor")
             return
         if int(np.prod(self.input.shape)) != int(np.prod(out.shape)):
             raise ModelError(

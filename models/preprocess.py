@@ -108,7 +108,8 @@ class _ImagePreprocessor:
         self.alpha, self.beta = _affine(spec)
         self.lut = self._lookup_table()
         # The common uint8 model fed [0, 1] with scale 1/255, zero point 0 is the identity.
-        self.identity = self.dtype == np.uint8 and np.array_equal(self.lut[0], np.repeat(np.arange(256)[:, None], spec.channels, 1))
+        pixels = np.repeat(np.arange(256)[:, None], spec.channels, 1)
+        self.identity = self.dtype == np.uint8 and np.array_equal(self.lut[0], pixels)
         self._geometry: dict[tuple[int, int], Letterbox] = {}
 
     def _lookup_table(self) -> np.ndarray:

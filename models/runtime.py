@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from lepton.errors import ConfigError, ModelError
+from lepton.models.flatbuffer import inspect_tflite
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +109,23 @@ def check_model_file(model_path: str | os.PathLike) -> Path:
     if len(head) < 8:
         raise ModelError(f"model file {path}: truncated ({len(head)} bytes), not a TFLite model")
     if head[4:8] != TFLITE_IDENTIFIER:
-        raise ModelError(f"model file {path}: not a TFLite model (identifier {head[4:8]!r}, expected {TFLITE_IDENTIFIER!r})")
+        raise ModelError(
+            f"model file {path}: not a TFLite model (identifier {head[4:8]!r}, expected {TFLITE_IDENTIFIER!r})"
+        )
     return path
+
+
+def read_model_bytes(path: Path) -> bytes:
+    """The file's bytes after a structural check (a corrupt file can crash some runtimes)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"model file {path}: cannot be read: {exc.strerror or exc}") from None
+    try:
+        inspect_tflite(data)
+    except ModelError as exc:
+        raise ModelError(f"model file {path}: truncated or corrupt: {exc}") from None
+    return data
 
 
 def load_delegate(library: str, options: dict[str, Any] | None = None) -> Any:
@@ -144,16 +160,19 @@ def load_interpreter(
     if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
         raise ConfigError(f"num_threads must be an integer >= 1, got {num_threads!r}")
     path = check_model_file(model_path)
+    data = read_model_bytes(path)
     runtime = get_runtime()
     delegates = [load_delegate(delegate, delegate_options)] if delegate else None
     try:
+        # From the verified bytes, not the path: what was checked is what runs.
         interpreter = runtime.interpreter_cls(
-            model_path=str(path), num_threads=num_threads, experimental_delegates=delegates
+            model_content=data, num_threads=num_threads, experimental_delegates=delegates
         )
         interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__
         cause = "truncated or corrupt" if "flatbuffer" in reason.lower() else "cannot be loaded"
         raise ModelError(f"model file {path}: {cause}: {runtime.name} says: {reason}") from None
-    log.debug("loaded %s with %s %s (threads=%d, delegate=%s)", path, runtime.name, runtime.version, num_threads, delegate)
+    log.debug("loaded %s with %s %s (threads=%d, delegate=%s)", path, runtime.name, runtime.version,
+              num_threads, delegate)
     return interpreter

@@ -58,7 +58,9 @@ class ImageSpec(_Strict):
         "meanstd: (pixel / input_range - mean) / std, per channel in `color` order",
     )
     mean: list[float] | None = Field(None, description="per-channel means on the [0, 1] scale (meanstd only)")
-    std: list[float] | None = Field(None, description="per-channel standard deviations on the [0, 1] scale (meanstd only)")
+    std: list[float] | None = Field(
+        None, description="per-channel standard deviations on the [0, 1] scale (meanstd only)"
+    )
     input_range: float = Field(255.0, gt=0, description="the largest pixel value of a frame (255 for 8-bit)")
 
     @property
@@ -92,12 +94,19 @@ class WindowSpec(_Strict):
     quantisation with the input tensor's own scale and zero point.
     """
 
-    length: int = Field(256, ge=2, description="samples per window; longer windows keep the newest samples, shorter ones are zero-padded at the start")
+    length: int = Field(
+        256,
+        ge=2,
+        description="samples per window; longer windows keep the newest samples, shorter ones are zero-padded "
+        "at the start",
+    )
     channels: int = Field(3, ge=1, description="sensor channels (e.g. 3 for a 3-axis accelerometer)")
     standardize: bool = Field(
         False, description="per window and channel: subtract the mean, divide by the standard deviation"
     )
-    mean: list[float] | None = Field(None, description="fixed per-channel means to subtract instead (training statistics)")
+    mean: list[float] | None = Field(
+        None, description="fixed per-channel means to subtract instead (training statistics)"
+    )
     std: list[float] | None = Field(None, description="fixed per-channel standard deviations to divide by (with mean)")
     fft: bool = Field(
         False, description="feed |rfft| / length per channel: (length // 2 + 1, channels) features instead of samples"
