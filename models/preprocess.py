@@ -125,6 +125,14 @@ class _ImagePreprocessor:
         return geo
 
     def _as_bgr(self, frame: np.ndarray) -> np.ndarray:
+        if frame.size == 0 or frame.dtype.kind not in "uif":
+            raise ModelError(f"frame of shape {frame.shape} and dtype {frame.dtype} is not an image")
+        if frame.ndim == 2 and frame.dtype != np.uint8:
+            # A 2-D float array is what a sensor source produces, not a camera.
+            raise ModelError(
+                f"frame of shape {frame.shape} and dtype {frame.dtype} is not an image "
+                "(a sensor window fed to an image model?)"
+            )
         if frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] == 1):
             return cv2.cvtColor(frame.reshape(frame.shape[:2]), cv2.COLOR_GRAY2BGR)
         if frame.ndim == 3 and frame.shape[2] == 4:
@@ -199,11 +207,16 @@ class _WindowPreprocessor:
 
     def _fit(self, window: np.ndarray) -> np.ndarray:
         """(length, channels) float32: newest samples kept, zeros prepended."""
-        window = np.asarray(window, dtype=np.float32)
+        try:
+            window = np.asarray(window, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise ModelError("window is not numeric") from None
         if window.ndim == 1:
             window = window[:, None]
-        if window.ndim != 2 or window.shape[1] != self.spec.channels:
-            raise ModelError(f"window of shape {window.shape} does not have {self.spec.channels} channel(s)")
+        if window.ndim != 2 or window.shape[1] != self.spec.channels or not window.size:
+            raise ModelError(
+                f"window of shape {window.shape} is not (samples, {self.spec.channels}) as preprocess.window says"
+            )
         n = self.spec.length
         if window.shape[0] >= n:
             return window[-n:]

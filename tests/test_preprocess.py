@@ -208,8 +208,18 @@ def test_window_fixed_standardisation_and_quantisation():
 def test_window_accepts_flat_tensor_and_refuses_wrong_channels():
     pre = window_pre(tensor((1, 24)), length=8, channels=3)
     assert pre(np.ones((8, 3))).shape == (1, 24)
-    with pytest.raises(ModelError, match="3 channel"):
+    with pytest.raises(ModelError, match=r"is not \(samples, 3\)"):
         pre(np.ones((8, 2)))
+    with pytest.raises(ModelError, match=r"window of shape \(48, 64, 3\)"):
+        pre(bgr())  # a camera frame routed to a sensor model
+
+
+def test_a_sensor_window_or_empty_frame_fed_to_an_image_model_is_refused():
+    pre = Preprocessor(image_spec(), tensor((1, 8, 8, 3), "uint8", 1 / 255, 0))
+    with pytest.raises(ModelError, match="sensor window fed to an image model"):
+        pre(np.ones((256, 3), np.float32))
+    with pytest.raises(ModelError, match="not an image"):
+        pre(np.zeros((0, 0, 3), np.uint8))
 
 
 def test_window_spec_for_an_image_tensor_is_refused():
@@ -278,3 +288,14 @@ def test_specs_survive_a_json_round_trip_with_defaults():
     for model in (PreprocessSpec, PostprocessSpec):
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description"
+
+
+def test_float_frames_follow_the_same_formula():
+    info = tensor((1, 16, 16, 3), "float32")
+    spec = image_spec(normalize="meanstd", mean=MEAN, std=STD)
+    frame = bgr(16, 16)
+    from_uint8 = Preprocessor(spec, info)(frame)
+    from_float = Preprocessor(spec, info)(frame.astype(np.float32))
+    np.testing.assert_allclose(from_float, from_uint8, atol=1e-5)
+    unit = Preprocessor(image_spec(normalize="unit", input_range=1.0), info)(frame.astype(np.float32) / 255)
+    np.testing.assert_allclose(unit[0], frame[:, :, ::-1] / 255, atol=1e-6)
