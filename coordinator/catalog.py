@@ -1,11 +1,12 @@
 """The models the coordinator can place: its view of the model registry.
 
 Reads the registry directory (default: the shipped zoo) through
-``lepton.models.registry.Registry``, so only models whose manifests validate
-are offered. Each model's bench profile (the inference time the planner
-assumes before any device has measured it) comes from a ``bench.json`` next to
-the manifest (``{"invoke_ms": 3.2}``), else the manifest's
-``metrics.invoke_ms``, else the planner's default.
+``lepton.models.registry.Registry``: only models whose manifests validate and
+whose size, sha256 and signature verify are offered. Each model's bench
+profile (the inference time the planner assumes before any device has
+measured it) comes from a ``bench.json`` next to the manifest
+(``{"invoke_ms": 3.2}``), else the manifest's ``metrics.invoke_ms``, else the
+planner's ``default_compute_ms``.
 """
 
 from __future__ import annotations
@@ -45,9 +46,16 @@ class Catalog:
     """Model versions by (name, version), reloaded on demand."""
 
     def __init__(self, root: str | Path = "", trusted_keys: list[str] | tuple = ()):
-        self.root = Path(root) if root else _zoo_dir()
+        self._root = Path(root) if root else None
         self.trusted_keys = [Path(k) for k in trusted_keys]
         self._models: dict[tuple[str, str], CatalogModel] = {}
+
+    @property
+    def root(self) -> Path:
+        """The registry directory (the shipped zoo unless configured)."""
+        if self._root is None:
+            self._root = _zoo_dir()
+        return self._root
 
     def reload(self) -> list[CatalogModel]:
         """Read the registry again; ConfigError if its directory is missing."""
@@ -59,11 +67,14 @@ class Catalog:
             raise ConfigError("the model registry (lepton.models.registry) is not installed") from None
 
         try:
-            entries = Registry(self.root, trusted_keys=self.trusted_keys or None).list()
+            checked = Registry(self.root, trusted_keys=self.trusted_keys or None).verify_all()
         except LeptonError as exc:
             raise ConfigError(f"model registry {self.root}: {exc}") from None
         found = {}
-        for entry in entries:
+        for entry, problem in checked:
+            if problem:  # devices would refuse it anyway: never offer it
+                log.warning("not offering %s %s: %s", entry.manifest.name, entry.manifest.version, problem)
+                continue
             man = entry.manifest
             found[(man.name, man.version)] = CatalogModel(
                 name=man.name, version=man.version, sha256=man.sha256, size=man.size, path=Path(entry.path),
@@ -93,7 +104,10 @@ class Catalog:
 
 
 def _zoo_dir() -> Path:
-    from lepton.models.registry import zoo_dir
+    try:
+        from lepton.models.registry import zoo_dir
+    except ModuleNotFoundError:
+        raise ConfigError("the model registry (lepton.models.registry) is not installed") from None
 
     return Path(zoo_dir())
 
@@ -106,7 +120,7 @@ def _bench_ms(manifest_path: Path, metrics: dict) -> float | None:
         log.warning("ignoring unreadable bench profile %s: %s", bench, exc)
         data = {}
     for source in (data, metrics if isinstance(metrics, dict) else {}):
-        value = source.get("invoke_ms") or source.get("median_ms")
+        value = source.get("invoke_ms") or source.get("invoke_ms_median") or source.get("median_ms")
         if isinstance(value, (int, float)) and value > 0:
             return float(value)
     return None

@@ -9,6 +9,8 @@ WAL lets all of them read while one writes.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlite_utils import Database, Migrations
@@ -151,6 +153,26 @@ def open_db(path: str | Path, synchronous: str = "FULL", create: bool = True) ->
     except sqlite3.DatabaseError as exc:
         raise ConfigError(f"cannot open coordinator database {path}: {exc}") from None
     return db
+
+
+@contextmanager
+def write_tx(db: Database) -> Iterator[Database]:
+    """A write transaction that takes the write lock up front (BEGIN IMMEDIATE).
+
+    A deferred BEGIN that reads first and writes later fails at once with
+    "database is locked" if another connection committed in between (the
+    busy timeout cannot help a stale read snapshot); IMMEDIATE waits instead.
+    Nested ``db.atomic()`` blocks inside become savepoints.
+    """
+    db.conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        if db.conn.in_transaction:
+            db.conn.execute("ROLLBACK")
+        raise
+    else:
+        db.conn.execute("COMMIT")
 
 
 def open_readonly(path: str | Path) -> Database:

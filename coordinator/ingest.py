@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from lepton.coordinator.acks import AckTracker
-from lepton.coordinator.db import open_db
+from lepton.coordinator.db import open_db, write_tx
 from lepton.coordinator.registry import Change, FleetRegistry
 from lepton.errors import ProtocolError
 from lepton.protocol import Topics, decode, encode
@@ -181,7 +181,7 @@ class Ingest:
     def _write(self, items: list[Inbound]) -> tuple[_Batch, dict[str, int], int]:
         now = time.time()
         batch = _Batch([], {}, {}, [])
-        with self.db.atomic():
+        with write_tx(self.db):
             for item in items:
                 self._one(item, batch, now)
             cur = self.db.conn.executemany(INSERT_RESULT, batch.rows)

@@ -19,7 +19,7 @@ import threading
 import time
 
 from lepton.coordinator import fleetview, placement
-from lepton.coordinator.db import open_db
+from lepton.coordinator.db import open_db, write_tx
 from lepton.coordinator.registry import Change, FleetRegistry
 from lepton.errors import LeptonError
 from lepton.protocol import Topics, encode
@@ -120,7 +120,7 @@ class Rebalancer:
         if self._take_republish():
             self._republish_all()
         if time.time() - self.started >= self.stale_after_s:  # give devices one period to report after a restart
-            with self.db.atomic():
+            with write_tx(self.db):
                 stale = self.registry.mark_stale(time.time(), self.stale_after_s)
             if stale:
                 self.notify(stale)
@@ -167,7 +167,7 @@ class Rebalancer:
         try:
             result = solve(load_snapshot(view.snapshot))
         except LeptonError as exc:
-            with self.db.atomic():
+            with write_tx(self.db):
                 self.registry.event("plan-failed", detail=f"{trigger}: {exc}")
             log.error("plan failed (%s): %s", trigger, exc)
             return None
@@ -186,7 +186,7 @@ class Rebalancer:
     def _store(self, result, view: fleetview.FleetView, desired: dict, trigger: str, now: float) -> list[m.Desired]:
         placements = self.registry.placements()
         changed: list[m.Desired] = []
-        with self.db.atomic():
+        with write_tx(self.db):
             for dev, content in desired.items():
                 prev = placements.get(dev) or {}
                 if placement.same(prev.get("desired"), content):

@@ -51,6 +51,7 @@ class StandIn:
         self.acks: list[int] = []
         self.desired: list[m.Desired] = []
         self.lock = threading.Lock()
+        self.up = threading.Event()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device)
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
@@ -62,6 +63,7 @@ class StandIn:
     def _on_connect(self, client, userdata, flags, rc, props):
         client.subscribe([(self.topics.acks(self.device), 1), (self.topics.desired(self.device), 1)])
         self.birth()
+        self.up.set()
 
     def _on_message(self, client, userdata, msg):
         kind = self.topics.parse(msg.topic).kind
@@ -74,6 +76,7 @@ class StandIn:
     def connect(self) -> "StandIn":
         self.client.connect("127.0.0.1", self.port, keepalive=self.keepalive)
         self.client.loop_start()
+        assert self.up.wait(10), f"{self.device} could not connect"
         return self
 
     def birth(self, streams=None) -> None:

@@ -1,0 +1,172 @@
+"""The coordinator as a real process: exactly-once across SIGKILL, failover on a last will, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from test_coordinator_standins import CoordinatorProcess, StandIn, coordinator_config, db_rows, wait_for
+
+from lepton.protocol import Topics, decode
+
+CAM = {"id": "cam", "model": "digits", "rate_hz": 10, "payload_bytes": 256}
+
+
+class CoordinatorWatch:
+    """Follows the retained coordinator status, as an agent does to know when to re-send."""
+
+    def __init__(self, port: int, topics: Topics):
+        self.states: list[str] = []
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="watch")
+        self.client.on_message = lambda c, u, msg: self.states.append(decode("coordinator", msg.payload).state)
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(topics.coordinator_status(), 1)
+        self.client.loop_start()
+
+    def online(self) -> bool:
+        return bool(self.states) and self.states[-1] == "online"
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def resend_until_acked(devices: list[StandIn], total: int, coord: CoordinatorProcess, timeout: float = 60) -> None:
+    """What an agent does once the coordinator is back: re-send everything above the ack, in order,
+    and again whenever acks stop moving (the broker may have dropped part of a burst)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(d.last_ack() >= total for d in devices):
+            return
+        assert coord.alive(), coord.log_text()[-3000:]
+        for d in devices:
+            for seq in range(d.last_ack() + 1, total + 1):
+                d.result(seq)
+        progress, quiet_since = [d.last_ack() for d in devices], time.monotonic()
+        while time.monotonic() - quiet_since < 1.0 and not all(d.last_ack() >= total for d in devices):
+            time.sleep(0.05)
+            now = [d.last_ack() for d in devices]
+            if now != progress:
+                progress, quiet_since = now, time.monotonic()
+    raise AssertionError(f"not all acked: {[(d.device, d.last_ack()) for d in devices]}")
+
+
+def test_exactly_once_across_coordinator_sigkill(broker, prefix, tmp_path, long_run):
+    """Results stored exactly once and acks monotone while the coordinator is SIGKILLed mid-burst."""
+    topics = Topics(prefix)
+    cfg = coordinator_config(tmp_path, broker.port, prefix)
+    db = tmp_path / "coordinator.db"
+    coord = CoordinatorProcess(cfg).start()
+    watch = CoordinatorWatch(broker.port, topics)
+    devices = [StandIn(broker.port, topics, f"dev-{i}", streams=[CAM]).connect() for i in range(3)]
+    kills, per_burst = (20, 1000) if long_run else (2, 1500)
+    total = 0
+    try:
+        for k in range(kills):
+            wait_for(watch.online, 20, what="coordinator online")
+            start = total + 1
+            total += per_burst
+            for seq in range(start, total + 1):  # interleaved across devices, as fast as paho takes them
+                for d in devices:
+                    d.result(seq)
+            # Kill once part of the burst is committed (the broker may drop some of it: its queue
+            # for a busy subscriber is bounded, and the devices' re-sends cover that).
+            committed = 3 * (start - 1) + per_burst
+            wait_for(lambda: db_rows(db, "SELECT count(*) FROM results")[0][0] >= committed, 30, what="burst under way")
+            seen = len(watch.states)
+            coord.kill()  # SIGKILL mid-burst: no clean shutdown, nothing flushed
+            coord.start()
+            wait_for(lambda: "offline" in watch.states[seen:] and watch.online(), 20, what="coordinator back")
+            resend_until_acked(devices, total, coord)
+        for d in devices:
+            seqs = [s for (s,) in db_rows(db, "SELECT seq FROM results WHERE device = ? ORDER BY seq", [d.device])]
+            assert seqs == list(range(1, total + 1)), f"{d.device}: lost or extra results"
+            assert d.acks == sorted(d.acks), f"{d.device}: an ack went backwards"
+            assert d.acks[-1] == total
+        assert db_rows(db, "PRAGMA integrity_check") == [("ok",)]
+        print(f"\n{kills} SIGKILLs, {3 * total} results from 3 devices, each stored once")
+    finally:
+        for d in devices:
+            d.close()
+        watch.close()
+        coord.stop()
+
+
+def _device_process(port: int, prefix: str, device: str, keepalive: int, cpu: int, ms: float) -> subprocess.Popen:
+    script = Path(__file__).with_name("test_coordinator_standins.py")
+    proc = subprocess.Popen([sys.executable, str(script), str(port), prefix, device, str(keepalive), str(cpu), str(ms)],
+                            stdout=subprocess.PIPE, text=True, cwd=script.parent)
+    assert proc.stdout.readline().strip() == "up"
+    return proc
+
+
+def test_device_lost_is_planned_around_within_keepalive_bound(broker, prefix, tmp_path):
+    """SIGKILL the device serving a stream: a plan without it reaches the origin within 1.5 x keepalive + solve time."""
+    keepalive = 2
+    topics = Topics(prefix)
+    coord = CoordinatorProcess(coordinator_config(tmp_path, broker.port, prefix)).start()
+    watch = CoordinatorWatch(broker.port, topics)
+    wait_for(watch.online, 20, what="coordinator online")  # telemetry (QoS 0) sent earlier would be lost
+    weak = StandIn(broker.port, topics, "weak", streams=[CAM], cpu=1,
+                   link={"up_mbps": 100, "down_mbps": 100, "rtt_ms": 1}).connect()
+    strong = _device_process(broker.port, prefix, "strong", keepalive, 8, 2.0)
+    db = tmp_path / "coordinator.db"
+    try:
+        weak.telemetry(models={"digits": 90.0})
+
+        def routed_to(dev):
+            d = weak.last_desired()
+            return d is not None and [r.device for r in d.routes.get("cam", [])] == [dev]
+
+        wait_for(lambda: routed_to("strong"), 20, what="cam offloaded to the strong device")
+        killed = time.monotonic()
+        strong.kill()
+        wait_for(lambda: routed_to("weak"), 1.5 * keepalive + 10, what="cam back on the weak device")
+        elapsed = time.monotonic() - killed
+        solve_s = db_rows(db, "SELECT solve_s FROM plans ORDER BY id DESC LIMIT 1")[0][0]
+        print(f"\nfailover: {elapsed:.2f} s after SIGKILL (solve {solve_s:.3f} s, bound {1.5 * keepalive + solve_s:.2f} s)")
+        assert elapsed <= 1.5 * keepalive + solve_s + 0.5
+        kinds = [k for (k,) in db_rows(db, "SELECT kind FROM events WHERE device = 'strong' ORDER BY id")]
+        assert kinds[-1] == "device-offline"
+        status = json.loads(subprocess.run([sys.executable, "-m", "lepton.cli", "status", "--db", str(db), "--json"],
+                                           check=True, capture_output=True, text=True).stdout)
+        live = {d["id"]: d["liveness"] for d in status["devices"]}
+        assert live == {"strong": "offline", "weak": "online"}
+        assert status["last_plan"]["trigger"].startswith("offline strong")
+    finally:
+        strong.kill()
+        weak.close()
+        watch.close()
+        coord.stop()
+
+
+def test_check_config_exit_codes(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text('prefix = "site-a/v1"\n[broker]\nport = 8883\n[planner]\ninterval_s = 10\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[planner]\nintervall_s = 10\n')
+    ok = subprocess.run([sys.executable, "-m", "lepton.cli", "coordinator", "--check-config", str(good)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "valid" in ok.stdout
+    res = subprocess.run([sys.executable, "-m", "lepton.cli", "coordinator", "--check-config", str(bad)],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "planner.intervall_s" in res.stderr
+
+
+def test_clean_stop_says_offline_and_exits_zero(broker, prefix, tmp_path):
+    topics = Topics(prefix)
+    coord = CoordinatorProcess(coordinator_config(tmp_path, broker.port, prefix)).start()
+    watch = CoordinatorWatch(broker.port, topics)
+    try:
+        wait_for(watch.online, 20, what="coordinator online")
+        assert coord.stop() == 0
+        wait_for(lambda: watch.states[-1] == "offline", 5, what="retained offline")
+    finally:
+        watch.close()
+        coord.stop()
