@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -13,6 +14,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from test_coordinator_standins import CoordinatorProcess, StandIn, coordinator_config, db_rows, wait_for
 
+from lepton.broker import free_port
 from lepton.protocol import Topics, decode
 
 CAM = {"id": "cam", "model": "digits", "rate_hz": 10, "payload_bytes": 256}
@@ -159,14 +161,30 @@ def test_check_config_exit_codes(tmp_path):
     assert res.returncode == 2 and "planner.intervall_s" in res.stderr
 
 
-def test_clean_stop_says_offline_and_exits_zero(broker, prefix, tmp_path):
+def test_metrics_then_clean_stop_says_offline(broker, prefix, tmp_path):
     topics = Topics(prefix)
-    coord = CoordinatorProcess(coordinator_config(tmp_path, broker.port, prefix)).start()
+    port = free_port()
+    coord = CoordinatorProcess(coordinator_config(tmp_path, broker.port, prefix, metrics={"port": port})).start()
     watch = CoordinatorWatch(broker.port, topics)
+    dev = None
     try:
         wait_for(watch.online, 20, what="coordinator online")
+        dev = StandIn(broker.port, topics, "dev-1", streams=[CAM]).connect()
+        for seq in (1, 2, 2):
+            dev.result(seq)
+        dev.client.publish(topics.telemetry("dev-1"), b"not json", qos=0)
+        wait_for(lambda: dev.last_ack() == 2, 10, what="ack")
+
+        def metrics() -> str:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+        wait_for(lambda: 'lepton_invalid_payloads_total{kind="telemetry"} 1.0' in metrics(), 5, what="invalid counted")
+        text = metrics()
+        assert "lepton_results_stored_total 2.0" in text and "lepton_results_duplicate_total 1.0" in text
         assert coord.stop() == 0
         wait_for(lambda: watch.states[-1] == "offline", 5, what="retained offline")
     finally:
+        if dev:
+            dev.close()
         watch.close()
         coord.stop()
