@@ -1,7 +1,8 @@
 """The systemd units: systemd-analyze verify and security, and the hardening they promise.
 
-Hardening must not break inference: the last test runs TFLite (XNNPACK),
-OpenCV, SQLite (WAL) and paho over TLS under the same seccomp allow-list the
+Hardening must not break the work: the last test runs each unit's workload
+(agent: TFLite with XNNPACK, OpenCV, SQLite WAL, MQTT over TLS; coordinator:
+a HiGHS MILP, an HTTP server, SQLite, TLS) under the seccomp allow-list the
 unit asks for (expanded by systemd-analyze itself), its address families and
 MemoryDenyWriteExecute (PR_SET_MDWE, the kernel's own equivalent), as an
 unprivileged user. A syscall outside the list kills the process (SIGSYS)
@@ -72,13 +73,18 @@ def test_units_verify_clean(tmp_path, jetson):
 
 
 @needs_analyze
-@pytest.mark.parametrize("role", sorted(UNITS))
-def test_security_exposure_is_at_most_2(role):
-    proc = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNITS[role])],
+@pytest.mark.parametrize("role", ["agent", "coordinator", "agent+jetson"])
+def test_security_exposure_is_at_most_2(tmp_path, role):
+    unit = UNITS[role.split("+")[0]]
+    if role.endswith("+jetson"):  # the stock unit with the Jetson drop-in applied
+        args = [f"--root={staged_root(tmp_path, jetson=True)}", unit.name]
+    else:
+        args = [str(unit)]
+    proc = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", *args],
                           capture_output=True, text=True)
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
     assert match, proc.stdout + proc.stderr
-    print(f"{UNITS[role].name}: exposure {match.group(1)}")
+    print(f"{role}: exposure {match.group(1)}")
     assert float(match.group(1)) <= EXPOSURE_MAX, proc.stdout
 
 
@@ -139,10 +145,11 @@ PRELUDE = textwrap.dedent('''
         PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
         if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
             sys.exit(77)
-    import encodings.idna, sqlite3, threading      # (lazy imports done now: see above)
+    import encodings.idna, http.server, sqlite3, threading, urllib.request   # lazy imports done now
     import numpy as np
     import cv2
     import paho.mqtt.client as mqtt
+    import scipy.optimize, scipy.sparse
     from lepton.models.runtime import load_interpreter, runtime_info
     runtime_info()                                    # imports the TFLite runtime now
 ''')
@@ -171,30 +178,43 @@ SANDBOX = textwrap.dedent('''
 
 WORKLOAD = textwrap.dedent('''
     w = spec["work"]
-    for name in w["models"]:                          # TFLite with XNNPACK, 2 threads
-        it = load_interpreter(name, num_threads=2)
-        it.allocate_tensors()
-        d = it.get_input_details()[0]
-        it.set_tensor(d["index"], np.ones(d["shape"], d["dtype"]))
-        it.invoke()
-        assert np.isfinite(it.get_tensor(it.get_output_details()[0]["index"]).astype("float64")).all()
-    ok, jpeg = cv2.imencode(".jpg", np.full((120, 160, 3), 128, np.uint8))
-    assert ok and cv2.imdecode(jpeg, cv2.IMREAD_COLOR).shape == (120, 160, 3)
+    if spec["role"] == "agent":
+        for name in w["models"]:                      # TFLite with XNNPACK, 2 threads
+            it = load_interpreter(name, num_threads=2)
+            it.allocate_tensors()
+            d = it.get_input_details()[0]
+            it.set_tensor(d["index"], np.ones(d["shape"], d["dtype"]))
+            it.invoke()
+            assert np.isfinite(it.get_tensor(it.get_output_details()[0]["index"]).astype("float64")).all()
+        ok, jpeg = cv2.imencode(".jpg", np.full((120, 160, 3), 128, np.uint8))
+        assert ok and cv2.imdecode(jpeg, cv2.IMREAD_COLOR).shape == (120, 160, 3)
+    else:                                             # the planner's MILP (HiGHS) and the model server
+        n = 40
+        res = scipy.optimize.milp(c=-np.arange(1, n + 1, dtype=float), integrality=np.ones(n),
+                                  bounds=scipy.optimize.Bounds(0, 1),
+                                  constraints=scipy.optimize.LinearConstraint(np.ones((1, n)), 0, 5))
+        assert res.status == 0 and round(-res.fun) == sum(range(n - 4, n + 1))
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+        threading.Thread(target=srv.serve_forever, name="http", daemon=True).start()
+        url = "http://127.0.0.1:%d/outbox.db" % srv.server_address[1]
     db = sqlite3.connect(w["db"])
     db.execute("PRAGMA journal_mode=WAL"); db.execute("PRAGMA synchronous=FULL")
     db.execute("CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, body BLOB)")
     with db:
         db.executemany("INSERT INTO outbox (body) VALUES (?)", [(b"x" * 100,)] * 100)
+    if spec["role"] == "coordinator":
+        assert urllib.request.urlopen(url, timeout=5).status == 200
+        srv.shutdown()
     got, acked = threading.Event(), threading.Event()
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=w["device"], protocol=mqtt.MQTTv311)
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=w["name"], protocol=mqtt.MQTTv311)
     c.tls_set(ca_certs=w["ca"], certfile=w["cert"], keyfile=w["key"])
-    c.on_connect = lambda cl, *_: (cl.subscribe(w["read"], 1), cl.publish(w["write"], b"result", qos=1))
+    c.on_connect = lambda cl, *_: (cl.subscribe(w["read"], 1), cl.publish(w["write"], b"hello", qos=1))
     c.on_publish = lambda *_: acked.set()
     c.on_message = lambda *_: got.set()
     c.connect("127.0.0.1", w["port"], keepalive=10)
     c.loop_start()
     assert got.wait(10), "the retained coordinator status did not arrive over TLS"
-    assert acked.wait(10), "no PUBACK for the result"
+    assert acked.wait(10), "no PUBACK"
     c.disconnect(); c.loop_stop()
     print("workload ok")
 ''')
@@ -216,26 +236,33 @@ def publish_retained(port: int, fleet: Fleet, topic: str, payload: bytes) -> Non
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze expands the unit's syscall groups")
 @pytest.mark.skipif(not ctypes.util.find_library("seccomp"), reason="libseccomp is not installed")
 @pytest.mark.skipif(not mosquitto_binary(), reason="mosquitto is not installed")
-def test_inference_opencv_sqlite_and_tls_run_inside_the_agent_sandbox(tmp_path):
-    unit = UNITS["agent"]
+@pytest.mark.parametrize("role", sorted(UNITS))
+def test_the_work_runs_inside_the_units_sandbox(tmp_path, role):
+    """agent: TFLite (4 models), OpenCV, SQLite WAL, MQTT over TLS; coordinator: a HiGHS MILP,
+    an HTTP server, SQLite WAL, MQTT over TLS."""
+    import json
+
+    from lepton.protocol import Topics
+
+    unit = UNITS[role]
     fleet, _ = Fleet.create(tmp_path / "fleet", new_settings(tmp_path / "fleet", ["localhost", "127.0.0.1"]))
     fleet.add_device("cam-1")
+    name = "cam-1" if role == "agent" else fleet.settings.coordinator
     bdir = fleet.layout.broker_dir
     tls = TLSFiles(bdir / "ca.crt", bdir / "server.crt", bdir / "server.key", bdir / "crl.pem")
     work = Path(tempfile.mkdtemp(prefix="lepton-sandbox-"))
     try:
         nobody = pwd.getpwnam("nobody") if os.getuid() == 0 else None
-        for name, src in (("ca.crt", fleet.layout.ca_cert), ("cert.pem", fleet.layout.cert("cam-1")),
-                          ("key.pem", fleet.layout.key("cam-1"))):
-            shutil.copy(src, work / name)
+        for fname, src in (("ca.crt", fleet.layout.ca_cert), ("cert.pem", fleet.layout.cert(name)),
+                           ("key.pem", fleet.layout.key(name))):
+            shutil.copy(src, work / fname)
         if nobody:
             for p in [work, *work.iterdir()]:
                 os.chown(p, nobody.pw_uid, nobody.pw_gid)
         with MosquittoBroker(tmp_path / "broker", tls=tls, acl_file=bdir / "acl", allow_anonymous=False) as broker:
-            import json
-            from lepton.protocol import Topics
-
+            t = Topics(fleet.settings.prefix)
             spec = {
+                "role": role,
                 "uid": nobody.pw_uid if nobody else None, "gid": nobody.pw_gid if nobody else None,
                 "mdwe": unit_values(unit, "MemoryDenyWriteExecute") == ["yes"],
                 "libseccomp": ctypes.util.find_library("seccomp"),
@@ -245,12 +272,13 @@ def test_inference_opencv_sqlite_and_tls_run_inside_the_agent_sandbox(tmp_path):
                 "work": {
                     "models": [str(DATA / n) for n in ("classifier224_uint8.tflite", "dense_float.tflite",
                                                        "window_fft_ae.tflite", "detector128_float.tflite")],
-                    "db": str(work / "outbox.db"), "port": broker.port, "device": "cam-1",
+                    "db": str(work / "outbox.db"), "port": broker.port, "name": name,
                     "ca": str(work / "ca.crt"), "cert": str(work / "cert.pem"), "key": str(work / "key.pem"),
-                    "read": Topics().coordinator_status(), "write": Topics().result("cam-1", "sandbox"),
+                    "read": t.coordinator_status(),
+                    "write": t.result("cam-1", "sandbox") if role == "agent" else t.desired("cam-1"),
                 },
             }
-            publish_retained(broker.port, fleet, Topics().coordinator_status(), b"online")
+            publish_retained(broker.port, fleet, t.coordinator_status(), b"online")
             proc = subprocess.run([sys.executable, "-c", PRELUDE + SANDBOX + WORKLOAD, json.dumps(spec)],
                                   capture_output=True, text=True, timeout=120, cwd=work)
     finally:
