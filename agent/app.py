@@ -1,0 +1,342 @@
+"""The device daemon: ``Agent.start()`` is the list of init steps, ``stop()`` undoes them.
+
+Extension points for placement (the next layer on top): ``desired`` holds the
+latest validated Desired message and ``on_desired`` is called with each one;
+``load_model`` / ``swap_stream_model`` change what a stream runs;
+``publish_reported`` tells the coordinator what this device runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lepton import __version__
+from lepton.agent.config import AgentConfig, source_config
+from lepton.agent.delivery import Delivery
+from lepton.agent.inbound import Inbound
+from lepton.agent.notify import Notifier, Watchdog
+from lepton.agent.outbox import Outbox
+from lepton.agent.pipeline import StreamPipeline, Window
+from lepton.agent.session import Outgoing, Session
+from lepton.agent.telemetry import Collector, TelemetryLoop
+from lepton.errors import ConfigError, ModelError
+from lepton.protocol import Topics, encode
+from lepton.protocol import messages as m
+
+log = logging.getLogger(__name__)
+
+STOP_BUDGET_S = 8.0  # SIGTERM to exit, inside systemd's and the brief's 10 s
+
+
+def open_registry(cfg: AgentConfig) -> Any:
+    """The model registry the config names (the shipped zoo by default)."""
+    from pathlib import Path
+
+    from lepton.models.registry import Registry, default_registry
+
+    keys = [Path(k) for k in cfg.models.trusted_keys]
+    if not cfg.models.dir:
+        return default_registry() if not keys else _zoo_registry(keys)
+    root = Path(cfg.models.dir)
+    if not root.is_dir():
+        raise ConfigError(f"models.dir {root}: not a directory")
+    return Registry(root, trusted_keys=keys or None)
+
+
+def _zoo_registry(keys: list) -> Any:
+    from lepton.models.registry import Registry, zoo_dir, zoo_public_key
+
+    return Registry(zoo_dir(), trusted_keys=[zoo_public_key(), *keys])
+
+
+def check_references(cfg: AgentConfig, registry: Any = None) -> None:
+    """Every stream's model is in the registry and fits its source; ConfigError naming the stream."""
+    registry = registry or open_registry(cfg)
+    for index, stream in enumerate(cfg.streams):
+        try:
+            entry = registry.get(stream.model, stream.version or None)
+        except ModelError as exc:
+            raise ConfigError(f"streams[{index}].model: {exc}") from None
+        kind = entry.manifest.preprocess.kind
+        source_type = source_config(cfg, stream.source).get("type")
+        wants = "window" if source_type == "sensor" else "image"
+        if kind != wants:
+            raise ConfigError(f"streams[{index}]: model {stream.model!r} takes {kind} input but source "
+                              f"{stream.source!r} ({source_type}) gives {wants}s")
+
+
+class Agent:
+    """Sources, models, pipelines, outbox, MQTT session, telemetry, systemd: one device."""
+
+    def __init__(self, cfg: AgentConfig, environ: dict[str, str] | None = None) -> None:
+        self.cfg = cfg
+        self.device = cfg.device_id
+        self.topics = Topics(cfg.prefix)
+        self.stop_event = threading.Event()
+        self.notifier = Notifier(environ)
+        self.registry: Any = None
+        self.runners: dict[str, Any] = {}  # model name -> ModelRunner
+        self.model_states: dict[str, m.ModelState] = {}
+        self.timings: dict[str, Window] = {}
+        self.sources: dict[str, Any] = {}
+        self.pipelines: dict[str, StreamPipeline] = {}
+        self.desired: m.Desired | None = None
+        self.on_desired: Callable[[m.Desired], None] = self._log_desired
+        self.generation = 0  # the placement generation applied (none yet)
+        self.started_at = 0.0
+        self.outbox: Outbox | None = None
+        self.session: Session | None = None
+        self.delivery: Delivery | None = None
+        self._steps: list[Callable[[], None]] = []  # undo steps, run in reverse by stop()
+
+    # --- start: the daemon in one screen -----------------------------------------------
+    def start(self) -> None:
+        """Bring the device up; on failure, undo what was done and raise."""
+        self.started_at = time.monotonic()
+        try:
+            self.init_models()
+            self.init_outbox()
+            self.init_sources()
+            self.init_session()
+            self.init_delivery()
+            self.init_pipelines()
+            self.start_sources()
+            self.init_inbound()
+            self.init_telemetry()
+            self.init_metrics()
+            self.init_watchdog()
+            self.report_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def init_models(self) -> None:
+        self.registry = open_registry(self.cfg)
+        check_references(self.cfg, self.registry)
+        for stream in self.cfg.streams:
+            if stream.model not in self.runners:
+                self.load_model(stream.model, stream.version or None)
+
+    def init_outbox(self) -> None:
+        box = self.cfg.outbox
+        self.outbox = Outbox(box.path, box.max_rows, box.max_bytes)
+        self._steps.append(self.outbox.close)
+        stats = self.outbox.stats()
+        log.info("outbox %s: %d result(s) waiting for acks, next seq %d", box.path, stats["depth"], stats["next_seq"])
+
+    def init_sources(self) -> None:
+        from lepton.agent.sources import build_source
+
+        used = {s.source for s in self.cfg.streams}
+        for entry in self.cfg.sources:
+            if entry["id"] in used:
+                self.sources[entry["id"]] = build_source(entry)
+
+    def init_session(self) -> None:
+        will = Outgoing(self.topics.status(self.device),
+                        encode(m.Status(device=self.device, state="offline", ts=time.time(), reason="last will",
+                                        agent_version=__version__)), 1, True)
+        self.session = Session(self.cfg.broker, self.cfg.client_id, self.topics, self.device, will,
+                               self.on_connect_messages, self.cfg.telemetry.window_s)
+        self.session.start()
+        self._steps.append(self._close_session)
+
+    def init_delivery(self) -> None:
+        self.delivery = Delivery(self.outbox, self.session, self.cfg.outbox)
+        self.delivery.start()
+        self._steps.append(lambda: self.delivery.stop(timeout=3.0))
+
+    def init_pipelines(self) -> None:
+        rt = self.cfg.runtime
+        for stream in self.cfg.streams:
+            self.pipelines[stream.id] = StreamPipeline(
+                stream, self.device, self.topics, self.sources[stream.source], self.runners[stream.model],
+                self.delivery.submit, self.timing, rt.workers, rt.stall_s, self.cfg.telemetry.window_s)
+        for pipeline in self.pipelines.values():
+            pipeline.start(self.stop_event)
+        self._steps.append(self._stop_pipelines)
+
+    def start_sources(self) -> None:
+        for source in self.sources.values():
+            source.start(self.stop_event)
+        self._steps.append(self._close_sources)
+
+    def init_inbound(self) -> None:
+        self.inbound = Inbound(self)
+        self.inbound.start(self.stop_event)
+
+    def init_telemetry(self) -> None:
+        self.collector = Collector(self)
+        self.telemetry = TelemetryLoop(self.collector, self.cfg.telemetry.interval_s)
+        self.telemetry.start(self.stop_event)
+        self._steps.append(self.telemetry.join)
+
+    def init_metrics(self) -> None:
+        if not self.cfg.metrics.port:
+            return
+        from lepton.agent.metrics import MetricsServer
+
+        self.metrics = MetricsServer(self.collector, self.cfg.metrics.port, self.cfg.metrics.bind)
+        self.collector.collect()
+        self.metrics.start()
+        self._steps.append(self.metrics.stop)
+
+    def init_watchdog(self) -> None:
+        self.watchdog = Watchdog(self.notifier, self.health)
+        self.watchdog.start(self.stop_event)
+        self._steps.append(self.watchdog.join)
+
+    def report_ready(self) -> None:
+        """READY=1 once the broker session is up (or, without a broker, after ready_timeout_s)."""
+        if not self.session.wait_connected(self.cfg.broker.ready_timeout_s):
+            log.warning("no broker session after %.0f s (%s): running; results wait in the outbox",
+                        self.cfg.broker.ready_timeout_s, self.session.last_error or "connecting")
+        self.notifier.ready(self.status_line())
+        log.info("agent %s up in %.1f s: %d stream(s), models %s", self.device,
+                 time.monotonic() - self.started_at, len(self.pipelines), ", ".join(self.runners) or "none")
+
+    # --- stop: the init steps undone ------------------------------------------------------
+    def stop(self) -> None:
+        """Stop sources, finish in-flight inferences, flush the outbox, say offline. Idempotent."""
+        self.notifier.stopping("stopping: finishing in-flight results")
+        self.stop_event.set()
+        while self._steps:
+            step = self._steps.pop()
+            try:
+                step()
+            except Exception:
+                log.exception("while stopping: %s failed", getattr(step, "__name__", step))
+        self.notifier.close()
+
+    def _stop_pipelines(self) -> None:
+        for pipeline in self.pipelines.values():
+            if not pipeline.join(timeout=3.0):
+                log.warning("stream %s: a frame was still being processed at shutdown", pipeline.cfg.id)
+
+    def _close_sources(self) -> None:
+        for source in self.sources.values():
+            source.close()
+
+    def _close_session(self) -> None:
+        offline = m.Status(device=self.device, state="offline", ts=time.time(), reason="stopped",
+                           agent_version=__version__)
+        self.session.close([Outgoing(self.topics.status(self.device), encode(offline), 1, True)])
+
+    # --- models and placement (extension points) -----------------------------------------
+    def load_model(self, name: str, version: str | None = None) -> Any:
+        """Load, verify and warm up *name* from the registry; the runner, or ModelError."""
+        from lepton.models.runner import ModelRunner
+
+        rt = self.cfg.runtime
+        entry = self.registry.get(name, version)
+        self.registry.verify(entry)
+        runner = ModelRunner.from_entry(entry, num_threads=rt.threads, delegate=rt.delegate or None)
+        invoke_ms = runner.warmup(rt.warmup)
+        self.runners[name] = runner
+        self.model_states[name] = m.ModelState(state="loaded", version=runner.version, sha256=runner.sha256,
+                                               invoke_ms=invoke_ms)
+        self.timing(name)
+        log.info("model %s %s loaded (%s, invoke %.2f ms)", name, runner.version, entry.path, invoke_ms)
+        return runner
+
+    def swap_stream_model(self, stream_id: str, runner: Any) -> None:
+        """Serve *stream_id* with *runner* (already loaded and warmed up) from its next frame."""
+        self.runners.setdefault(runner.name, runner)
+        self.pipelines[stream_id].swap_model(runner)
+
+    def apply_desired(self, desired: m.Desired) -> None:
+        """Called by the inbound thread with each valid Desired for this device."""
+        self.desired = desired
+        self.on_desired(desired)
+
+    def _log_desired(self, desired: m.Desired) -> None:
+        log.info("desired placement generation %d: models %s (not applied by this agent version)",
+                 desired.generation, ", ".join(r.name for r in desired.models) or "none")
+
+    def publish_reported(self) -> None:
+        """Publish what this device runs (retained)."""
+        self.session.publish(Outgoing(self.topics.reported(self.device), encode(self.reported()), 1, True))
+
+    # --- what the device says about itself ---------------------------------------------------
+    def timing(self, model: str) -> Window:
+        """The invoke-time window of *model* (created on first use)."""
+        window = self.timings.get(model)
+        if window is None:
+            window = self.timings.setdefault(model, Window(self.cfg.telemetry.window_s))
+        return window
+
+    def birth(self) -> m.Status:
+        """The retained ``online`` status with capabilities and streams."""
+        import psutil
+
+        from lepton.models.runtime import runtime_info
+
+        runtime, version = runtime_info()
+        cpus = os.cpu_count() or 1
+        caps = m.Capabilities(
+            cpu_count=cpus, memory_mb=psutil.virtual_memory().total / 2**20, arch=platform.machine() or "unknown",
+            runtime=runtime, runtime_version=version, threads=self.cfg.runtime.threads,
+            cpu_share=self.cfg.runtime.cpu_share or float(cpus), models=sorted(self.runners),
+            link={k: v for k, v in self.cfg.link.model_dump().items() if v is not None})
+        return m.Status(device=self.device, state="online", ts=time.time(), agent_version=__version__,
+                        capabilities=caps, streams=[self.stream_info(s) for s in self.cfg.streams])
+
+    def stream_info(self, stream) -> m.StreamInfo:
+        runner = self.runners[stream.model]
+        pipeline = self.pipelines.get(stream.id)
+        rate = pipeline.results.rate() if pipeline else 0.0
+        if not rate:
+            typed = source_config(self.cfg, stream.source)
+            rate = float(typed.get("fps") or 0.0) or 10.0
+        return m.StreamInfo(id=stream.id, model=stream.model, rate_hz=rate, payload_bytes=_nbytes(runner.input),
+                            slo_ms=stream.slo_ms)
+
+    def reported(self) -> m.Reported:
+        return m.Reported(device=self.device, generation=self.generation, ts=time.time(), models=self.model_states)
+
+    def on_connect_messages(self) -> list[Outgoing]:
+        """Published first on every connection: birth, then what the device runs."""
+        status = self.topics.status(self.device)
+        return [Outgoing(status, encode(self.birth()), 1, True),
+                Outgoing(self.topics.reported(self.device), encode(self.reported()), 1, True)]
+
+    def health(self) -> tuple[bool, str]:
+        """(healthy, why not): every pipeline makes progress."""
+        now = time.monotonic()
+        for sid, pipeline in self.pipelines.items():
+            if not pipeline.healthy(now):
+                return False, f"stream {sid} is stuck (busy on one frame over {pipeline.stall_s:.0f} s or a worker died)"
+        return True, ""
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``."""
+        rate = sum(p.results.rate() for p in self.pipelines.values())
+        link = "broker connected" if self.session and self.session.connected.is_set() else \
+            f"broker unreachable ({self.session.last_error or 'connecting'})" if self.session else "starting"
+        depth = self.outbox.depth if self.outbox else 0
+        return f"{len(self.pipelines)} stream(s), {rate:.1f} results/s, outbox {depth}, {link}"
+
+
+def _nbytes(tensor: Any) -> int:
+    import numpy as np
+
+    return int(np.prod(tensor.shape)) * np.dtype(tensor.dtype).itemsize
+
+
+def run(cfg: AgentConfig, stop: threading.Event) -> int:
+    """Run an agent until *stop* is set; the exit code."""
+    agent = Agent(cfg)
+    agent.start()
+    while not stop.wait(1.0):
+        pass
+    log.info("stopping")
+    started = time.monotonic()
+    agent.stop()
+    log.info("stopped in %.1f s", time.monotonic() - started)
+    return 0

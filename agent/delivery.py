@@ -1,0 +1,242 @@
+"""Delivery: the one thread that writes the outbox and publishes from it.
+
+Pipelines hand results over with ``submit`` (a queue put, nothing more). This
+thread commits whatever has queued in one transaction (group commit: one
+fsync for many results), and only then publishes the committed rows at QoS 1,
+in seq order, keeping at most ``inflight`` un-PUBACKed. It also applies the
+coordinator's acks (the only thing that deletes), expires results whose
+deadline passed, and re-sends every unacknowledged result, in order:
+
+- after each reconnect (the session's connection generation changed),
+- when the coordinator announces ``online`` live (it just connected and may
+  have lost what it had not committed; the retained copy that greets our own
+  subscription changes nothing, the reconnect re-send covers it),
+- when the oldest unacknowledged result waited ``resend_after_s`` for an ack
+  (a broker may drop queued QoS 1 messages without a word).
+
+Results flow while the coordinator is known to be online, or when this agent
+has never seen a coordinator status (a standalone device watched by
+``mosquitto_sub``). While a coordinator it knows of is offline, or after a
+reconnect until its status is known again, results wait here, in the outbox,
+and then go out in seq order from the floor: the broker's queue (bounded,
+and silent when it drops) never holds the backlog, and the coordinator sees
+each device's results in order.
+
+A re-sent result carries the current ``floor`` so the coordinator can
+acknowledge past results this device dropped or expired meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import deque
+
+from lepton.agent.config import OutboxConfig
+from lepton.agent.outbox import Outbox, Pending, Row
+from lepton.agent.session import Outgoing, Session
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.5  # how often timers (expiry, re-send) are looked at when idle
+
+
+class Delivery:
+    """Outbox writer and publisher; every method but ``run`` is safe from any thread."""
+
+    def __init__(self, outbox: Outbox, session: Session, cfg: OutboxConfig) -> None:
+        self.outbox, self.session, self.cfg = outbox, session, cfg
+        self.queue: queue.SimpleQueue[tuple] = session.events  # the session's events arrive here too
+        self.published = 0  # publishes handed to the broker (first sends and re-sends)
+        self.resent = 0
+        self.committed = 0  # results committed since start
+        self.coordinator = "unknown"  # as last announced: unknown (since our connect), online, offline
+        self.seen_coordinator = False  # any coordinator status seen by this process
+        self._cursor = 0  # highest seq published on the current connection
+        self._high = 0  # highest seq ever published by this process
+        self._generation = 0
+        self._inflight: dict[int, int] = {}  # mid -> seq, current connection only
+        self._sent_marks: deque[tuple[int, float]] = deque()  # (first seq, time) of sends, in seq order
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._next_tick = 0.0
+
+    # --- from other threads -----------------------------------------------------
+    def submit(self, item: Pending) -> None:
+        """Hand one result over; it is committed, then published, by the delivery thread."""
+        self.queue.put(("result", item))
+
+    def ack(self, seq: int) -> None:
+        """The coordinator committed everything up to *seq*."""
+        self.queue.put(("ack", seq))
+
+    def coordinator_state(self, state: str, live: bool = True) -> None:
+        """The coordinator's status says *state* (online / offline); *live*: published now, not the retained copy."""
+        self.queue.put(("coordinator", state, live))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="delivery", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Commit everything submitted, publish what the link allows, wait up to *timeout* for PUBACKs."""
+        done = threading.Event()
+        self.queue.put(("stop", done, time.monotonic() + timeout))
+        done.wait(timeout + 5)
+        if self._thread is not None:
+            self._thread.join(1.0)
+
+    # --- the thread -------------------------------------------------------------
+    def _run(self) -> None:
+        stop: tuple | None = None
+        while True:
+            try:
+                items = [self.queue.get(timeout=TICK_S)]
+            except queue.Empty:
+                items = []
+            while True:
+                try:
+                    items.append(self.queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                stop = self._handle(items) or stop
+                self._timers()
+                self._send()
+            except Exception:  # the outbox thread must outlive any one bad moment
+                log.exception("delivery step failed; retrying")
+                time.sleep(TICK_S)
+            if stop is not None and (not self._inflight or time.monotonic() >= stop[2]
+                                     or not self.session.connected.is_set()):
+                stop[1].set()
+                return
+
+    def _handle(self, items: list[tuple]) -> tuple | None:
+        results: list[Pending] = []
+        ack = 0
+        stop = None
+        for item in items:
+            kind = item[0]
+            if kind == "result":
+                results.append(item[1])
+            elif kind == "puback":
+                if item[1] == self._generation:
+                    self._inflight.pop(item[2], None)
+            elif kind == "ack":
+                ack = max(ack, item[1])
+            elif kind == "connected":
+                self._new_connection(item[1])
+            elif kind == "coordinator":
+                self._coordinator(item[1], item[2])
+            elif kind == "stop":
+                stop = item
+        for start in range(0, len(results), self.cfg.batch_max):
+            self._commit(results[start:start + self.cfg.batch_max])
+        if ack:
+            self._ack(ack)
+        return stop
+
+    def _commit(self, batch: list[Pending]) -> None:
+        rows = self.outbox.enqueue(batch)
+        self.committed += len(batch)
+        # Fast path: caught up on this connection, so the new rows are next.
+        if rows and self._cursor == rows[0].seq - 1 and self.may_send():
+            now = time.time()
+            for row in rows:
+                if len(self._inflight) >= self.cfg.inflight or not self._publish(row, row.payload, now):
+                    break
+
+    def _ack(self, seq: int) -> None:
+        removed = self.outbox.ack(seq)
+        floor = self.outbox.floor
+        while len(self._sent_marks) > 1 and self._sent_marks[1][0] <= floor:
+            self._sent_marks.popleft()
+        if not self.outbox.depth:
+            self._sent_marks.clear()
+        log.debug("ack %d: %d result(s) deleted, %d held", seq, removed, self.outbox.depth)
+
+    def _new_connection(self, generation: int) -> None:
+        self._generation = generation
+        self._inflight.clear()
+        self.coordinator = "unknown"
+        self._resend_all("reconnected")
+
+    def _coordinator(self, state: str, live: bool) -> None:
+        self.coordinator, self.seen_coordinator = state, True
+        if state == "online" and live:
+            self._resend_all("the coordinator came online")
+
+    def _resend_all(self, why: str) -> None:
+        if self.outbox.depth and self._cursor >= self.outbox.floor:
+            log.info("%s: re-sending %d unacknowledged result(s) from seq %d", why, self.outbox.depth, self.outbox.floor)
+        self._cursor = 0
+        self._sent_marks.clear()
+
+    def _timers(self) -> None:
+        now = time.monotonic()
+        if now < self._next_tick:
+            return
+        self._next_tick = now + TICK_S
+        expired = self.outbox.expire()
+        if expired:
+            log.info("expired %d result(s) whose deadline passed (%d in all)", expired, self.outbox.expired)
+        # Only a coordinator known to be online is waited for: with none (or one
+        # that said offline) a re-send would only feed the broker's queues.
+        if (self._sent_marks and self.coordinator == "online" and self.session.connected.is_set()
+                and now - self._sent_marks[0][1] >= self.cfg.resend_after_s and self.outbox.depth):
+            self._resend_all(f"no ack for {self.cfg.resend_after_s:.0f} s")
+
+    def may_send(self) -> bool:
+        """Connected, and the coordinator is online (or none was ever seen)."""
+        if not self.session.connected.is_set():
+            return False
+        return self.coordinator == "online" or (self.coordinator == "unknown" and not self.seen_coordinator)
+
+    def _send(self) -> None:
+        """Publish held rows after the cursor, in order, while the in-flight window has room."""
+        while self.may_send():
+            room = self.cfg.inflight - len(self._inflight)
+            if room <= 0:
+                return
+            rows = self.outbox.pending(self._cursor, min(room, 500))
+            if not rows:
+                return
+            now, floor = time.time(), self.outbox.floor
+            for row in rows:
+                if not self._publish(row, _with_floor(row.payload, floor), now):
+                    return
+
+    def _publish(self, row: Row, payload: bytes, now: float) -> bool:
+        if row.expired(now):
+            self._cursor = row.seq  # expire() deletes and counts it; it is never sent
+            return True
+        sent = self.session.publish(Outgoing(row.topic, payload, 1))
+        if sent is None:
+            return False
+        generation, mid = sent
+        if generation != self._generation:
+            return False  # a connection newer than we know of: its "connected" event resets the cursor
+        self._inflight[mid] = row.seq
+        if row.seq <= self._high:
+            self.resent += 1
+        self._cursor, self._high = row.seq, max(self._high, row.seq)
+        self.published += 1
+        t = time.monotonic()
+        if not self._sent_marks or t - self._sent_marks[-1][1] >= 0.1:
+            self._sent_marks.append((row.seq, t))
+        return True
+
+
+def _with_floor(payload: bytes, floor: int) -> bytes:
+    """The payload with its ``floor`` raised to *floor* (a result waiting in the outbox may predate drops)."""
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return payload
+    if not isinstance(body, dict) or body.get("floor", 1) >= floor:
+        return payload
+    body["floor"] = floor
+    return json.dumps(body, separators=(",", ":")).encode()

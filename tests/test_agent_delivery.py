@@ -1,0 +1,152 @@
+"""Delivery rules against a real Mosquitto: hold while the coordinator is away, re-send, floor, expiry, backoff."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from lepton.agent.config import load_config
+from lepton.agent.delivery import Delivery
+from lepton.agent.outbox import Outbox, Pending
+from lepton.agent.session import Backoff, Outgoing, Session
+from lepton.protocol import Topics, encode
+from lepton.protocol import messages as m
+from test_agent_standins import wait_for
+
+
+class Wire:
+    """A plain subscriber that records result payloads in arrival order."""
+
+    def __init__(self, port: int, topics: Topics) -> None:
+        self.topics = topics
+        self.got: list[dict] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(topics.all_results(), 1)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self.lock:
+            self.got.append(json.loads(msg.payload))
+
+    def seqs(self) -> list[int]:
+        with self.lock:
+            return [g["seq"] for g in self.got]
+
+    def coordinator(self, state: str) -> None:
+        payload = encode(m.CoordinatorStatus(state=state, ts=time.time()))
+        self.client.publish(self.topics.coordinator_status(), payload, qos=1, retain=True).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def setup(broker, prefix, tmp_path):
+    topics = Topics(prefix)
+    wire = Wire(broker.port, topics)
+    parts = {}
+
+    def make(coordinator: str | None = None, **outbox):
+        if coordinator:
+            wire.coordinator(coordinator)
+        cfg = load_config(data={"device_id": "dev1", "prefix": prefix,
+                                "broker": {"port": broker.port, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
+                                "outbox": {"path": str(tmp_path / "o.db"), **outbox}})
+        will = Outgoing(topics.status("dev1"), b"{}", 1, True)
+        session = Session(cfg.broker, "dev1", topics, "dev1", will, lambda: [])
+        outbox_ = Outbox(cfg.outbox.path, cfg.outbox.max_rows, cfg.outbox.max_bytes)
+        delivery = Delivery(outbox_, session, cfg.outbox)
+        parts.update(session=session, outbox=outbox_, delivery=delivery)
+        session.start()
+        delivery.start()
+        assert session.wait_connected(5)
+        inbound = threading.Thread(target=_pump, args=(session, delivery, topics), daemon=True)
+        inbound.start()
+        return delivery, outbox_
+
+    yield make, wire, topics
+    if parts:
+        parts["delivery"].stop(1)
+        parts["session"].close()
+        parts["outbox"].close()
+    wire.close()
+
+
+def _pump(session: Session, delivery: Delivery, topics: Topics) -> None:
+    """The agent's inbound dispatch, reduced to what delivery needs."""
+    from lepton.protocol import decode
+
+    while session.connected.is_set() or not session._halt.is_set():
+        try:
+            topic, payload, retained = session.inbound.get(timeout=0.2)
+        except Exception:
+            continue
+        kind = topics.parse(topic).kind
+        if kind == "coordinator":
+            delivery.coordinator_state(decode(kind, payload).state, live=not retained)
+        elif kind == "acks":
+            delivery.ack(decode(kind, payload).seq)
+
+
+def result(topics: Topics, deadline: float | None = None) -> Pending:
+    return Pending("s1", topics.result("dev1", "s1"),
+                   lambda seq, floor: json.dumps({"seq": seq, "floor": floor}).encode(), deadline)
+
+
+def test_results_wait_while_the_coordinator_is_offline_then_go_in_order(setup):
+    make, wire, topics = setup
+    delivery, outbox = make(coordinator="offline", max_rows=5)
+    wait_for(lambda: delivery.coordinator == "offline", 5, "the retained offline status")
+    for _ in range(8):
+        delivery.submit(result(topics))
+    wait_for(lambda: outbox.next_seq == 9, 5, "8 results committed")
+    time.sleep(0.3)
+    assert wire.seqs() == [] and outbox.depth == 5 and outbox.dropped == 3
+    wire.coordinator("online")
+    wait_for(lambda: len(wire.seqs()) == 5, 5, "the held results")
+    assert wire.seqs() == [4, 5, 6, 7, 8]
+    assert {g["floor"] for g in wire.got} == {4}  # raised past the dropped ones, so acks do not stall
+
+
+def test_unacked_results_are_resent_after_resend_after_s_until_acked(setup):
+    make, wire, topics = setup
+    delivery, outbox = make(coordinator="online", resend_after_s=1.0)
+    wait_for(lambda: delivery.coordinator == "online", 5, "the coordinator's status")
+    for _ in range(3):
+        delivery.submit(result(topics))
+    wait_for(lambda: wire.seqs() == [1, 2, 3], 5, "first sends")
+    wait_for(lambda: wire.seqs()[3:6] == [1, 2, 3], 5, "a re-send in order")
+    wire.client.publish(topics.acks("dev1"), encode(m.Ack(device="dev1", seq=3)), qos=1)
+    wait_for(lambda: outbox.depth == 0, 5, "the ack to delete")
+    sent = len(wire.seqs())
+    time.sleep(1.5)
+    assert len(wire.seqs()) == sent and delivery.resent >= 3
+
+
+def test_a_result_past_its_deadline_is_never_sent(setup):
+    make, wire, topics = setup
+    delivery, outbox = make()
+    delivery.submit(result(topics, deadline=time.time() - 1))
+    delivery.submit(result(topics, deadline=time.time() + 60))
+    wait_for(lambda: wire.seqs() == [2], 5, "only the live result")
+    wait_for(lambda: outbox.expired == 1, 5, "the expiry counted")
+
+
+def test_backoff_doubles_to_the_cap_with_jitter():
+    backoff = Backoff(0.5, 10.0, random.Random(1))
+    waits = [backoff.next() for _ in range(8)]
+    assert all(w <= 10.0 for w in waits) and waits[-1] >= 10.0 * 0.75
+    assert 0.5 * 0.75 <= waits[0] <= 0.5 * 1.25 and waits[2] > waits[0]
+    assert len({round(w, 6) for w in waits[-3:]}) > 1  # jittered, not lockstep
+    backoff.reset()
+    assert backoff.next() <= 0.5 * 1.25
