@@ -162,6 +162,7 @@ def test_camera_reads_a_network_stream_and_keeps_credentials_out_of_logs(tmp_pat
         source = started({"id": "ipcam", "type": "camera", "device": url, "timeout_s": 2, "reconnect_s": 0.05})
         frames = collect(source, 0.5, limit=3)
         assert frames and frames[0].data.shape == (48, 64, 3)
+        source.close()
     finally:
         server.shutdown()
         server.server_close()
@@ -242,7 +243,7 @@ def test_close_and_stop_end_the_thread(stop, tmp_path):
 
 
 def test_synthetic_digits_carry_their_true_label(started):
-    synth = pytest.importorskip("lepton.models.synth")
+    from lepton.models import synth
     images, labels = synth.digits_heldout()
     expected = np.clip(np.rint(np.asarray(images, np.float64) * 255 / 16), 0, 255).astype(np.uint8)
     source = started({"id": "digits", "type": "synthetic", "pattern": "digits", "fps": 200,
@@ -273,7 +274,6 @@ def _high_band_share(window: np.ndarray, fs: float) -> float:
 
 
 def test_synthetic_vibration_faults_differ_from_normal(started):
-    pytest.importorskip("lepton.models.synth")
     source = started({"id": "vib", "type": "sensor", "mode": "synthetic", "fps": 200, "fault_every": 2})
     frames = collect(source, 0.6, limit=40)
     assert len(frames) >= 10
@@ -281,12 +281,13 @@ def test_synthetic_vibration_faults_differ_from_normal(started):
     faults = [f.data for f in frames if f.meta["fault"]]
     normal = [f.data for f in frames if not f.meta["fault"]]
     assert faults and normal
-    score = lambda ws: np.mean([_kurtosis(w) + 10 * _high_band_share(w, 1000.0) for w in ws])  # noqa: E731
-    assert score(faults) > 1.2 * score(normal), (score(faults), score(normal))
+    # Bearing impacts ring a resonance far above the shaft harmonics and make the signal spiky.
+    high = [np.mean([_high_band_share(w, 1000.0) for w in ws]) for ws in (faults, normal)]
+    assert high[0] > 3 * high[1], high
+    assert np.mean([_kurtosis(w) for w in faults]) > np.mean([_kurtosis(w) for w in normal])
 
 
 def test_sensor_fault_can_be_forced_and_released(started):
-    pytest.importorskip("lepton.models.synth")
     source = started({"id": "vib", "type": "sensor", "fps": 100, "length": 64})
     assert not any(f.meta["fault"] for f in collect(source, 0.15))
     source.set_fault(True)

@@ -124,9 +124,23 @@ def _ffmpeg_options(rtsp_transport: str):
             del os.environ[_FFMPEG_ENV]
 
 
+def _quiet_opencv(cv2: Any) -> None:
+    """Silence OpenCV's own per-attempt warnings: a camera that stays offline would print one per retry.
+
+    Our log says each state change once. An OPENCV_LOG_LEVEL set by the
+    operator wins.
+    """
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        logging_ = cv2.utils.logging
+        if logging_.getLogLevel() > logging_.LOG_LEVEL_ERROR:
+            logging_.setLogLevel(logging_.LOG_LEVEL_ERROR)
+
+
 def _open(device: int | str, timeout_s: float, rtsp_transport: str = "tcp") -> _Capture:
     """Open *device* with the right OpenCV backend, or raise Unavailable saying why."""
     import cv2
+
+    _quiet_opencv(cv2)
 
     linux = sys.platform.startswith("linux")
     if isinstance(device, int):
