@@ -191,13 +191,13 @@ class Ingest:
         return batch, acks, new_rows
 
     def _one(self, item: Inbound, batch: _Batch, now: float) -> None:
-        device = self._device_of(item)
+        parsed = None
         try:
             parsed = self.topics.parse(item.topic)
             msg = decode(parsed.kind, item.payload)
             _check_ids(parsed, msg)
         except ProtocolError as exc:
-            log.warning("invalid payload from device %s on %s: %s", device or "?", item.topic, exc)
+            log.warning("invalid payload from device %s on %s: %s", parsed.device if parsed else "?", item.topic, exc)
             if self.metrics:
                 self.metrics.invalid.labels(kind=_kind(item.topic, self.topics)).inc()
             return
@@ -215,7 +215,7 @@ class Ingest:
         except sqlite3.OperationalError:
             raise  # the database itself is unwell: retry the whole batch
         except Exception:
-            log.exception("could not store %s from device %s on %s", parsed.kind, device, item.topic)
+            log.exception("could not store %s from device %s on %s", parsed.kind, parsed.device, item.topic)
 
     def _device_of(self, item: Inbound) -> str:
         try:

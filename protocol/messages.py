@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -235,15 +236,24 @@ def _check_finite(value: Any, depth: int = 0) -> None:
             _check_finite(item, depth + 1)
 
 
+_STRUCTURAL = re.compile(rb'["\\\[\]{}]')  # the only bytes that matter for nesting depth
+
+
 def _too_deep(raw: bytes) -> bool:
+    # Fewer opening brackets in all than the limit cannot nest past it: most payloads stop here.
+    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
+        return False
     depth = 0
-    in_str = esc = False
-    for ch in raw:
+    in_str = False
+    escaped_at = -1
+    for match in _STRUCTURAL.finditer(raw):  # visits only quotes, backslashes and brackets
+        i = match.start()
+        if i == escaped_at:
+            continue
+        ch = raw[i]
         if in_str:
-            if esc:
-                esc = False
-            elif ch == 0x5C:
-                esc = True
+            if ch == 0x5C:
+                escaped_at = i + 1
             elif ch == 0x22:
                 in_str = False
         elif ch == 0x22:
