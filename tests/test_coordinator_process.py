@@ -188,3 +188,44 @@ def test_metrics_then_clean_stop_says_offline(broker, prefix, tmp_path):
             dev.close()
         watch.close()
         coord.stop()
+
+
+def test_silent_device_is_planned_around_once_its_will_fires(broker, prefix, tmp_path):
+    """A partitioned device (socket open, nothing sent) is declared dead by the broker's keepalive;
+    the coordinator replans as soon as the will arrives."""
+    keepalive = 1
+    topics = Topics(prefix)
+    coord = CoordinatorProcess(coordinator_config(tmp_path, broker.port, prefix)).start()
+    watch = CoordinatorWatch(broker.port, topics)
+    wills: list[float] = []
+    watch.client.message_callback_add(topics.status("strong"), lambda c, u, msg: wills.append(time.monotonic())
+                                      if decode("status", msg.payload).state == "offline" else None)
+    watch.client.subscribe(topics.status("strong"), 1)
+    wait_for(watch.online, 20, what="coordinator online")
+    link = {"up_mbps": 100, "down_mbps": 100, "rtt_ms": 1}
+    weak = StandIn(broker.port, topics, "weak", streams=[CAM], cpu=1, link=link).connect()
+    strong = StandIn(broker.port, topics, "strong", cpu=8, keepalive=keepalive, link=link).connect()
+    db = tmp_path / "coordinator.db"
+    try:
+        weak.telemetry(models={"digits": 90.0})
+        strong.telemetry(models={"digits": 2.0})
+
+        def routed_to(dev):
+            d = weak.last_desired()
+            return d is not None and [r.device for r in d.routes.get("cam", [])] == [dev]
+
+        wait_for(lambda: routed_to("strong"), 20, what="cam offloaded to the strong device")
+        silent = time.monotonic()
+        strong.freeze()
+        wait_for(lambda: routed_to("weak"), 30, what="cam back on the weak device")
+        replanned = time.monotonic()
+        solve_s = db_rows(db, "SELECT solve_s FROM plans ORDER BY id DESC LIMIT 1")[0][0]
+        assert wills, "the broker never sent the last will"
+        print(f"\nbroker declared the silent device dead after {wills[0] - silent:.2f} s (keepalive {keepalive} s); "
+              f"placement followed {replanned - wills[0]:.2f} s later (solve {solve_s:.3f} s)")
+        assert replanned - wills[0] <= solve_s + 1.0
+    finally:
+        strong.client.socket() and strong.client.socket().close()
+        weak.close()
+        watch.close()
+        coord.stop()
