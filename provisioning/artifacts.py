@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cryptography import x509
@@ -18,15 +19,13 @@ from lepton.provisioning.signing import generate_signing_keypair
 from lepton.provisioning.store import IdentityRecord
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from lepton.provisioning.fleet import Fleet
 
 AGENT_UNIT = "lepton-agent.service"
 COORDINATOR_UNIT = "lepton-coordinator.service"
 
 
-def init_files(fleet: "Fleet") -> list["Path"]:
+def init_files(fleet: "Fleet") -> list[Path]:
     """The CA, the model-signing key pair and the agent template, if missing."""
     lay, written = fleet.layout, []
     make_dir(lay.ca_dir, private=True)
@@ -47,7 +46,7 @@ def init_files(fleet: "Fleet") -> list["Path"]:
     return written
 
 
-def write_crl(fleet: "Fleet") -> list["Path"]:
+def write_crl(fleet: "Fleet") -> list[Path]:
     """ca/crl.pem from ca/revoked.json; rebuilt only when the list changed (the
     signature is randomised, so an unchanged CRL must not be re-signed)."""
     lay = fleet.layout
@@ -64,7 +63,7 @@ def write_crl(fleet: "Fleet") -> list["Path"]:
     return [lay.crl]
 
 
-def _server_cert_ok(fleet: "Fleet", out: "Path") -> bool:
+def _server_cert_ok(fleet: "Fleet", out: Path) -> bool:
     try:
         cert = pki.load_cert(out / "server.crt")
         pki.load_key(out / "server.key")
@@ -77,17 +76,22 @@ def _server_cert_ok(fleet: "Fleet", out: "Path") -> bool:
     return issued_by_ca and names == set(fleet.settings.broker.names)
 
 
-def write_broker(fleet: "Fleet", out: "Path") -> list["Path"]:
-    """Everything the broker host needs, in *out*: CA, server key and cert, CRL, ACL, mosquitto.conf."""
-    make_dir(out, private=True)
+def write_broker(fleet: "Fleet", out: Path) -> list[Path]:
+    """Everything the broker host needs: CA, server key and cert, CRL, ACL, mosquitto.conf.
+
+    They live in the fleet's broker/ directory; a different *out* gets a copy
+    (the same server key, not a new one).
+    """
+    home = fleet.layout.broker_dir
+    make_dir(home, private=True)
     written = []
-    if not _server_cert_ok(fleet, out):
+    if not _server_cert_ok(fleet, home):
         key = pki.new_key()
         names = tuple(fleet.settings.broker.names)
         cert = fleet.ca.issue(key.public_key(), names[0], fleet.settings.pki.cert_days, server_names=names)
-        write_private(out / "server.key", pki.key_pem(key))
-        write_if_changed(out / "server.crt", pki.cert_pem(cert))
-        written += [out / "server.key", out / "server.crt"]
+        write_private(home / "server.key", pki.key_pem(key))
+        write_if_changed(home / "server.crt", pki.cert_pem(cert))
+        written += [home / "server.key", home / "server.crt"]
     records = fleet.records()
     idents = [broker_conf.Identity(r.name, r.role, r.revoked) for r in records]
     active_devices = sum(1 for r in records if r.role == "device" and not r.revoked)
@@ -98,8 +102,13 @@ def write_broker(fleet: "Fleet", out: "Path") -> list["Path"]:
         "mosquitto.conf": broker_conf.mosquitto_conf_text(fleet.settings, active_devices).encode(),
     }
     for name, data in files.items():
-        if write_if_changed(out / name, data):
-            written.append(out / name)
+        if write_if_changed(home / name, data):
+            written.append(home / name)
+    if Path(out).resolve() != home:
+        make_dir(Path(out), private=True)
+        for name in (*files, "server.crt", "server.key"):
+            if write_if_changed(Path(out) / name, (home / name).read_bytes(), private=name == "server.key"):
+                written.append(Path(out) / name)
     return written
 
 
@@ -107,7 +116,7 @@ def _identity_json(record: IdentityRecord, role: str) -> bytes:
     return (json.dumps({"name": record.name, "role": role, "tags": record.tags}, indent=2, sort_keys=True) + "\n").encode()
 
 
-def write_device_files(fleet: "Fleet", record: IdentityRecord) -> list["Path"]:
+def write_device_files(fleet: "Fleet", record: IdentityRecord) -> list[Path]:
     """A device's agent.toml and bundle (and its identity record if it changed)."""
     cfg = configs.agent_config(fleet.settings, fleet.layout.root, record.name, record.tags)
     toml = configs.toml_bytes(cfg, f"lepton agent config for device {record.name} (fleet {fleet.settings.name})")
@@ -115,7 +124,7 @@ def write_device_files(fleet: "Fleet", record: IdentityRecord) -> list["Path"]:
     return _write_role_files(fleet, record, "agent", toml, (configs.CERT_FILE, configs.KEY_FILE), extra)
 
 
-def write_coordinator_files(fleet: "Fleet", record: IdentityRecord) -> list["Path"]:
+def write_coordinator_files(fleet: "Fleet", record: IdentityRecord) -> list[Path]:
     """The coordinator's coordinator.toml and bundle."""
     toml = configs.toml_bytes(configs.coordinator_config(fleet.settings), f"lepton coordinator config (fleet {fleet.settings.name})")
     extra = [Member(COORDINATOR_UNIT, template(COORDINATOR_UNIT))]
@@ -124,7 +133,7 @@ def write_coordinator_files(fleet: "Fleet", record: IdentityRecord) -> list["Pat
 
 def _write_role_files(
     fleet: "Fleet", record: IdentityRecord, role: str, toml: bytes, names: tuple[str, str], extra: list[Member]
-) -> list["Path"]:
+) -> list[Path]:
     """Write ``<role>.toml`` next to the identity and its bundle; return what changed."""
     lay, written = fleet.layout, []
     if lay.write_record(record):

@@ -311,3 +311,30 @@ def test_bundle_is_reproducible_and_complete(tmp_path):
     assert not any(is_private_key(tarfile.open(fileobj=io.BytesIO(data)).extractfile(m).read())
                    for m in tarfile.open(fileobj=io.BytesIO(data)).getmembers()
                    if m.isfile() and not m.name.endswith("device.key"))
+
+
+def test_moving_the_broker_reissues_the_server_certificate_and_rewrites_configs_not_keys(tmp_path, capsys):
+    fleet = make_fleet(tmp_path / "f")
+    fleet.add_device("cam-1")
+    key = fleet.layout.key("cam-1").read_bytes()
+    settings = (fleet.root / "fleet.toml").read_text()
+    (fleet.root / "fleet.toml").write_text(settings.replace('host = "broker.example.net"', 'host = "mqtt.example.org"')
+                                           .replace('"broker.example.net",', '"mqtt.example.org",'))
+    out = tmp_path / "staged"
+    assert main(["provision", "broker-config", "--fleet", str(fleet.root), "--out", str(out), "--json"]) == 0
+    written = {Path(p).name for p in json.loads(capsys.readouterr().out)[0]["written"]}
+    assert {"server.crt", "server.key", "mosquitto.conf", "acl", "ca.crt", "crl.pem"} <= written
+    san = pki.load_cert(out / "server.crt").extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["mqtt.example.org"]
+    assert (out / "server.key").read_bytes() == (fleet.layout.broker_dir / "server.key").read_bytes()
+    assert stat.S_IMODE((out / "server.key").stat().st_mode) == 0o600
+    assert Fleet(fleet.root).add_device("cam-1").action == "updated"
+    assert 'host = "mqtt.example.org"' in (fleet.layout.identity_dir("cam-1") / "agent.toml").read_text()
+    assert fleet.layout.key("cam-1").read_bytes() == key
+
+
+def test_a_broken_fleet_toml_is_named(tmp_path):
+    fleet = make_fleet(tmp_path / "f")
+    (fleet.root / "fleet.toml").write_text((fleet.root / "fleet.toml").read_text() + "\n[broker2]\nport = 1\n")
+    with pytest.raises(ConfigError, match=r"fleet.toml: broker2: Extra inputs"):
+        Fleet(fleet.root)
