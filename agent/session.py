@@ -299,7 +299,9 @@ class Session:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         if self.connected.is_set() and not self._halt.is_set():
-            log.warning("lost the broker connection: %s", reason_code)
+            # paho reports a dropped socket or a missed keepalive as "Unspecified error".
+            why = "closed by the broker or the network, or keepalive expired" if reason_code.value == 128 else reason_code
+            log.warning("lost the broker connection (%s); reconnecting", why)
         self.connected.clear()
         self._lost.set()
 

@@ -223,7 +223,9 @@ def test_sigkill_mid_stream_20_times_loses_nothing(broker, consumer, topics, tmp
         assert floor - 1 <= max(acked, consumer.acked.get("dev1", 0)), "deleted before its ack"
         assert set(range(floor, next_seq)) == set(held), "an unacknowledged result is missing"
     agent = start(agents, cfg, tmp_path)
-    wait_for(lambda: consumer.acked.get("dev1", 0) >= next_seq - 1, 30, "the backlog acked")
+    seen = len(consumer.seqs("dev1"))
+    wait_for(lambda: consumer.acked.get("dev1", 0) >= next_seq - 1 and len(consumer.seqs("dev1")) > seen, 30,
+             "the backlog acked and new results")
     agent.signal(signal.SIGTERM)
     assert agent.wait(10) == 0
     integrity, counters, held = agent.outbox_state()

@@ -1,0 +1,80 @@
+"""Bad input to a running agent: one clear line naming the cause; retry what can come back, exit on what cannot."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from lepton.broker import MosquittoBroker, mosquitto_binary
+from lepton.protocol import Topics
+from test_agent_process import NOISE, agents, online, start  # noqa: F401  (fixtures)
+from test_agent_standins import AgentProcess, Consumer, agent_config, wait_for
+
+
+def log_lines(agent: AgentProcess, needle: str) -> list[str]:
+    return [line for line in agent.log_tail(400).splitlines() if needle in line]
+
+
+@pytest.mark.skipif(not shutil.which("mosquitto_passwd"), reason="mosquitto_passwd is not installed")
+def test_refused_credentials_are_named_and_retried_until_the_broker_accepts(tmp_path, prefix, agents):
+    if not mosquitto_binary():
+        pytest.skip("mosquitto is not installed")
+    passwords = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "other", "x"], check=True)
+    broker = MosquittoBroker(tmp_path / "broker", allow_anonymous=False, extra_conf=f"password_file {passwords}")
+    with broker:
+        secret = tmp_path / "secret"
+        secret.write_text("s3cret\n")
+        cfg = agent_config(tmp_path, broker.port, prefix, sources=NOISE)
+        cfg["broker"].update(username="dev1", password_file=str(secret), ready_timeout_s=1)
+        agent = start(agents, cfg, tmp_path)
+        refused = wait_for(lambda: log_lines(agent, "ERROR"), 15, "the refusal in the log")
+        assert "refused the connection: Not authorized" in refused[0]
+        assert "check broker username / password_file" in refused[0]
+        time.sleep(1.5)
+        assert agent.proc.poll() is None, "a refused login is retried, not fatal"
+        assert len(log_lines(agent, "ERROR")) == 1, "one line per state change, not per retry"
+        # The operator fixes the broker: the agent gets in without a restart.
+        subprocess.run(["mosquitto_passwd", "-b", str(passwords), "dev1", "s3cret"], check=True)
+        broker.proc.send_signal(signal.SIGHUP)
+        consumer = Consumer(broker.port, Topics(prefix), tmp_path / "c.db")
+        consumer.client.username_pw_set("other", "x")
+        consumer.start()
+        try:
+            online(consumer, agent, timeout=20)
+        finally:
+            consumer.close()
+
+
+def test_missing_camera_is_named_and_the_agent_keeps_running(broker, prefix, tmp_path, agents):
+    camera = [{"id": "cam0", "type": "camera", "device": str(tmp_path / "video9"), "reconnect_s": 0.5}]
+    consumer = Consumer(broker.port, Topics(prefix), tmp_path / "c.db").start()
+    try:
+        agent = start(agents, agent_config(tmp_path, broker.port, prefix, sources=camera), tmp_path)
+        online(consumer, agent)
+        lines = wait_for(lambda: log_lines(agent, "cannot open"), 15, "the camera error")
+        assert "video9" in lines[0]
+        time.sleep(1.0)
+        assert agent.proc.poll() is None and len(log_lines(agent, "cannot open")) == 1
+    finally:
+        consumer.close()
+
+
+def test_a_model_that_does_not_verify_exits_non_zero_naming_it(broker, prefix, tmp_path):
+    from lepton.models.registry import default_registry
+
+    entry = default_registry().get("digits-int8")
+    registry = tmp_path / "registry"
+    shutil.copytree(entry.directory, registry / "digits-int8")
+    model = registry / "digits-int8" / entry.path.name
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    cfg = agent_config(tmp_path, broker.port, prefix, sources=NOISE)
+    cfg["models"] = {"dir": str(registry), "trusted_keys": [str(k) for k in default_registry().trusted_keys]}
+    agent = AgentProcess(cfg, tmp_path).start()
+    assert agent.wait(30) == 1
+    lines = [line for line in agent.log_tail(50).splitlines() if line.startswith("lepton: error:")]
+    assert len(lines) == 1 and "digits-int8" in lines[0], agent.log_tail()
