@@ -7,9 +7,12 @@ LeptonError subclasses and become one line in lepton.cli.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from pathlib import Path
+
+from lepton.errors import LeptonError
 
 FLEET_ENV = "LEPTON_FLEET"
 
@@ -37,11 +40,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _fleet_arg(b)
     b.add_argument("--out", type=Path, help="directory to write to (default: <fleet>/broker)")
     b.add_argument("--json", action="store_true", help="print what was written as JSON")
-    b.set_defaults(func=_broker_config)
+    b.set_defaults(func=_guarded(_broker_config))
     ls = sub.add_parser("list", help="list the fleet's identities: role, tags, certificate expiry, revoked")
     _fleet_arg(ls)
     ls.add_argument("--json", action="store_true", help="print JSON")
-    ls.set_defaults(func=_list)
+    ls.set_defaults(func=_guarded(_list))
+
+
+def _guarded(func):
+    """A file system error (unwritable directory, full disk) becomes one clean line."""
+    @functools.wraps(func)
+    def run(args) -> int:
+        try:
+            return func(args)
+        except OSError as exc:
+            where = f" {exc.filename}" if exc.filename else ""
+            raise LeptonError(f"cannot write or read{where}: {exc.strerror or exc}") from None
+    return run
 
 
 def _fleet_arg(p: argparse.ArgumentParser) -> None:
@@ -64,7 +79,7 @@ def _init_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--broker-dir", dest="dir_", metavar="PATH",
                    help="where the broker's files will live on the broker host (default: <DIR>/broker)")
     p.add_argument("--json", action="store_true", help="print what was written as JSON")
-    p.set_defaults(func=_init)
+    p.set_defaults(func=_guarded(_init))
 
 
 def _device_parser(sub: argparse._SubParsersAction) -> None:
@@ -76,7 +91,7 @@ def _device_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tags", help="comma-separated tags (replace the device's tags; default: keep them)")
     p.add_argument("--rotate", action="store_true", help="issue a new key and certificate (also re-admits a revoked id)")
     p.add_argument("--json", action="store_true", help="print what was done as JSON")
-    p.set_defaults(func=_device)
+    p.set_defaults(func=_guarded(_device))
 
 
 def _bulk_parser(sub: argparse._SubParsersAction) -> None:
@@ -88,7 +103,7 @@ def _bulk_parser(sub: argparse._SubParsersAction) -> None:
     _fleet_arg(p)
     p.add_argument("--rotate", action="store_true", help="issue new keys and certificates for every listed device")
     p.add_argument("--json", action="store_true", help="print what was done as JSON (no progress bar)")
-    p.set_defaults(func=_bulk)
+    p.set_defaults(func=_guarded(_bulk))
 
 
 def _simple(sub, name, metavar, func, help_text):
@@ -96,7 +111,7 @@ def _simple(sub, name, metavar, func, help_text):
     p.add_argument("name", metavar=metavar)
     _fleet_arg(p)
     p.add_argument("--json", action="store_true", help="print what was done as JSON")
-    p.set_defaults(func=func)
+    p.set_defaults(func=_guarded(func))
 
 
 # --- handlers ---------------------------------------------------------------------

@@ -72,6 +72,8 @@ class Fleet:
         """
         layout = Layout(Path(root).resolve())
         path = layout.root / SETTINGS_FILE
+        if layout.root.is_dir() and not path.exists() and any(layout.root.iterdir()):
+            raise ConfigError(f"{layout.root} is not empty and not a fleet directory; choose a new or empty one")
         if path.exists():
             current = load_settings(layout.root)
             if current != settings:

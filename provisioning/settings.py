@@ -129,7 +129,7 @@ def parse_settings(data: dict, where: str = SETTINGS_FILE) -> FleetSettings:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"]) or "(top)"
-        raise ConfigError(f"{where}: {loc}: {err['msg']}") from None
+        raise ConfigError(f"{where}: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 def settings_toml(settings: FleetSettings) -> bytes:

@@ -84,6 +84,11 @@ def test_init_again_changes_nothing_and_refuses_other_settings(tmp_path):
     with pytest.raises(ConfigError, match="already a fleet with other settings"):
         Fleet.create(root, new_settings(root, ["other.example.net"]))
     assert snapshot(root) == before
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty and not a fleet"):
+        Fleet.create(tmp_path / "home", new_settings(tmp_path / "home", ["broker.example.net"]))
+    assert [p.name for p in (tmp_path / "home").iterdir()] == ["notes.txt"]
 
 
 def test_keys_are_born_0600(tmp_path, monkeypatch):

@@ -126,6 +126,7 @@ def test_install_sh_stages_coordinator_and_agent_on_one_host(tmp_path, wheel):
         assert (prefix / "etc/systemd/system/lepton-agent.service.d/jetson.conf").exists()
         check_installed(prefix, agent, fleet, "agent", "cam-1")
         units.append("lepton-agent.service")
+    print("installed and verified:", ", ".join(units))
     if shutil.which("systemd-analyze"):  # the units (and drop-in) against the venv just installed
         proc = verify_root(prefix, units)
         assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
