@@ -51,6 +51,7 @@ class Rebalancer:
         self._measured: set[str] = set()
         self._republish = False
         self._last: dict = {}  # the snapshot the last plan used: the baseline for drift
+        self._swept = 0.0
         self._thread: threading.Thread | None = None
         self.plans = 0
 
@@ -119,13 +120,18 @@ class Rebalancer:
         """What calls for a plan now ('' for nothing): stale devices, events, drift, the timer."""
         if self._take_republish():
             self._republish_all()
-        if time.time() - self.started >= self.stale_after_s:  # give devices one period to report after a restart
+        now = time.time()
+        sweep = now - self._swept >= 1.0  # telemetry wakes this thread often: sweep and check drift once a second
+        if sweep:
+            self._swept = now
+        # Give devices one period to report after a restart before calling any of them stale.
+        if sweep and now - self.started >= self.stale_after_s and self.registry.silent(now, self.stale_after_s):
             with write_tx(self.db):
-                stale = self.registry.mark_stale(time.time(), self.stale_after_s)
+                stale = self.registry.mark_stale(now, self.stale_after_s)
             if stale:
                 self.notify(stale)
         trigger = self._collect("")
-        drift = self._drift()
+        drift = self._drift() if sweep else ""
         if drift:
             trigger = f"{trigger}; {drift}" if trigger else drift
         return trigger or ("timer" if timer else "")

@@ -207,15 +207,18 @@ class FleetRegistry:
         return [Change("failed", device, model)]
 
     # --- liveness sweep (rebalancer) ------------------------------------------------
-    def mark_stale(self, now: float, stale_after_s: float) -> list[Change]:
-        """Online devices silent for longer than *stale_after_s* become stale."""
-        rows = self.db.query(
+    def silent(self, now: float, stale_after_s: float) -> list[dict]:
+        """Online devices that sent nothing for longer than *stale_after_s* (a read: no lock taken)."""
+        return list(self.db.query(
             "SELECT id, status_at, telemetry_at FROM devices WHERE liveness = 'online' "
             "AND max(coalesce(status_at, 0), coalesce(telemetry_at, 0)) < ?",
             [now - stale_after_s],
-        )
+        ))
+
+    def mark_stale(self, now: float, stale_after_s: float) -> list[Change]:
+        """Online devices silent for longer than *stale_after_s* become stale."""
         changes = []
-        for row in list(rows):
+        for row in self.silent(now, stale_after_s):
             silent = now - max(row["status_at"] or 0, row["telemetry_at"] or 0)
             self.db["devices"].update(row["id"], {"liveness": "stale"})
             detail = f"no telemetry for {silent:.1f} s (stale after {stale_after_s:g} s)"
