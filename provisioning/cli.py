@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from lepton.errors import LeptonError
+from lepton.protocol import DEFAULT_PREFIX
 
 FLEET_ENV = "LEPTON_FLEET"
 
@@ -72,7 +73,7 @@ def _init_parser(sub: argparse._SubParsersAction) -> None:
                    help="broker host name or IP address; repeat for more. Devices connect to the first; "
                    "the server certificate names all")
     p.add_argument("--name", help="fleet name (CA name, comments)")
-    p.add_argument("--prefix", help="MQTT topic prefix (default lepton/v1)")
+    p.add_argument("--prefix", help=f"MQTT topic prefix (default {DEFAULT_PREFIX})")
     p.add_argument("--port", type=int, help="broker TLS port (default 8883)")
     p.add_argument("--bind", help="address the broker's TLS listener binds (default: all)")
     p.add_argument("--coordinator", metavar="ID", help="the coordinator's certificate CN (default lepton-coordinator)")
