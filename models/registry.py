@@ -156,7 +156,7 @@ class Registry:
         for path, reason in problems:
             log.warning("model registry %s: skipping %s: %s", self.root, path, reason)
         if verified:
-            entries = [e for e, reason in self._checked(entries) if reason is None]
+            entries = [e for e, reason in self.check(entries) if reason is None]
         return entries
 
     def names(self) -> list[str]:
@@ -187,7 +187,8 @@ class Registry:
         verify_manifest(entry.manifest, self.public_keys())
         check_file(entry.manifest, entry.path)
 
-    def _checked(self, entries: list[Entry]) -> list[tuple[Entry, str | None]]:
+    def check(self, entries: list[Entry]) -> list[tuple[Entry, str | None]]:
+        """Each entry with None (trusted) or the reason it is not."""
         results = []
         for entry in entries:
             try:
@@ -199,7 +200,7 @@ class Registry:
 
     def verify_all(self) -> list[tuple[Entry, str | None]]:
         """Every parseable entry with None (trusted) or the reason it is not."""
-        return self._checked(self.list())
+        return self.check(self.list())
 
     def trusted_version(self, name: str) -> Version | None:
         """The newest version of ``name`` that verifies, or None."""

@@ -22,7 +22,13 @@ SEED = 20240611
 
 
 def seed_everything(seed: int = SEED) -> None:
-    """Same seed, same weights: Python, NumPy and TF seeds, deterministic TF kernels."""
+    """Same seed, same weights: Python, NumPy and TF seeds, deterministic TF kernels.
+
+    The session is cleared too: Keras numbers layers per process, and those
+    names end up in the .tflite, so a family built after another would
+    otherwise differ in bytes (not in weights) from one built alone.
+    """
+    tf.keras.backend.clear_session()
     tf.keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
 
