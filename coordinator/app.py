@@ -6,8 +6,8 @@
     coord.stop()
 
 ``run()`` is what ``lepton coordinator --config FILE`` does: start, tell
-systemd READY, ping its watchdog while ingest and the rebalancer live, stop on
-SIGTERM or SIGINT.
+systemd READY, ping its watchdog while ingest and the rebalancer live (the
+agent's sd_notify helper), stop on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 
-from lepton.coordinator import notify
+from lepton.agent.notify import Notifier, Watchdog
 from lepton.coordinator.bus import Bus
 from lepton.coordinator.catalog import Catalog
 from lepton.coordinator.config import CoordinatorConfig
@@ -47,6 +47,7 @@ class Coordinator:
         self.rebalancer: Rebalancer | None = None
         self._metrics_server = None
         self.base_url = ""
+        self.notifier = Notifier()
 
     def start(self) -> "Coordinator":
         """Run each init step in order; a failing step undoes the ones before it."""
@@ -65,7 +66,7 @@ class Coordinator:
     def stop(self) -> None:
         """Commit and acknowledge what arrived, say offline, close everything. Safe to call twice."""
         self.stopping.set()
-        notify.notify("STOPPING=1")
+        self.notifier.stopping()
         if self.ingest:
             self.ingest.join()
         if self.rebalancer:
@@ -138,25 +139,27 @@ class Coordinator:
         if self.rebalancer:
             self.rebalancer.notify(changes)
 
-    def healthy(self) -> bool:
-        """Whether the threads that matter still run (the watchdog pings only then)."""
-        threads = [t for t in (self.ingest and self.ingest._thread, self.rebalancer and self.rebalancer._thread) if t]
-        return len(threads) == 2 and all(t.is_alive() for t in threads)
+    def healthy(self) -> tuple[bool, str]:
+        """Whether the threads that matter still run (the systemd watchdog is pinged only then)."""
+        for name, part in (("ingest", self.ingest), ("rebalancer", self.rebalancer)):
+            thread = part._thread if part else None
+            if thread is None or not thread.is_alive():
+                return False, f"the {name} thread is not running"
+        return True, ""
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; the exit status for the CLI."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         self.start()
-        notify.notify(f"READY=1\nSTATUS=coordinator running, models at {self.base_url}")
-        interval = notify.watchdog_interval() or 1.0
-        while not self.stopping.wait(interval):
+        self.notifier.ready(f"coordinator running, models at {self.base_url}")
+        watchdog = Watchdog(self.notifier, self.healthy)
+        watchdog.start(self.stopping)
+        while not self.stopping.wait(1.0):
             self.metrics.ingest_queue.set(self.ingest.depth())
-            if self.healthy():
-                notify.notify("WATCHDOG=1")
-            else:
-                log.error("a coordinator thread died: withholding the watchdog ping")
         self.stop()
+        watchdog.join()
+        self.notifier.close()
         return 0
 
 

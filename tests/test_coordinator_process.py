@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -237,3 +238,25 @@ def test_silent_device_is_planned_around_once_its_will_fires(broker, prefix, tmp
         weak.close()
         watch.close()
         coord.stop()
+
+
+def test_systemd_ready_and_watchdog(broker, prefix, tmp_path):
+    """Under systemd: READY=1 once running, then WATCHDOG=1 pings at half of WATCHDOG_USEC."""
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(20)
+    coord = CoordinatorProcess(coordinator_config(tmp_path, broker.port, prefix),
+                               env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "1000000"}).start()
+    try:
+        got = []
+        while not any("WATCHDOG=1" in g for g in got):
+            got.append(sock.recv(4096).decode())
+        assert "READY=1" in got[0] and "models at http://127.0.0.1:" in got[0]
+        assert coord.stop() == 0
+        sock.settimeout(5)
+        while "STOPPING=1" not in got[-1]:  # pings queued before the stop come first
+            got.append(sock.recv(4096).decode())
+    finally:
+        coord.stop()
+        sock.close()

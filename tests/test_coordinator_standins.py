@@ -139,14 +139,15 @@ def coordinator_config(tmp: Path, broker_port: int, prefix: str, **sections) -> 
 class CoordinatorProcess:
     """``lepton coordinator --config FILE`` as a subprocess, with its log kept."""
 
-    def __init__(self, config: Path):
-        self.config = config
+    def __init__(self, config: Path, env: dict | None = None):
+        self.config, self.env = config, env or {}
         self.log = config.with_suffix(".log")
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "CoordinatorProcess":
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("NOTIFY_SOCKET", None)
+        env.update(self.env)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "lepton.cli", "coordinator", "--config", str(self.config)],
                                          stdout=log, stderr=log, env=env, start_new_session=True)
