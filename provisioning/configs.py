@@ -31,6 +31,9 @@ ZOO_PUB = "zoo.pub"
 CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "device.crt", "device.key"
 COORD_CERT_FILE, COORD_KEY_FILE = "coordinator.crt", "coordinator.key"
 COORDINATOR_CREDENTIALS = "/run/credentials/lepton-coordinator.service"
+# The unit's StateDirectory=lepton-coordinator: not /var/lib/lepton, which an agent
+# on the same host (another dynamic user) owns.
+COORDINATOR_DB = "/var/lib/lepton-coordinator/coordinator.db"
 
 AGENT_TEMPLATE_TEXT = """\
 # Base of every device's agent config in this fleet. `lepton provision
@@ -137,7 +140,7 @@ def coordinator_config(settings: FleetSettings) -> dict:
             "tls_cert": f"{creds}/{COORD_CERT_FILE}",
             "tls_key": f"{creds}/{COORD_KEY_FILE}",
         },
-        "db": {"path": "/var/lib/lepton/coordinator.db"},
+        "db": {"path": COORDINATOR_DB},
         "http": {"bind": http.bind, "port": http.port, "base_url": base_url},
         "models": {"trusted_keys": trusted_keys(settings)},
     }

@@ -281,6 +281,9 @@ def test_generated_configs_pass_the_agent_and_coordinator_validators(tmp_path):
     ccfg = coordinator_config.load_config(fleet.layout.identity_dir("lepton-coordinator") / "coordinator.toml")
     assert ccfg.broker.client_id == "lepton-coordinator" and ccfg.broker.tls_cert.endswith("coordinator.crt")
     assert ccfg.http.base_url == "http://broker.example.net:8080"
+    # Inside the unit's StateDirectory=, apart from the agent's /var/lib/lepton.
+    assert ccfg.db.path.startswith("/var/lib/lepton-coordinator/")
+    assert cfg.outbox.path.startswith("/var/lib/lepton/") and cfg.models.cache_dir.startswith("/var/lib/lepton/")
 
 
 def test_agent_check_config_accepts_the_bundle_as_installed(tmp_path, capsys):

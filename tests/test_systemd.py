@@ -96,7 +96,9 @@ def test_units_keep_the_promised_settings():
             "DynamicUser", "ProtectSystem", "NoNewPrivileges", "CapabilityBoundingSet", "SystemCallFilter",
             "RestrictAddressFamilies", "MemoryDenyWriteExecute", "LoadCredential", "UMask")}
         assert v["Type"] == ["notify"] and v["Restart"] == ["on-failure"] and v["WatchdogSec"], role
-        assert v["StartLimitIntervalSec"] and v["StartLimitBurst"] and v["StateDirectory"] == ["lepton"], role
+        # Separate state directories: both may run on one host, as two different dynamic users.
+        assert v["StartLimitIntervalSec"] and v["StartLimitBurst"], role
+        assert v["StateDirectory"] == [{"agent": "lepton", "coordinator": "lepton-coordinator"}[role]]
         assert v["DynamicUser"] == ["yes"] and v["ProtectSystem"] == ["strict"] and v["NoNewPrivileges"] == ["yes"]
         assert v["CapabilityBoundingSet"] == [""] and v["SystemCallFilter"][0] == "@system-service"
         assert v["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"] and v["MemoryDenyWriteExecute"] == ["yes"]
