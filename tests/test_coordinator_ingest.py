@@ -102,3 +102,41 @@ def test_payload_naming_another_device_is_refused(ingest, broker):
         assert db_rows(db, "SELECT device, seq FROM results") == [("dev-3", 1)]
     finally:
         dev.close()
+
+
+@pytest.mark.parametrize("version", ["3.1.1", "5"])
+def test_broker_queues_for_the_persistent_session_while_away(broker, prefix, tmp_path, version):
+    """Results published while the coordinator is down arrive when it reconnects under its client id."""
+    topics = Topics(prefix)
+    cfg = load_config(data={"prefix": prefix, "broker": {"port": broker.port, "client_id": "coord-away",
+                                                          "mqtt_version": version}})
+
+    def run_coordinator():
+        holder: dict = {}
+        bus = Bus(cfg.broker, topics, lambda item: holder["ingest"].submit(item))
+        ing = holder["ingest"] = Ingest(str(tmp_path / "c.db"), topics, bus)
+        stop = threading.Event()
+        ing.start(stop)
+        bus.start()
+        assert bus.wait_connected(5)
+        return bus, ing, stop
+
+    bus, ing, stop = run_coordinator()
+    dev = StandIn(broker.port, topics, "dev-1", streams=[CAM]).connect()
+    try:
+        dev.result(1)
+        wait_for(lambda: dev.last_ack() == 1, 5, what="first ack")
+        stop.set()
+        ing.join()
+        bus.stop()
+        infos = [dev.result(seq) for seq in range(2, 52)]
+        for info in infos:
+            info.wait_for_publish(5)
+        bus, ing, stop = run_coordinator()
+        wait_for(lambda: dev.last_ack() == 51, 10, what="queued results acked after the reconnect")
+        assert db_rows(tmp_path / "c.db", "SELECT count(*) FROM results") == [(51,)]
+    finally:
+        dev.close()
+        stop.set()
+        ing.join()
+        bus.stop()
