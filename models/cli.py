@@ -363,7 +363,7 @@ def cmd_bench(args) -> int:
     if args.json:
         _print_json(result)
         return 0
-    print(f"{entry.label()}: p50 {result['p50_ms']:.3f} ms  p95 {result['p95_ms']:.3f} ms  p99 {result['p99_ms']:.3f} ms  "
+    print(f"{entry.label()}: p50 {result['p50_ms']:.4g} ms  p95 {result['p95_ms']:.4g} ms  p99 {result['p99_ms']:.4g} ms  "
           f"{result['throughput_per_s']:.1f}/s  ({args.threads} thread(s), {args.iterations} iterations, "
           f"{result['runtime']} {result['runtime_version']})")
     if "profile" in result:

@@ -163,12 +163,21 @@ class Registry:
         """Model names present."""
         return sorted({e.name for e in self.list()})
 
-    def get(self, name: str, version: str | None = None) -> Entry:
-        """That version of ``name``, or the newest; ModelError if the registry lacks it."""
+    def get(self, name: str, version: str | None = None, verified: bool = False) -> Entry:
+        """That version of ``name``, or the newest; ModelError if the registry lacks it.
+
+        ``verified``: choose among versions that verify only, so a tampered
+        newer copy does not hide the trusted one before it.
+        """
         versions = [e for e in self.list() if e.name == name]
         if not versions:
             have = ", ".join(self.names()) or "none"
             raise ModelError(f"no model named {name!r} in registry {self.root} (models: {have})")
+        if verified:
+            checked = self.check(versions)
+            versions = [e for e, reason in checked if reason is None]
+            if not versions:
+                raise ModelError(f"no version of model {name} verifies in registry {self.root}: {checked[-1][1]}")
         if version is None:
             return versions[-1]
         wanted = Version(version) if _is_version(version) else None
@@ -228,7 +237,8 @@ class Registry:
                 extra_keys: list[Any] = ()) -> Entry:
         """Verify and atomically install a signed model version; returns its Entry.
 
-        Checks, in order: manifest format, signature (trusted keys +
+        ``manifest`` is a Manifest, its JSON bytes (e.g. as downloaded) or a
+        path to a manifest file; ``model_path`` the .tflite. Checks, in order: manifest format, signature (trusted keys +
         ``extra_keys``), the file's size and sha256, and that the version is
         not older than the newest trusted here. Re-installing an identical
         version returns the existing entry. Any failure raises ModelError and

@@ -157,6 +157,10 @@ def test_install_refuses_a_bad_file_and_keeps_the_old_version(tmp_path, keys):
     shutil.copyfile(zoo_dir() / "digits" / "model.tflite", corrupt)
     assert registry.install(manifest, corrupt).version == "2.0.0"
     assert [e.version for e in registry.list(verified=True)] == ["1.0.0", "2.0.0"]
+    # Tampered on disk afterwards: the newest trusted version is the one before it.
+    _flip(tmp_path / "reg" / "m" / "2.0.0" / "model.tflite", 500)
+    assert registry.get("m").version == "2.0.0"
+    assert registry.get("m", verified=True).version == "1.0.0"
 
 
 def test_install_ignores_and_cleans_half_finished_staging(tmp_path, keys):
