@@ -31,7 +31,7 @@ def test_one_agent_and_coordinator_lose_nothing_across_a_link_reset(fleet_factor
     cut_at = fleet.cut("dev-1", mode="reject")
     time.sleep(2)
     restored_at = fleet.restore("dev-1")
-    counter.wait_count(counter.count() + 10, timeout=30)
+    counter.wait_new(restored_at, 10, timeout=30)
     fleet.stop("dev-1")  # clean stop: the outbox says how many were numbered
 
     produced = fleet.produced()

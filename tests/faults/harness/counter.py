@@ -50,7 +50,7 @@ class ResultCounter:
         self._acks: list[tuple[float, str, int]] = []  # (monotonic, device, seq)
         self.telemetry: dict[str, Any] = {}  # device -> newest Telemetry message
         self.reported: dict[str, Any] = {}  # device -> newest Reported message
-        self._coordinator: list[tuple[float, str]] = []  # (monotonic, "online"/"offline")
+        self._coordinator: list[tuple[float, str, bool]] = []  # (monotonic, "online"/"offline", retained)
         self.client_id = client_id or f"lxf-counter-{uuid.uuid4().hex[:8]}"
         self._lock = threading.Lock()
         self._arrivals: list[Arrival] = []
@@ -123,7 +123,7 @@ class ResultCounter:
                 self._statuses.append(StatusEvent(now, message.device, message.state, message.reason,
                                                   bool(msg.retain)))
             elif parsed.kind == "coordinator":
-                self._coordinator.append((now, message.state))
+                self._coordinator.append((now, message.state, bool(msg.retain)))
             elif parsed.kind == "acks":
                 self._acks.append((now, message.device, message.seq))
             elif parsed.kind == "telemetry":
@@ -163,19 +163,24 @@ class ResultCounter:
         return before[-1] if before else None
 
     def wait_for(self, expected: Expected, timeout: float) -> float:
-        """Wait until every expected (device, seq) arrived; returns time.monotonic() then.
+        """Wait until every expected (device, seq) arrived.
 
-        TimeoutError lists how many are still missing per device.
+        Returns the arrival time (time.monotonic()) of the last of them to
+        arrive first, i.e. when the receiving end became complete, whenever
+        this was called. TimeoutError lists how many are still missing per device.
         """
         deadline = time.monotonic() + timeout
         while True:
-            seen: dict[str, set[int]] = {}
+            first: dict[tuple[str, int], float] = {}
             for a in self.arrivals():
-                seen.setdefault(a.device, set()).add(a.seq)
+                first.setdefault((a.device, a.seq), a.t)
+            seen: dict[str, set[int]] = {}
+            for dev, seq in first:
+                seen.setdefault(dev, set()).add(seq)
             want = expected_sets(expected, seen)
             missing = {d: len(s - seen.get(d, set())) for d, s in want.items()}
             if not any(missing.values()):
-                return time.monotonic()
+                return max((first[(d, q)] for d, s in want.items() for q in s), default=time.monotonic())
             if time.monotonic() > deadline:
                 raise TimeoutError(f"results still missing after {timeout}s: {missing}")
             time.sleep(0.02)
@@ -189,12 +194,38 @@ class ResultCounter:
             time.sleep(0.02)
         return time.monotonic()
 
-    def wait_status(self, device: str, state: str, timeout: float, after: float = 0.0) -> StatusEvent:
-        """Wait for a status *state* ("online"/"offline") of *device* seen at or after *after*."""
+    def wait_new(self, after: float, n: int, timeout: float, devices: Iterable[str] | None = None) -> float:
+        """Wait until each device has *n* new results since monotonic time *after* (seqs above
+        the highest it had sent before then: fresh production, not re-sends). Returns the time."""
+        devices = list(devices) if devices is not None else self.devices
+        if not devices:
+            raise ValueError("wait_new needs devices (pass devices= here or to the counter)")
+        deadline = time.monotonic() + timeout
+        while True:
+            items = self.arrivals()
+            short = {}
+            for dev in devices:
+                before = max((a.seq for a in items if a.device == dev and a.t < after), default=0)
+                fresh = len({a.seq for a in items if a.device == dev and a.t >= after and a.seq > before})
+                if fresh < n:
+                    short[dev] = fresh
+            if not short:
+                return time.monotonic()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"new results (of {n}) per device after {timeout}s: {short}")
+            time.sleep(0.05)
+
+    def wait_status(self, device: str, state: str, timeout: float, after: float = 0.0,
+                    live_only: bool = True) -> StatusEvent:
+        """Wait for a status *state* ("online"/"offline") of *device* seen at or after *after*.
+
+        *live_only*: ignore retained copies the broker replays on (re)subscribe;
+        only a status published while the counter listened says when it happened.
+        """
         deadline = time.monotonic() + timeout
         while True:
             for s in self.statuses(device):
-                if s.state == state and s.t >= after:
+                if s.state == state and s.t >= after and not (live_only and s.retained):
                     return s
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no {state!r} status from {device} within {timeout}s")
@@ -205,8 +236,16 @@ class ResultCounter:
         with self._lock:
             return max((seq for _, d, seq in self._acks if d == device), default=0)
 
+    def acked_at(self, device: str, seq: int) -> float | None:
+        """When the first ack covering *seq* for *device* arrived (time.monotonic()), or None."""
+        with self._lock:
+            return next((t for t, d, s in self._acks if d == device and s >= seq), None)
+
     def wait_acked(self, expected: dict[str, int], timeout: float) -> float:
-        """Wait until each device's ack reached its count in *expected*; returns time.monotonic() then."""
+        """Wait until each device's ack reached its count in *expected*.
+
+        Returns when the last of the covering acks arrived (time.monotonic()).
+        """
         unknown = set(expected) - set(self.devices)
         if unknown:
             raise ValueError(f"counter does not watch acks of {sorted(unknown)}: pass devices=")
@@ -214,7 +253,8 @@ class ResultCounter:
         while True:
             behind = {d: (self.acked(d), n) for d, n in expected.items() if self.acked(d) < n}
             if not behind:
-                return time.monotonic()
+                times = [self.acked_at(d, n) for d, n in expected.items() if n > 0]
+                return max((t for t in times if t is not None), default=time.monotonic())
             if time.monotonic() > deadline:
                 raise TimeoutError(f"acks (have, want) still behind after {timeout}s: {behind}")
             time.sleep(0.02)
@@ -224,11 +264,12 @@ class ResultCounter:
         with self._lock:
             return self._coordinator[-1][1] if self._coordinator else ""
 
-    def seen_coordinator(self, state: str, after: float = 0.0) -> bool:
-        """Whether a coordinator status *state* arrived at or after monotonic time *after*."""
+    def seen_coordinator(self, state: str, after: float = 0.0, live_only: bool = True) -> bool:
+        """Whether a coordinator status *state* arrived at or after monotonic time *after* (see wait_status)."""
         with self._lock:
-            return any(s == state and t >= after for t, s in self._coordinator)
+            return any(s == state and t >= after and not (live_only and r) for t, s, r in self._coordinator)
 
-    def seen_status(self, device: str, state: str, after: float = 0.0) -> bool:
-        """Whether *device* published status *state* at or after monotonic time *after*."""
-        return any(s.state == state and s.t >= after for s in self.statuses(device))
+    def seen_status(self, device: str, state: str, after: float = 0.0, live_only: bool = True) -> bool:
+        """Whether *device* published status *state* at or after monotonic time *after* (see wait_status)."""
+        return any(s.state == state and s.t >= after and not (live_only and s.retained)
+                   for s in self.statuses(device))

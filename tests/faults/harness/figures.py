@@ -40,14 +40,14 @@ def _sort_key(e: dict) -> tuple:
 
 def format_table(entries: list[dict]) -> list[str]:
     """Lines of the table, sorted by row number."""
-    lines = [f"{'row':>4}  {'result':<6}  {'time':>6}  {'test':<44}  figures"]
+    lines = [f"{'row':>6}  {'result':<6}  {'time':>6}  {'test':<44}  figures"]
     for e in sorted(entries, key=_sort_key):
         figs = e["figures"]
         keys = [k for k in LEAD if k in figs] + [k for k in figs if k not in LEAD]
         text = " ".join(f"{k}={_fmt(figs[k])}" for k in keys)
         label = e["name"] if len(e["name"]) <= 44 else e["name"][:43] + "~"
         result = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}.get(e["outcome"], e["outcome"].upper())
-        lines.append(f"{e['row']!s:>4}  {result:<6}  {e['duration_s']:>5.1f}s  {label:<44}  {text}")
+        lines.append(f"{e['row']!s:>6}  {result:<6}  {e['duration_s']:>5.1f}s  {label:<44}  {text}")
     return lines
 
 
