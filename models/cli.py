@@ -245,7 +245,12 @@ def cmd_inspect(args) -> int:
             "bench": read_profile(entry)}
     if args.json:
         _print_json(data)
-        return 0
+    else:
+        _print_entry(entry, data, problem)
+    return 0
+
+
+def _print_entry(entry, data: dict, problem: str | None) -> None:
     m = entry.manifest
     print(f"{m.name} {m.version}  ({m.family}/{m.variant}, {m.task}){'' if m.trained else '  UNTRAINED'}")
     print(f"  file      {entry.path}  {m.size} bytes  sha256 {m.sha256}")
@@ -260,7 +265,6 @@ def cmd_inspect(args) -> int:
     if data["bench"]:
         print(f"  bench     p50 {data['bench'].get('p50_ms')} ms ({data['bench'].get('threads')} thread(s))")
     print(f"  notes     {m.notes}")
-    return 0
 
 
 def _inspect_tflite(path: Path, as_json: bool) -> int:

@@ -39,6 +39,21 @@ def _model(batch_size: int | None = 1) -> tf.keras.Model:
     return tf.keras.Model(inp, out, name="vibration_mlp")
 
 
+def _describe(mean: np.ndarray, std: np.ndarray, keras_acc: float, train_samples: int) -> dict:
+    """What both variants share in their manifests."""
+    return {
+        "family": "vibration",
+        "task": "anomaly",
+        "trained": True,
+        "preprocess": {"kind": "window", "window": {
+            "length": LENGTH, "channels": CHANNELS, "fft": True,
+            "mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]}},
+        "postprocess": {"kind": "anomaly", "score": "output", "threshold": 0.5},
+        "heldout": "heldout.npz",
+        "train_metrics": {"keras_accuracy": keras_acc, "train_samples": train_samples},
+    }
+
+
 def build(out: Path) -> None:
     """Generate windows, train, convert both variants, save the held-out split; write vibration.json."""
     synth = load_synth()
@@ -57,17 +72,7 @@ def build(out: Path) -> None:
     predicted = trainer.predict(features(x_test.astype(np.float16).astype(np.float32), mean, std), verbose=0)[:, 0]
     keras_acc = float(np.mean((predicted > 0.5) == (y_test == 1)))
     print(f"vibration: keras held-out accuracy {keras_acc:.4f} on {len(y_test)}", flush=True)
-    common = {
-        "family": "vibration",
-        "task": "anomaly",
-        "trained": True,
-        "preprocess": {"kind": "window", "window": {
-            "length": LENGTH, "channels": CHANNELS, "fft": True,
-            "mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]}},
-        "postprocess": {"kind": "anomaly", "score": "output", "threshold": 0.5},
-        "heldout": "heldout.npz",
-        "train_metrics": {"keras_accuracy": keras_acc, "train_samples": len(y_train)},
-    }
+    common = _describe(mean, std, keras_acc, len(y_train))
     note = ("Bearing-fault detector for a 3-axis accelerometer sampled at {fs:g} Hz, {n}-sample windows in g. "
             "Trained on {t} synthetic windows (lepton.models.synth, seed {seed}): shaft harmonics + noise vs. "
             "outer-race impulses ringing a resonance, random severity. Score = fault probability. {q}")
