@@ -1,0 +1,82 @@
+"""Why a stream is served where it is: every device's latency terms and verdict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lepton.coordinator.planner.problem import build_problem, route_terms
+from lepton.coordinator.planner.result import Plan
+from lepton.coordinator.snapshot import Snapshot
+from lepton.errors import ConfigError
+
+SHOW = 20  # devices listed besides those that serve the stream
+
+
+def explain_stream(snap: Snapshot, stream_id: str, result: Plan, show: int = SHOW) -> dict[str, Any]:
+    """Candidates of one stream sorted by static latency, with a reason each.
+
+    Returns {"stream", "origin", "model", "rate_hz", "slo_ms", "routes",
+    "unserved", "devices": [{device, transfer_ms, propagation_ms, compute_ms,
+    static_ms, share, verdict}], "more": how many devices were not listed}.
+    """
+    spec = next((s for s in snap.streams if s.id == stream_id), None)
+    if spec is None:
+        raise ConfigError(f"--explain: no stream {stream_id!r} in the snapshot")
+    out: dict[str, Any] = {
+        "stream": spec.id, "origin": spec.origin, "model": spec.model, "rate_hz": spec.rate_hz,
+        "slo_ms": spec.slo_ms, "routes": [r.__dict__ for r in result.routes.get(stream_id, [])],
+        "unserved": result.unserved.get(stream_id, 0.0), "devices": [], "more": 0,
+    }
+    prob = build_problem(snap)
+    if stream_id not in prob.stream_ids:
+        out["note"] = f"origin {spec.origin!r} is offline: the stream is not planned"
+        return out
+    s = prob.stream_ids.index(stream_id)
+    n_dev = len(prob.dev_ids)
+    d = np.arange(n_dev)
+    with np.errstate(invalid="ignore"):
+        transfer, prop, comp = route_terms(prob, np.full(n_dev, s), d)
+    static = transfer + prop + comp
+    cand = set(prob.p_d[prob.s_start[s]:prob.s_start[s + 1]].tolist())
+    shares = {r.device: r.share for r in result.routes.get(stream_id, [])}
+    order = np.argsort(np.where(np.isnan(static), np.inf, static), kind="stable")
+    rows = []
+    for i in order:
+        dev = prob.dev_ids[i]
+        if len(rows) >= show and dev not in shares:
+            continue
+        rows.append({
+            "device": dev, "transfer_ms": _f(transfer[i]), "propagation_ms": _f(prop[i]),
+            "compute_ms": _f(comp[i]), "static_ms": _f(static[i]), "share": shares.get(dev, 0.0),
+            "verdict": _verdict(prob, spec, s, i, static[i], cand, shares.get(dev, 0.0)),
+        })
+    out["devices"] = rows
+    out["more"] = n_dev - len(rows)
+    return out
+
+
+def _f(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
+
+
+def _verdict(prob, spec, s: int, d: int, static: float, cand: set, share: float) -> str:
+    m = prob.s_model[s]
+    if share > 0:
+        return f"serves {share:.0%}"
+    if not prob.online[d]:
+        return "offline"
+    if prob.cpu[d] <= 0:
+        return "no usable CPU"
+    if not np.isfinite(prob.compute[m, d]):
+        return f"no compute time for {spec.model} here (model cannot run)"
+    if prob.model_mem[m] > prob.mem[d]:
+        return f"{spec.model} needs {prob.model_mem[m]:g} MB, device has {prob.mem[d]:g} MB"
+    if not np.isfinite(static):
+        return "no link for offloading"
+    if spec.slo_ms is not None and static > spec.slo_ms:
+        return f"static latency {static:.1f} ms exceeds the SLO {spec.slo_ms:g} ms"
+    if d not in cand:
+        return f"not among the {prob.params.candidates_k} lowest-latency devices"
+    return "candidate, not used: full, or others cheaper"
