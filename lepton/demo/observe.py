@@ -1,7 +1,7 @@
 """What the demo sees: an MQTT subscriber on the whole tree plus the coordinator's last plan.
 
 Everything shown comes from the same places an operator would look: the
-topic tree (as `mosquitto_sub -t 'lepton/v1/#'` shows it) and the
+topic tree (what `mosquitto_sub` shows on the prefix) and the
 coordinator's database (as `lepton status` reads it).
 """
 
