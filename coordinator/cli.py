@@ -12,6 +12,19 @@ from lepton.errors import ConfigError
 
 def register(subparsers) -> None:
     """Add the coordinator's subcommands to the ``lepton`` parser."""
+    _add_coordinator(subparsers)
+    _add_status(subparsers)
+    _add_events(subparsers)
+    try:
+        from lepton.coordinator.planner.cli import register as register_planner
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("lepton.coordinator.planner"):
+            raise
+    else:
+        register_planner(subparsers)
+
+
+def _add_coordinator(subparsers) -> None:
     p = subparsers.add_parser(
         "coordinator",
         help="run the fleet coordinator (ingest, placement, model server)",
@@ -34,6 +47,8 @@ def register(subparsers) -> None:
                       "(an id from `lepton status --json`, or 'last') instead of the fleet now")
     snap.set_defaults(func=_snapshot)
 
+
+def _add_status(subparsers) -> None:
     st = subparsers.add_parser(
         "status", help="the fleet as the coordinator sees it",
         description="Devices (liveness, load, outbox depth, acked results, desired and reported placement, "
@@ -43,6 +58,8 @@ def register(subparsers) -> None:
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(func=_status)
 
+
+def _add_events(subparsers) -> None:
     ev = subparsers.add_parser(
         "events", help="what changed in the fleet and why",
         description="The coordinator's event log: devices born, gone offline or stale, placements published, "
@@ -54,14 +71,6 @@ def register(subparsers) -> None:
     ev.add_argument("--kind", default="", help="only this kind (e.g. placement, device-offline)")
     ev.add_argument("--json", action="store_true", help="print JSON")
     ev.set_defaults(func=_events)
-
-    try:
-        from lepton.coordinator.planner.cli import register as register_planner
-    except ModuleNotFoundError as exc:
-        if not (exc.name or "").startswith("lepton.coordinator.planner"):
-            raise
-    else:
-        register_planner(subparsers)
 
 
 def _db_args(p: argparse.ArgumentParser) -> None:

@@ -64,24 +64,7 @@ def build(registry: FleetRegistry, params: dict, default_compute_ms: float = 50.
     links = registry.links()
     view = FleetView(snapshot={})
     snap_devices = [_device(d, links.get(d["id"]), d["id"] in online) for d in devices if d["capabilities"]]
-    streams = []
-    for row in registry.streams():
-        if row["device"] not in online:
-            continue
-        if row["model"] not in known:
-            view.skipped.append(f"{row['device']}/{row['stream']}: model {row['model']} is not in the registry")
-            continue
-        streams.append(row)
-    keys = stream_keys([(r["device"], r["stream"]) for r in streams])
-    snap_streams = []
-    for row in streams:
-        key = keys[(row["device"], row["stream"])]
-        view.streams[key] = (row["device"], row["stream"])
-        spec = {"id": key, "origin": row["device"], "model": row["model"], "rate_hz": row["rate_hz"],
-                "payload_bytes": row["payload_bytes"], "reply_bytes": row["reply_bytes"]}
-        if row["slo_ms"] is not None:
-            spec["slo_ms"] = row["slo_ms"]
-        snap_streams.append(spec)
+    snap_streams = _streams(registry, view, online, known)
     ids = [d["id"] for d in snap_devices]
     view.excluded = [(f["model"], f["device"]) for f in registry.failures(since=now - exclude_failed_s)
                      if f["device"] in ids]
@@ -98,6 +81,29 @@ def build(registry: FleetRegistry, params: dict, default_compute_ms: float = 50.
         "params": params,
     }
     return view
+
+
+def _streams(registry: FleetRegistry, view: FleetView, online: set[str], known: dict) -> list[dict]:
+    """Streams of online devices whose model the registry has; fills ``view.streams`` and ``view.skipped``."""
+    streams = []
+    for row in registry.streams():
+        if row["device"] not in online:
+            continue
+        if row["model"] not in known:
+            view.skipped.append(f"{row['device']}/{row['stream']}: model {row['model']} is not in the registry")
+            continue
+        streams.append(row)
+    keys = stream_keys([(r["device"], r["stream"]) for r in streams])
+    out = []
+    for row in streams:
+        key = keys[(row["device"], row["stream"])]
+        view.streams[key] = (row["device"], row["stream"])
+        spec = {"id": key, "origin": row["device"], "model": row["model"], "rate_hz": row["rate_hz"],
+                "payload_bytes": row["payload_bytes"], "reply_bytes": row["reply_bytes"]}
+        if row["slo_ms"] is not None:
+            spec["slo_ms"] = row["slo_ms"]
+        out.append(spec)
+    return out
 
 
 def _device(row: dict, link: dict | None, online: bool) -> dict:
