@@ -129,6 +129,12 @@ def m002_placement_results(db: Database) -> None:
     db["events"].create_index(["device", "id"])
 
 
+@migrations()
+def m003_measured_stream_rate(db: Database) -> None:
+    """The rate each stream really runs at, from telemetry (the birth states the configured one)."""
+    db["streams"].add_column("measured_hz", float)
+
+
 def open_db(path: str | Path, synchronous: str = "FULL", create: bool = True) -> Database:
     """Open (and migrate) the fleet database at *path* for this thread.
 

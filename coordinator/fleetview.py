@@ -9,7 +9,8 @@ replayed offline. Where a figure comes from, in order of trust:
   registry; else ``default_compute_ms``.
 - links: the device's measured rtt / up / down; else the hints in its birth
   (``capabilities.link``); else ``DEFAULT_LINK``.
-- streams: from the devices' births; a stream whose origin is not online
+- streams: from the devices' births, at the rate telemetry measured once it
+  has (else the configured one); a stream whose origin is not online
   produces nothing and is left out; so is one whose model the registry lacks.
 - current: the models each device reported loaded.
 - a (model, device) that failed to load within ``exclude_failed_s`` gets no
@@ -98,7 +99,8 @@ def _streams(registry: FleetRegistry, view: FleetView, online: set[str], known: 
     for row in streams:
         key = keys[(row["device"], row["stream"])]
         view.streams[key] = (row["device"], row["stream"])
-        spec = {"id": key, "origin": row["device"], "model": row["model"], "rate_hz": row["rate_hz"],
+        rate = row["rate_hz"] if row.get("measured_hz") is None else row["measured_hz"]
+        spec = {"id": key, "origin": row["device"], "model": row["model"], "rate_hz": rate,
                 "payload_bytes": row["payload_bytes"], "reply_bytes": row["reply_bytes"]}
         if row["slo_ms"] is not None:
             spec["slo_ms"] = row["slo_ms"]

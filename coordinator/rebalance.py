@@ -3,8 +3,9 @@
 A named thread with its own database connection. Ingest hands it ``Change``s
 (device offline by last will, a new device, a device back, streams added,
 a model that failed to load, new measurements); the thread itself finds
-stale devices (no telemetry for ``stale_after_s``) and measured compute or
-link figures that drifted past ``drift`` from what the last plan assumed.
+stale devices (no telemetry for ``stale_after_s``) and measured compute, link
+or stream-rate figures that drifted past ``drift`` from what the last plan
+assumed (a load spike is a stream rate that jumped).
 Events within ``debounce_s`` are planned together. Each plan builds a
 snapshot from the registry (``fleetview``), solves it with the planner, and
 publishes a new retained ``placement/desired`` generation only to devices
@@ -148,7 +149,7 @@ class Rebalancer:
         return flag
 
     def _drift(self) -> str:
-        """Measured compute or link figures that moved past ``drift`` since the last plan."""
+        """Measured compute, link or stream-rate figures that moved past ``drift`` since the last plan."""
         with self._lock:
             devices, self._measured = self._measured, set()
         if not devices or not self._last:
@@ -236,12 +237,15 @@ class Rebalancer:
 
 
 def _figures(snapshot: dict, devices: set[str]) -> dict[str, float]:
-    """Compute and link figures of *devices* in a snapshot, keyed for comparison."""
+    """Compute, link and stream-rate figures of *devices* in a snapshot, keyed for comparison."""
     out: dict[str, float] = {}
     for d in snapshot.get("devices", []):
         if d["id"] in devices:
             for k in ("uplink_mbps", "downlink_mbps", "rtt_ms"):
                 out[f"{d['id']}.{k}"] = d[k]
+    for stream in snapshot.get("streams", []):
+        if stream["origin"] in devices:
+            out[f"{stream['id']}.rate_hz"] = stream["rate_hz"]
     for mod in snapshot.get("models", []):
         for dev in devices:  # a first measurement replaces the bench default: compare with what was assumed
             ms = mod["compute_ms"].get(dev, mod.get("default_compute_ms"))

@@ -147,6 +147,8 @@ class FleetRegistry:
             if timing.count > 0:
                 self._add_compute(msg.device, model, timing.p50_ms, now)
         self._update_link(msg.device, msg.link, now)
+        for stream, hz in msg.streams.items():
+            self.db.execute("UPDATE streams SET measured_hz = ? WHERE device = ? AND stream = ?", [hz, msg.device, stream])
         if old["liveness"] == "stale" and old["state"] == "online":
             self.db["devices"].update(msg.device, {"liveness": "online"})
             self.event("device-online", msg.device, "telemetry again after stale", now=now)

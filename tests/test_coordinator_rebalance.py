@@ -170,3 +170,24 @@ def test_live_decision_replays_offline(fleet, tmp_path):
                             "--plan", "last"], check=True, capture_output=True, text=True).stdout
     recorded = json.loads(list(reg.db.query("SELECT snapshot FROM plans ORDER BY id DESC LIMIT 1"))[0]["snapshot"])
     assert json.loads(exact) == recorded
+
+
+def test_load_spike_in_measured_stream_rate_replans(fleet):
+    """A stream measured at 3x its configured rate is a drift; the next plan uses the measured rate."""
+    reg, reb, rec, _ = fleet
+    with reg.db.atomic():
+        reg.apply_status(m.Status(device="strong", state="offline", ts=time.time()), time.time())
+    reb.plan_once("test")
+    rec.take()
+    spike = m.Telemetry(device="weak", ts=time.time(), streams={"cam": 30.0})
+    with reg.db.atomic():
+        reg.apply_telemetry(spike, time.time())
+    from lepton.coordinator.registry import Change
+
+    reb.notify([Change("measured", "weak")])
+    assert reb._drift() == "drift cam.rate_hz 10->30"
+    reb.plan_once("spike")
+    row = list(reg.db.query("SELECT plan, snapshot FROM plans ORDER BY id DESC LIMIT 1"))[0]
+    assert json.loads(row["snapshot"])["streams"][0]["rate_hz"] == 30.0
+    # one core at 80% holds 10 inputs/s of 80 ms: two thirds of 30/s cannot be served
+    assert json.loads(row["plan"])["unserved"]["cam"] > 0.6
