@@ -146,9 +146,9 @@ def open_db(path: str | Path, synchronous: str = "FULL", create: bool = True) ->
     path = Path(path)
     if not create and not path.exists():
         raise ConfigError(f"no coordinator database at {path}")
-    if create:
-        path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(str(path), timeout=30.0, check_same_thread=False)
         db = Database(conn, execute_plugins=False)
         db.execute("PRAGMA busy_timeout=30000")
@@ -156,6 +156,8 @@ def open_db(path: str | Path, synchronous: str = "FULL", create: bool = True) ->
             db.enable_wal()
             migrations.apply(db)
         db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+    except OSError as exc:
+        raise ConfigError(f"cannot create coordinator database {path}: {exc.strerror}") from None
     except sqlite3.DatabaseError as exc:
         raise ConfigError(f"cannot open coordinator database {path}: {exc}") from None
     return db

@@ -260,3 +260,15 @@ def test_systemd_ready_and_watchdog(broker, prefix, tmp_path):
     finally:
         coord.stop()
         sock.close()
+
+
+def test_unusable_database_is_one_clear_line(tmp_path):
+    junk = tmp_path / "junk.db"
+    junk.write_text("not a database")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[db]\npath = "{junk}"\n[http]\nport = 0\n')
+    res = subprocess.run([sys.executable, "-m", "lepton.cli", "coordinator", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == f"lepton: error: cannot open coordinator database {junk}: file is not a database"
+    assert "Traceback" not in res.stderr
