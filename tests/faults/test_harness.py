@@ -238,3 +238,35 @@ def test_mqtt_client_tells_refused_from_accepted(fleet_factory):
     fleet.start("broker")
     client = fleet.mqtt_client("anyone")
     assert client.is_connected()
+
+
+def test_generated_tls_broker_runs_under_the_harness(fleet_factory):
+    """`lepton provision`'s mosquitto.conf (TLS, %u ACL) on the gateway: a device publishes
+    from its namespace with its certificate, an observer counts it, across a broker SIGKILL."""
+    provisioning = pytest.importorskip("lepton.provisioning.fleet")
+    from lepton.provisioning.settings import new_settings
+
+    fleet = fleet_factory(devices=1)
+    root = fleet.root / "pki"
+    pki, _ = provisioning.Fleet.create(root, new_settings(root, [fleet.gateway], prefix=fleet.prefix))
+    pki.add_device("dev-1")
+    pki.add_observer("ops")
+    pki.write_broker_files()
+    lay = pki.layout
+    fleet.start_generated_broker(lay.broker_dir / "mosquitto.conf")
+    tls = {"tls_ca": str(lay.ca_cert), "tls_cert": str(lay.cert("ops")), "tls_key": str(lay.key("ops"))}
+    counter = fleet.start_counter(**tls)
+    fleet.kill("broker")
+    fleet.start("broker")  # persistence on: the observer's session and subscription survive
+    host = fleet.host("dev-1")
+    subprocess.run([*host.exec_prefix(), "mosquitto_pub", "-h", fleet.gateway, "-p", str(fleet.broker.port),
+                    "--cafile", str(lay.ca_cert), "--cert", str(lay.cert("dev-1")), "--key", str(lay.key("dev-1")),
+                    "-i", "dev-1", "-q", "1", "-t", Topics(fleet.prefix).result("dev-1", "s0"),
+                    "-m", result_payload("dev-1", 1)], check=True, timeout=20)
+    counter.wait_count(1, timeout=10)
+    from .harness.clients import ConnectRefused
+
+    with pytest.raises(ConnectRefused):  # plain MQTT on the TLS port
+        fleet.mqtt_client("anon", timeout=3)
+    with pytest.raises(ConnectRefused):  # TLS, but no client certificate
+        fleet.mqtt_client("dev-1", timeout=3, tls_ca=str(lay.ca_cert))
