@@ -29,7 +29,8 @@ from lepton.protocol import messages as m
 log = logging.getLogger(__name__)
 
 REPLAN_KINDS = {"new-device", "online", "offline", "stale", "streams", "failed"}
-KEEP_PLANS = 200
+KEEP_PLANS = 200  # recorded plans (each with its snapshot) kept for replay
+KEEP_EVENTS = 100_000
 
 
 def planner_params(cfg) -> dict:
@@ -215,6 +216,7 @@ class Rebalancer:
                  result.solve_s, len(changed), json.dumps(result.to_json(), default=str), json.dumps(view.snapshot)],
             )
             self.db.execute("DELETE FROM plans WHERE id <= (SELECT max(id) FROM plans) - ?", [KEEP_PLANS])
+            self.db.execute("DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - ?", [KEEP_EVENTS])
         return changed
 
     def _republish_all(self) -> None:
