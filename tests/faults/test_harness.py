@@ -32,6 +32,7 @@ def result_payload(device: str, seq: int) -> bytes:
                          infer_ms=1.0, computed_on=device, output={"top": []}))
 
 
+@pytest.mark.netns
 def test_namespaces_reach_the_broker_and_nothing_else(fleet):
     """Each device publishes from its namespace; the counter sees every message, dup and inversion included."""
     fleet.start_broker(persistence=True)
@@ -60,6 +61,7 @@ def test_namespaces_reach_the_broker_and_nothing_else(fleet):
     assert counter.connects == 2
 
 
+@pytest.mark.netns
 @pytest.mark.row("link", "tbf shaping, measured both ways")
 @pytest.mark.parametrize("mbps", [2, 8, 20])
 def test_tbf_gives_the_configured_rate(fleet_factory, figures, mbps):
@@ -72,6 +74,7 @@ def test_tbf_gives_the_configured_rate(fleet_factory, figures, mbps):
         assert abs(value - mbps) <= 0.15 * mbps, f"{direction} {value:.2f} Mbit/s with tbf at {mbps}"
 
 
+@pytest.mark.netns
 def test_cut_drop_times_out_and_reject_refuses(fleet_factory):
     fleet = fleet_factory(devices=1)
     fleet.start_broker()
@@ -128,6 +131,7 @@ def test_proxy_stall_holds_data_until_resumed():
         echo.close()
 
 
+@pytest.mark.netns
 def test_processes_stop_pause_kill_restart(tmp_path, fleet_factory):
     group = ProcessGroup(tmp_path / "logs")
     beat = [sys.executable, "-c", "import time\nwhile True:\n    print('beat', flush=True); time.sleep(0.05)"]
@@ -207,6 +211,7 @@ def test_generated_configs_pass_the_parts_own_validation(tmp_path):
     assert cfg.http.port == 8123 and cfg.db.path == str(tmp_path / "coordinator.db")
 
 
+@pytest.mark.netns
 def test_stale_namespaces_of_a_dead_run_are_removed(netns):
     from .harness import Network, cleanup_stale
     from .harness.netns import sh
@@ -240,6 +245,7 @@ def test_mqtt_client_tells_refused_from_accepted(fleet_factory):
     assert client.is_connected()
 
 
+@pytest.mark.netns
 def test_generated_tls_broker_runs_under_the_harness(fleet_factory):
     """`lepton provision`'s mosquitto.conf (TLS, %u ACL) on the gateway: a device publishes
     from its namespace with its certificate, an observer counts it, across a broker SIGKILL."""

@@ -19,6 +19,7 @@ if not (registry.zoo_dir() / "digits-int8" / "manifest.json").is_file():
     pytest.skip("the zoo has no digits-int8 model yet (models/build)", allow_module_level=True)
 
 
+@pytest.mark.netns
 @pytest.mark.row("smoke", "one agent + coordinator, 2 s link reset")
 def test_one_agent_and_coordinator_lose_nothing_across_a_link_reset(fleet_factory, figures):
     fleet = fleet_factory(devices=1)
