@@ -76,7 +76,7 @@ class OutboxConfig(_Section):
     max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="most payload bytes kept; beyond it the policy applies")
     policy: Literal["drop-oldest"] = Field("drop-oldest", description="when full: drop the oldest result (counted and reported in telemetry)")
     resend_after_s: float = Field(30.0, gt=0, description="re-send unacknowledged results that waited this long for an ack (a broker may drop queued messages silently)")
-    inflight: int = Field(100, ge=1, le=65535, description="most results published and not yet PUBACKed by the broker")
+    inflight: int = Field(1000, ge=1, le=65535, description="most results published and not yet PUBACKed by the broker")
     batch_max: int = Field(256, ge=1, le=100000, description="most results committed in one transaction")
 
 

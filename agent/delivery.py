@@ -109,12 +109,25 @@ class Delivery:
             except Exception:  # the outbox thread must outlive any one bad moment
                 log.exception("delivery step failed; retrying")
                 time.sleep(TICK_S)
-            if stop is not None and (not self._inflight or time.monotonic() >= stop[2]
-                                     or not self.session.connected.is_set()):
-                stop[1].set()
-                return
+            if stop is not None:
+                self._drain_pubacks()
+                if not self._inflight or time.monotonic() >= stop[2] or not self.session.connected.is_set():
+                    stop[1].set()
+                    return
+                self.session.wake_on_puback = True
+
+    def _drain_pubacks(self) -> bool:
+        """Forget what the broker PUBACKed since last time; True if anything was."""
+        pubacks, any_ = self.session.pubacks, False
+        while pubacks:
+            generation, mid = pubacks.popleft()
+            if generation == self._generation:
+                self._inflight.pop(mid, None)
+                any_ = True
+        return any_
 
     def _handle(self, items: list[tuple]) -> tuple | None:
+        self._drain_pubacks()
         results: list[Pending] = []
         ack = 0
         stop = None
@@ -122,9 +135,6 @@ class Delivery:
             kind = item[0]
             if kind == "result":
                 results.append(item[1])
-            elif kind == "puback":
-                if item[1] == self._generation:
-                    self._inflight.pop(item[2], None)
             elif kind == "ack":
                 ack = max(ack, item[1])
             elif kind == "connected":
@@ -200,13 +210,20 @@ class Delivery:
         while self.may_send():
             room = self.cfg.inflight - len(self._inflight)
             if room <= 0:
+                self.session.wake_on_puback = True  # wake this thread when the window opens
+                if self._drain_pubacks():  # unless it opened while we looked
+                    continue
                 return
+            if self._cursor >= self.outbox.next_seq - 1:
+                return  # caught up: nothing to look up
             rows = self.outbox.pending(self._cursor, min(room, 500))
             if not rows:
                 return
-            now, floor = time.time(), self.outbox.floor
+            now, floor, lost = time.time(), self.outbox.floor, self.outbox.lost_upto
             for row in rows:
-                if not self._publish(row, _with_floor(row.payload, floor), now):
+                # A floor at or below a lost seq would stall the coordinator's ack at that gap.
+                payload = _with_floor(row.payload, floor) if row.floor <= lost else row.payload
+                if not self._publish(row, payload, now):
                     return
 
     def _publish(self, row: Row, payload: bytes, now: float) -> bool:

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic    TEXT NOT NULL,
     payload  BLOB NOT NULL,
     created  REAL NOT NULL,
-    deadline REAL
+    deadline REAL,
+    floor    INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS outbox_deadline ON outbox (deadline) WHERE deadline IS NOT NULL;
 CREATE TABLE IF NOT EXISTS counters (
@@ -58,7 +59,7 @@ class Pending:
 
 @dataclass(frozen=True)
 class Row:
-    """One stored result."""
+    """One stored result; ``floor`` is the one its payload carries (0: unknown)."""
 
     seq: int
     stream: str
@@ -66,6 +67,7 @@ class Row:
     payload: bytes
     created: float
     deadline: float | None
+    floor: int = 0
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and self.deadline < now
@@ -85,6 +87,9 @@ class Outbox:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
             self._db.executescript(SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(outbox)")}
+            if "floor" not in columns:  # a file from before the column existed
+                self._db.execute("ALTER TABLE outbox ADD COLUMN floor INTEGER NOT NULL DEFAULT 0")
             for name in COUNTERS:
                 self._db.execute("INSERT OR IGNORE INTO counters (name, value) VALUES (?, ?)",
                                  (name, 1 if name == "next_seq" else 0))
@@ -102,6 +107,10 @@ class Outbox:
             "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
         low = self._db.execute("SELECT min(seq) FROM outbox").fetchone()[0]
         self._floor = low if low is not None else self.next_seq
+        # Highest seq known lost (dropped or expired); what a payload's floor must exceed
+        # for the coordinator to acknowledge past the gap. Unknown across restarts: assume
+        # everything below the floor, so stored payloads get their floor refreshed once.
+        self.lost_upto = self._floor - 1 if self.dropped or self.expired else 0
 
     # --- reading ---------------------------------------------------------------
     @property
@@ -113,9 +122,9 @@ class Outbox:
         """Held results with ``seq > after_seq``, in seq order."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, stream, topic, payload, created, deadline FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
-                (after_seq, limit)).fetchall()
-        return [Row(r[0], r[1], r[2], bytes(r[3]), r[4], r[5]) for r in rows]
+                "SELECT seq, stream, topic, payload, created, deadline, floor FROM outbox WHERE seq > ? "
+                "ORDER BY seq LIMIT ?", (after_seq, limit)).fetchall()
+        return [Row(r[0], r[1], r[2], bytes(r[3]), r[4], r[5], r[6]) for r in rows]
 
     def stats(self) -> dict[str, int]:
         """Depth, bytes, counters: what telemetry reports."""
@@ -136,7 +145,7 @@ class Outbox:
             floor = self._floor if self.depth else seq
             rows = []
             for item in items:
-                rows.append(Row(seq, item.stream, item.topic, item.build(seq, floor), now, item.deadline))
+                rows.append(Row(seq, item.stream, item.topic, item.build(seq, floor), now, item.deadline, floor))
                 seq += 1
             size = sum(len(r.payload) for r in rows)
             self._tx(self._insert, rows, seq)
@@ -153,8 +162,8 @@ class Outbox:
 
     def _insert(self, rows: list[Row], next_seq: int) -> None:
         self._db.executemany(
-            "INSERT INTO outbox (seq, stream, topic, payload, created, deadline) VALUES (?, ?, ?, ?, ?, ?)",
-            [(r.seq, r.stream, r.topic, r.payload, r.created, r.deadline) for r in rows])
+            "INSERT INTO outbox (seq, stream, topic, payload, created, deadline, floor) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [(r.seq, r.stream, r.topic, r.payload, r.created, r.deadline, r.floor) for r in rows])
         self._db.execute("UPDATE counters SET value = ? WHERE name = 'next_seq'", (next_seq,))
 
     def ack(self, seq: int) -> int:
@@ -191,6 +200,7 @@ class Outbox:
             cut, n, freed = seq, n + 1, freed + length
         self._tx(self._delete_upto, cut, [("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (n,))])
         self.dropped += n
+        self.lost_upto = max(self.lost_upto, cut)
         self._removed(n, freed)
         return n
 
@@ -209,6 +219,7 @@ class Outbox:
 
             self._tx(delete)
             self.expired += len(rows)
+            self.lost_upto = max(self.lost_upto, max(r[0] for r in rows))
             self._removed(len(rows), sum(r[1] for r in rows))
         return len(rows)
 

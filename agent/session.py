@@ -147,7 +147,11 @@ class Session:
         self.cfg, self.client_id, self.topics, self.device = cfg, client_id, topics, device
         self.will, self.on_connect_messages = will, on_connect_messages
         self.inbound: queue.SimpleQueue[tuple[str, bytes, bool]] = queue.SimpleQueue()  # (topic, payload, retained)
-        self.events: queue.SimpleQueue[tuple] = queue.SimpleQueue()  # ("connected", gen) / ("puback", gen, mid, t)
+        self.events: queue.SimpleQueue[tuple] = queue.SimpleQueue()  # ("connected", gen), ("wake",)
+        # PUBACKs as (generation, mid): appended here without waking anyone; a
+        # reader that waits for one sets wake_on_puback to get a ("wake",) event.
+        self.pubacks: deque[tuple[int, int]] = deque()
+        self.wake_on_puback = False
         self.connected = threading.Event()
         self.generation = 0  # bumped on every accepted connection
         self.connects = 0
@@ -315,7 +319,10 @@ class Session:
         t = time.monotonic()
         key = (self.generation, mid)
         self.link.acked(key, t)
-        self.events.put(("puback", key[0], mid, t))
+        self.pubacks.append(key)
+        if self.wake_on_puback:
+            self.wake_on_puback = False
+            self.events.put(("wake",))
 
 
 def _reason(exc: BaseException) -> str:

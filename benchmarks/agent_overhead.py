@@ -1,0 +1,183 @@
+"""Agent pipeline overhead against a bare invoke loop, on the same model and thread count, in one run.
+
+The bare loop invokes the interpreter on one preprocessed tensor, as fast as
+it can. The pipeline is the agent's own: a synthetic source (faster than the
+model, so the model is the bottleneck), a StreamPipeline worker
+(preprocess, invoke, postprocess, Result), delivery (group commit to a real
+SQLite outbox with synchronous=FULL, then QoS 1 publish to a private
+Mosquitto). Printed: both throughputs, their ratio, the per-result overhead
+beyond invoke, and the process RSS.
+
+Targets: ratio >= 0.95 for mobilenet96, overhead <= 1 ms per result, RSS <= 150 MB.
+
+    python benchmarks/agent_overhead.py [--model mobilenet96] [--threads 1] [--seconds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+
+def load_runner(args):
+    from lepton.models.registry import Registry, default_registry
+    from lepton.models.runner import ModelRunner
+
+    registry = Registry(args.models_dir, trusted_keys=args.trusted_key or None) if args.models_dir else default_registry()
+    entry = registry.get(args.model)
+    registry.verify(entry)
+    return ModelRunner.from_entry(entry, num_threads=args.threads)
+
+
+def bare_loop(runner, seconds: float) -> tuple[float, float]:
+    """(invokes per second, mean invoke ms) of invoke() alone on one preprocessed tensor."""
+    h, w = (runner.input.shape[1], runner.input.shape[2]) if len(runner.input.shape) == 4 else (96, 96)
+    tensor = runner.preprocess(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8))
+    n, times = 0, []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        runner.invoke(tensor)
+        times.append(time.perf_counter() - t0)
+        n += 1
+    return n / (time.perf_counter() - start), statistics.fmean(times) * 1000
+
+
+def thread_cpu(broker) -> dict[str, float]:
+    """CPU seconds so far per thread of this process (by thread name), and of the broker process."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for t in psutil.Process().threads():
+        name = names.get(t.id, "native (interpreter pool, paho, ...)")
+        name = "stream workers" if name.startswith("stream-") else name
+        out[name] = out.get(name, 0.0) + t.user_time + t.system_time
+    if broker is not None and broker.proc is not None:
+        times = psutil.Process(broker.proc.pid).cpu_times()
+        out["mosquitto (other process)"] = times.user + times.system
+    return out
+
+
+def source_fps(bare_rate: float) -> float:
+    """A frame rate above what the model can take (1.2x the bare loop), so the model is the bottleneck
+    and the source does not burn a core making frames nobody takes."""
+    return min(10000.0, 1.2 * bare_rate)
+
+
+def pipeline_run(runner, seconds: float, workdir: Path, use_broker: bool, workers: int, fps: float) -> dict:
+    """Results per second through the agent's own pipeline, delivery and outbox."""
+    from lepton.agent.config import load_config
+    from lepton.agent.delivery import Delivery
+    from lepton.agent.outbox import Outbox
+    from lepton.agent.pipeline import StreamPipeline, Window
+    from lepton.agent.session import Outgoing, Session
+    from lepton.agent.sources import build_source
+    from lepton.broker import MosquittoBroker, mosquitto_binary
+    from lepton.protocol import Topics
+
+    broker = MosquittoBroker(workdir / "broker").start() if use_broker and mosquitto_binary() else None
+    port = broker.port if broker else 1
+    cfg = load_config(data={
+        "device_id": "bench", "broker": {"port": port},
+        "outbox": {"path": str(workdir / "outbox.db"), "max_rows": 10_000_000, "max_bytes": 2**34},
+        "sources": [{"id": "cam0", "type": "synthetic", "pattern": "digits", "fps": fps,
+                     "width": 96, "height": 96}],
+        "streams": [{"id": "s1", "source": "cam0", "model": "bench"}]})
+    topics = Topics(cfg.prefix)
+    stop = threading.Event()
+    session = Session(cfg.broker, "bench", topics, "bench", Outgoing(topics.status("bench"), b"{}", 1, True), lambda: [])
+    outbox = Outbox(cfg.outbox.path, cfg.outbox.max_rows, cfg.outbox.max_bytes)
+    delivery = Delivery(outbox, session, cfg.outbox)
+    source = build_source(cfg.sources[0])
+    timings = Window(600, maxlen=1_000_000)
+    pipeline = StreamPipeline(cfg.streams[0], "bench", topics, source, runner, delivery.submit, lambda n: timings,
+                              workers=workers, window_s=600)
+    try:
+        if broker:
+            session.start()
+            session.wait_connected(5)
+        delivery.start()
+        source.start(stop)
+        pipeline.start(stop)
+        time.sleep(1.0)  # settle: source running, first commits done
+        first, t0, cpu0 = pipeline.results.total, time.perf_counter(), thread_cpu(broker)
+        time.sleep(seconds)
+        n, elapsed = pipeline.results.total - first, time.perf_counter() - t0
+        cpu = {k: (v - cpu0.get(k, 0.0)) * 1000 / max(n, 1) for k, v in thread_cpu(broker).items()}
+        invoke_ms = statistics.fmean(timings.values()[-n:]) if n else 0.0
+    finally:
+        stop.set()
+        pipeline.join(3)
+        source.close()
+        delivery.stop(2)
+        session.close()
+        outbox_stats = outbox.stats()
+        outbox.close()
+        if broker:
+            broker.stop()
+    return {"results_per_s": n / elapsed, "invoke_ms": invoke_ms, "committed": outbox_stats["next_seq"] - 1,
+            "cpu_ms_per_result": {k: round(v, 3) for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v > 0.001},
+            "published": delivery.published, "frames_dropped": source.stats()["frames_dropped"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mobilenet96", help="model name in the registry")
+    parser.add_argument("--models-dir", default="", help="registry directory (default: the shipped zoo)")
+    parser.add_argument("--trusted-key", action="append", default=[], help="public key for --models-dir")
+    parser.add_argument("--threads", type=int, default=1, help="interpreter threads (both runs)")
+    parser.add_argument("--workers", type=int, default=1, help="pipeline worker threads (the agent's runtime.workers)")
+    parser.add_argument("--switch-interval-ms", type=float, default=0.0, help="sys.setswitchinterval for the run (0: Python's default)")
+    parser.add_argument("--fps", type=float, default=0.0, help="source frame rate (default: 1.2x the bare invoke rate)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each measured run")
+    parser.add_argument("--no-broker", action="store_true", help="commit to the outbox but publish nowhere")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args()
+
+    runner = load_runner(args)
+    runner.warmup(20)
+    bare_a = bare_loop(runner, args.seconds / 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.switch_interval_ms:
+            sys.setswitchinterval(args.switch_interval_ms / 1000)
+        pipe = pipeline_run(runner, args.seconds, Path(tmp), not args.no_broker, args.workers,
+                            args.fps or source_fps(bare_a[0]))
+    bare_b = bare_loop(runner, args.seconds / 2)
+    bare_rate = (bare_a[0] + bare_b[0]) / 2
+    ratio = pipe["results_per_s"] / bare_rate
+    overhead_ms = 1000 / pipe["results_per_s"] - 1000 / bare_rate
+    rss_mb = psutil.Process().memory_info().rss / 2**20
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    figures = {
+        "model": args.model, "threads": args.threads, "seconds": args.seconds,
+        "bare_invokes_per_s": round(bare_rate, 1), "bare_invoke_ms": round((bare_a[1] + bare_b[1]) / 2, 3),
+        "pipeline_results_per_s": round(pipe["results_per_s"], 1), "pipeline_invoke_ms": round(pipe["invoke_ms"], 3),
+        "ratio": round(ratio, 4), "overhead_ms_per_result": round(overhead_ms, 3),
+        "rss_mb": round(rss_mb, 1), "peak_rss_mb": round(peak_mb, 1),
+        "cpu_ms_per_result": pipe["cpu_ms_per_result"], "committed": pipe["committed"], "published": pipe["published"], "frames_dropped": pipe["frames_dropped"],
+    }
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        print(f"model {args.model}, {args.threads} thread(s), {args.seconds:.0f} s per run")
+        print(f"bare invoke loop : {bare_rate:8.1f} invokes/s ({figures['bare_invoke_ms']:.3f} ms each)")
+        print(f"agent pipeline   : {pipe['results_per_s']:8.1f} results/s (invoke {figures['pipeline_invoke_ms']:.3f} ms), "
+              f"{pipe['committed']} committed, {pipe['published']} published")
+        print(f"ratio            : {ratio:8.3f}   (target >= 0.95)")
+        print(f"overhead         : {overhead_ms:8.3f} ms per result beyond invoke (target <= 1 ms)")
+        print(f"RSS              : {rss_mb:8.1f} MB now, {peak_mb:.1f} MB peak (target <= 150 MB)")
+        print("CPU per result   : " + ", ".join(f"{k} {v:.3f} ms" for k, v in pipe["cpu_ms_per_result"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
