@@ -78,3 +78,44 @@ def test_a_model_that_does_not_verify_exits_non_zero_naming_it(broker, prefix, t
     assert agent.wait(30) == 1
     lines = [line for line in agent.log_tail(50).splitlines() if line.startswith("lepton: error:")]
     assert len(lines) == 1 and "digits-int8" in lines[0], agent.log_tail()
+
+
+def test_garbage_on_subscribed_topics_is_logged_and_changes_nothing(broker, prefix, tmp_path, agents):
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from lepton.protocol import encode
+    from lepton.protocol import messages as m
+
+    topics = Topics(prefix)
+    consumer = Consumer(broker.port, topics, tmp_path / "c.db", ack=False).start()
+    try:
+        agent = start(agents, agent_config(tmp_path, broker.port, prefix, sources=NOISE), tmp_path)
+        online(consumer, agent)
+        wait_for(lambda: len(consumer.seqs("dev1")) >= 5, 20, "results")
+        garbage = [
+            (topics.acks("dev1"), b"{not json"),
+            (topics.acks("dev1"), encode(m.Ack(device="dev2", seq=10**6))),  # someone else's ack
+            (topics.acks("dev1"), b'{"v":1,"device":"dev1","seq":-5}'),
+            (topics.desired("dev1"), b'{"v":1,"device":"dev1","generation":1,"ts":NaN}'),
+            (topics.coordinator_status(), b'{"v":1,"state":"online","ts":1,"extra":1}'),
+            (topics.acks("dev1"), b"[" * 40 + b"]" * 40),
+            (topics.acks("dev1"), b"x" * 300_000),
+        ]
+        sender = mqtt.Client(CallbackAPIVersion.VERSION2)
+        sender.connect("127.0.0.1", broker.port)
+        sender.loop_start()
+        for topic, payload in garbage:
+            sender.publish(topic, payload, qos=1).wait_for_publish(5)
+        lines = wait_for(lambda: len(log_lines(agent, "invalid message")) >= len(garbage) and
+                         log_lines(agent, "invalid message"), 10, "a line per bad message")
+        assert len(lines) == len(garbage) and all("\n" not in line for line in lines)
+        _, counters, held = agent.outbox_state()
+        assert counters["acked"] == 0 and held[0] == 1, "a bad or foreign ack deleted something"
+        sender.publish(topics.acks("dev1"), encode(m.Ack(device="dev1", seq=3)), qos=1).wait_for_publish(5)
+        wait_for(lambda: agent.outbox_state()[1]["acked"] == 3, 10, "a good ack to apply")
+        assert agent.proc.poll() is None
+        sender.disconnect()
+        sender.loop_stop()
+    finally:
+        consumer.close()

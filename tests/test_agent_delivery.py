@@ -56,11 +56,12 @@ def setup(broker, prefix, tmp_path):
     wire = Wire(broker.port, topics)
     parts = {}
 
-    def make(coordinator: str | None = None, **outbox):
+    def make(coordinator: str | None = None, mqtt_version: str = "3.1.1", **outbox):
         if coordinator:
             wire.coordinator(coordinator)
         cfg = load_config(data={"device_id": "dev1", "prefix": prefix,
-                                "broker": {"port": broker.port, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
+                                "broker": {"port": broker.port, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5,
+                                           "mqtt_version": mqtt_version},
                                 "outbox": {"path": str(tmp_path / "o.db"), **outbox}})
         will = Outgoing(topics.status("dev1"), b"{}", 1, True)
         session = Session(cfg.broker, "dev1", topics, "dev1", will, lambda: [])
@@ -118,9 +119,10 @@ def test_results_wait_while_the_coordinator_is_offline_then_go_in_order(setup):
     assert {g["floor"] for g in wire.got} == {4}  # raised past the dropped ones, so acks do not stall
 
 
-def test_unacked_results_are_resent_after_resend_after_s_until_acked(setup):
+@pytest.mark.parametrize("mqtt_version", ["3.1.1", "5"])
+def test_unacked_results_are_resent_after_resend_after_s_until_acked(setup, mqtt_version):
     make, wire, topics = setup
-    delivery, outbox = make(coordinator="online", resend_after_s=1.0)
+    delivery, outbox = make(coordinator="online", mqtt_version=mqtt_version, resend_after_s=1.0)
     wait_for(lambda: delivery.coordinator == "online", 5, "the coordinator's status")
     for _ in range(3):
         delivery.submit(result(topics))

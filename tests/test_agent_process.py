@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -76,8 +77,12 @@ def retained_status(port: int, topics: Topics, device: str):
 def test_digits_stream_publishes_correct_labels_then_stops_cleanly(broker, consumer, topics, tmp_path, agents):
     from lepton.models.registry import default_registry
 
+    from lepton.broker import free_port
+
     entry = default_registry().get("digits-int8")
-    agent = start(agents, agent_config(tmp_path, broker.port, topics.prefix), tmp_path)
+    metrics_port = free_port()
+    cfg = agent_config(tmp_path, broker.port, topics.prefix, metrics={"port": metrics_port})
+    agent = start(agents, cfg, tmp_path)
     birth = online(consumer, agent)
     assert birth.capabilities.cpu_count == os.cpu_count() and "digits-int8" in birth.capabilities.models
     assert birth.capabilities.runtime and birth.streams[0].id == "digits-cam" and birth.streams[0].payload_bytes > 0
@@ -93,6 +98,9 @@ def test_digits_stream_publishes_correct_labels_then_stops_cleanly(broker, consu
     assert seqs == sorted(seqs) and seqs[0] == 1
     telemetry = consumer.telemetry[-1]
     assert telemetry.models["digits-int8"].p50_ms > 0 and telemetry.frames_in > 0 and telemetry.link.rtt_ms is not None
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    assert 'lepton_agent_results_total{device="dev1"}' in metrics
+    assert 'lepton_agent_invoke_p95_seconds{device="dev1",model="digits-int8"}' in metrics
 
     started = time.monotonic()
     agent.signal(signal.SIGTERM)
