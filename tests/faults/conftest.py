@@ -18,6 +18,7 @@ import pytest
 from lepton.broker import mosquitto_binary
 
 from .harness import Fleet, cleanup_stale, unavailable_reason
+from .harness.procs import reap_orphans
 from .harness import figures as figtable
 
 _ENTRIES = pytest.StashKey[list]()
@@ -36,6 +37,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def _netns_reason() -> str | None:
+    reap_orphans()  # children a hard-killed earlier run left behind
     reason = unavailable_reason()
     if reason is None:
         cleanup_stale()

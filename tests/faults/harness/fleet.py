@@ -36,7 +36,7 @@ from .brokers import ConfFileBroker
 from .accounting import DbReport, DeliveryReport, Expected, check_db
 from .counter import ResultCounter
 from .netns import Host, Network
-from .procs import Proc, ProcessGroup, lepton_cmd
+from .procs import Proc, ProcessGroup, lepton_cmd, track, untrack
 from .proxy import DelayProxy
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class Fleet:
         """Start Mosquitto on the gateway address; kwargs go to MosquittoBroker (tls, acl_file, extra_conf...)."""
         self.broker = MosquittoBroker(self.root / "broker", host=self.gateway, persistence=persistence,
                                       max_queued_messages=max_queued_messages, **kwargs)
-        return self.broker.start()
+        return self._start_broker()
 
     def start_generated_broker(self, conf: Path | str, settings: dict[str, str] | None = None) -> MosquittoBroker:
         """Start Mosquitto with a generated config file (e.g. `lepton provision`'s, TLS + ACL), its
@@ -112,7 +112,13 @@ class Fleet:
         text = Path(conf).read_text() if isinstance(conf, Path) or "\n" not in str(conf) else str(conf)
         self.broker = ConfFileBroker(self.root / "broker", host=self.gateway, conf_text=text,
                                      settings=dict(settings or {}))
-        return self.broker.start()
+        return self._start_broker()
+
+    def _start_broker(self) -> MosquittoBroker:
+        broker = self._broker().start()
+        assert broker.proc is not None
+        track(broker.proc.pid)
+        return broker
 
     def start_counter(self, **kwargs) -> ResultCounter:
         """Start the receiving-end counter on the broker (kwargs: TLS / credentials)."""
@@ -246,7 +252,7 @@ class Fleet:
         (the broker: until it listens, always).
         """
         if name == "broker":
-            self._broker().start()
+            self._start_broker()
             return
         self._wait_online(self.procs[name].start(), wait)
 
@@ -256,6 +262,8 @@ class Fleet:
             if sig != signal.SIGKILL:
                 self._signal(name, signal.SIGCONT)  # a stopped broker cannot act on SIGTERM
             self._broker().stop(sig)
+            if self._broker().proc is not None:
+                untrack(self._broker().proc.pid)
         else:
             self.procs[name].stop(sig)
 
@@ -382,7 +390,7 @@ class Fleet:
             lambda: self.counter and self.counter.stop(),
             lambda: [(c.disconnect(), c.loop_stop()) for c in self._clients],
             self.procs.close,
-            lambda: self.broker and self.broker.kill(),
+            lambda: self.broker and self.stop("broker", signal.SIGKILL),
             lambda: [p.close() for p in self.proxies.values()],
             lambda: self.net and self.net.close(),
         ]

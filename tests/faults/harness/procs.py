@@ -12,14 +12,57 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 log = logging.getLogger(__name__)
+
+# Children are noted here (one directory per test process, one file per child
+# holding its start time) so a later run can kill what a hard-killed run left.
+TRACK_DIR = Path(tempfile.gettempdir()) / "lxf-children"
+
+
+def track(pid: int) -> None:
+    """Note child *pid* as ours until ``untrack``."""
+    try:
+        created = psutil.Process(pid).create_time()
+    except psutil.Error:
+        return
+    mine = TRACK_DIR / str(os.getpid())
+    mine.mkdir(parents=True, exist_ok=True)
+    (mine / str(pid)).write_text(repr(created))
+
+
+def untrack(pid: int) -> None:
+    (TRACK_DIR / str(os.getpid()) / str(pid)).unlink(missing_ok=True)
+
+
+def reap_orphans() -> list[int]:
+    """SIGKILL children noted by test processes that no longer exist; returns their pids."""
+    killed = []
+    for owner in TRACK_DIR.glob("*") if TRACK_DIR.is_dir() else ():
+        if not owner.name.isdigit() or psutil.pid_exists(int(owner.name)):
+            continue
+        for note in owner.glob("*"):
+            try:
+                proc = psutil.Process(int(note.name))
+                if repr(proc.create_time()) == note.read_text():  # not a reused pid
+                    proc.kill()
+                    killed.append(proc.pid)
+            except (psutil.Error, ValueError, OSError):
+                pass
+        shutil.rmtree(owner, ignore_errors=True)
+    if killed:
+        log.info("killed %d children of an earlier test run: %s", len(killed), killed)
+    return killed
 
 
 @dataclass
@@ -63,6 +106,7 @@ class Proc:
             out.flush()
             self.popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                           cwd=self.cwd, start_new_session=True)
+        track(self.popen.pid)
         self.starts += 1
         self.started_at = time.monotonic()
         log.info("started %s pid %s", self.name, self.pid)
@@ -88,6 +132,8 @@ class Proc:
             log.warning("%s ignored signal %s for %ss; killing it", self.name, sig, timeout)
             self._kill_group()
             return self.popen.wait(5)
+        finally:
+            untrack(self.popen.pid)
 
     def kill(self) -> int | None:
         """SIGKILL: a crash, no clean-up."""
@@ -110,9 +156,11 @@ class Proc:
         """Wait for the child to exit by itself; TimeoutError if it does not."""
         assert self.popen is not None
         try:
-            return self.popen.wait(timeout)
+            code = self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             raise TimeoutError(f"{self.name} still running after {timeout}s") from None
+        untrack(self.popen.pid)
+        return code
 
     def log_text(self) -> str:
         try:
@@ -183,12 +231,15 @@ class ProcessGroup:
     def close(self) -> None:
         """Kill every child still running (process group and all)."""
         for proc in self.procs.values():
+            if proc.popen is not None and not proc.running:
+                untrack(proc.popen.pid)
             if proc.running:
                 proc.send_signal(signal.SIGCONT)
                 proc._kill_group()
                 try:
                     assert proc.popen is not None
                     proc.popen.wait(5)
+                    untrack(proc.popen.pid)
                 except subprocess.TimeoutExpired:
                     log.error("%s (pid %s) did not die", proc.name, proc.pid)
 
