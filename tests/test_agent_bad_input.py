@@ -119,3 +119,33 @@ def test_garbage_on_subscribed_topics_is_logged_and_changes_nothing(broker, pref
         sender.loop_stop()
     finally:
         consumer.close()
+
+
+def test_tls_with_a_client_certificate_connects_and_bad_tls_files_stop_start_up(tmp_path, prefix, agents):
+    from lepton.broker import TLSFiles
+    from lepton.provisioning.pki import CA, cert_pem, key_pem, new_key
+
+    if not mosquitto_binary():
+        pytest.skip("mosquitto is not installed")
+    ca = CA.create("test fleet", 30)
+    files = {}
+    for name, cn, servers in (("server", "broker", ("127.0.0.1", "localhost")), ("dev1", "dev1", ())):
+        key = new_key()
+        files[name] = (tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
+        files[name][0].write_bytes(cert_pem(ca.issue(key.public_key(), cn, 30, server_names=servers)))
+        files[name][1].write_bytes(key_pem(key))
+    (tmp_path / "ca.crt").write_bytes(cert_pem(ca.cert))
+    tls = TLSFiles(tmp_path / "ca.crt", *files["server"])
+    with MosquittoBroker(tmp_path / "broker", tls=tls) as broker:
+        cfg = agent_config(tmp_path, broker.port, prefix, sources=NOISE)
+        cfg["broker"].update(tls_ca=str(tmp_path / "ca.crt"), tls_cert=str(files["dev1"][0]),
+                             tls_key=str(files["dev1"][1]))
+        agent = start(agents, cfg, tmp_path)
+        wait_for(lambda: log_lines(agent, "connected to broker"), 20, "a TLS connection")
+        assert not log_lines(agent, "ERROR")
+        agent.stop()
+        cfg["broker"]["tls_key"] = str(tmp_path / "missing.key")
+        bad = AgentProcess(cfg, tmp_path).start()
+        assert bad.wait(30) == 2
+        errors = [line for line in bad.log_tail().splitlines() if line.startswith("lepton: error:")]
+        assert len(errors) == 1 and "tls_cert/tls_key" in errors[0]
