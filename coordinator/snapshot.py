@@ -99,7 +99,13 @@ class Params(_Strict):
     )
     mip_gap: float = Field(1e-4, ge=0, lt=1, description="relative optimality gap at which the MILP stops")
     exact_max_binaries: Annotated[int, Field(ge=0)] = Field(
-        20000, description="above this many x[m,d] the planner goes straight to relax-and-fix"
+        1000, description="up to this many x[m,d] the whole MILP is branched on; above it, relax-and-fix"
+    )
+    large_fleet_streams: Annotated[int, Field(ge=1)] = Field(
+        4000, description="above this many active streams: greedy, then blocks re-solved as MILPs (path lns)"
+    )
+    block_streams: Annotated[int, Field(ge=1)] = Field(
+        1000, description="streams per block on the large-fleet path"
     )
 
 

@@ -301,15 +301,41 @@ def test_milp_matches_brute_force_and_never_loses_to_greedy(snap):
     assert p.objective == pytest.approx(brute_force(snap), rel=1e-6, abs=1e-6)
 
 
-def test_random_fleets_plans_are_feasible_on_every_path():
+@pytest.mark.parametrize("seed, extra, path", [
+    (1, {}, "milp"),
+    (2, {"exact_max_binaries": 0}, "relax-and-fix"),
+    (3, {"queueing": True}, "milp"),
+    (4, {"large_fleet_streams": 10, "block_streams": 15}, "lns"),
+    (5, {"large_fleet_streams": 10, "block_streams": 15, "queueing": True}, "lns"),
+])
+def test_random_fleets_plans_are_feasible_on_every_path(seed, extra, path):
     from lepton.coordinator.planner.synthetic import random_fleet
 
-    for seed, extra in ((1, {}), (2, {"exact_max_binaries": 0}), (3, {"queueing": True})):
-        snap = random_fleet(60, n_models=5, seed=seed, **extra)
-        p = plan(snap)
-        assert p.path == ("relax-and-fix" if extra.get("exact_max_binaries") == 0 else "milp")
-        assert p.objective <= p.greedy_objective + 1e-9
-        assert_feasible(snap, p)
+    snap = random_fleet(60, n_models=5, seed=seed, time_limit_s=2.0, **extra)
+    p = plan(snap)
+    assert p.path == path
+    assert p.objective <= p.greedy_objective + 1e-9
+    assert_feasible(snap, p)
+    if path == "lns":  # blocks re-solved until the time limit: it ends near the exact optimum
+        exact = plan({**snap, "params": {k: v for k, v in snap["params"].items() if k != "large_fleet_streams"}})
+        assert p.objective <= exact.objective * 1.02
+        assert p.solve_s < 2.5
+
+
+def test_lp_rounding_with_greedy_repair_is_feasible():
+    from lepton.coordinator.planner import formulation, solve
+    from lepton.coordinator.planner.problem import build_problem
+    from lepton.coordinator.planner.result import make_plan
+    from lepton.coordinator.planner.synthetic import random_fleet
+
+    snap = random_fleet(80, n_models=6, seed=7)
+    prob = build_problem(load_snapshot(snap))
+    form = formulation.build(prob)
+    lp = solve.milp_arrays(form, relax=True, time_limit=10, gap=0.0)
+    out = solve.lp_round(prob, form, lp.x, float(lp.fun), [])
+    p = make_plan(prob, out.sol, status=out.status, path=out.path, gap=out.gap, bound=out.bound, solve_s=0.0)
+    assert p.path == "lp-round" and p.gap is not None and p.gap >= 0
+    assert_feasible(snap, p)
 
 
 # --- snapshot format ------------------------------------------------------------------

@@ -48,11 +48,16 @@ def plan(snapshot: Snapshot | dict[str, Any]) -> Plan:
     prob = _problem(snapshot)
     if prob.n_streams == 0 or prob.p_s.size == 0:
         return _trivial(prob, started)
-    form = formulation.build(prob)
-    best, g_obj = solve.solve(prob, form, started)
+    built = []
+
+    def form_of(p):
+        built.append(formulation.build(p))
+        return built[-1]
+
+    best, _, g_obj = solve.solve(prob, form_of, started)
     return make_plan(prob, best.sol, status=best.status, path=best.path, gap=best.gap, bound=best.bound,
-                     solve_s=time.monotonic() - started, greedy_obj=g_obj, stats=_stats(prob, form),
-                     notes=best.notes)
+                     solve_s=time.monotonic() - started, greedy_obj=g_obj,
+                     stats=_stats(prob, built[0] if built else None), notes=best.notes)
 
 
 def _trivial(prob, started: float) -> Plan:

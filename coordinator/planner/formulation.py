@@ -49,6 +49,21 @@ class Formulation:
         return out
 
 
+@dataclass
+class Reserved:
+    """Capacity per device already taken by streams outside a sub-problem."""
+
+    cpu_ms: np.ndarray  # ms of inference per second
+    mem: np.ndarray  # MB held by models those streams use
+    up: np.ndarray  # Mbit/s
+    down: np.ndarray
+
+    @classmethod
+    def none(cls, n_dev: int) -> "Reserved":
+        z = np.zeros(n_dev)
+        return cls(z, z, z, z)
+
+
 class _Rows:
     """Accumulates COO triplets row block by row block."""
 
@@ -89,11 +104,11 @@ def _per_device(rows: _Rows, dev: np.ndarray, cols: np.ndarray, vals: np.ndarray
     rows.block(row_of[dev[keep]], cols[keep], vals[keep], np.full(binding.size, -np.inf), rhs[binding])
 
 
-def build(prob: Problem) -> Formulation:
-    """Build the MILP of a Problem."""
+def build(prob: Problem, reserved: Reserved | None = None) -> Formulation:
+    """Build the MILP of a Problem; `reserved` capacity is taken off every device first."""
     nx, ny, ns = prob.x_m.size, prob.p_s.size, prob.n_streams
     x0, y0, u0 = 0, nx, nx + ny
-    n_dev = len(prob.dev_ids)
+    res = reserved or Reserved.none(len(prob.dev_ids))
     cap = prob.params.utilization_cap
     rows = _Rows()
     pairs = np.arange(ny)
@@ -103,10 +118,10 @@ def build(prob: Problem) -> Formulation:
     # linking, disaggregated: y[s,d] - x[m,d] <= 0
     rows.block(np.concatenate([pairs, pairs]), np.concatenate([y0 + pairs, x0 + prob.p_x]),
                np.concatenate([np.ones(ny), -np.ones(ny)]), np.full(ny, -np.inf), np.zeros(ny))
-    _per_device(rows, prob.x_d, x0 + np.arange(nx), prob.model_mem[prob.x_m], prob.mem)
+    _per_device(rows, prob.x_d, x0 + np.arange(nx), prob.model_mem[prob.x_m], prob.mem - res.mem)
     cpu_ms = prob.s_rate[prob.p_s] * prob.p_compute
-    _per_device(rows, prob.p_d, y0 + pairs, cpu_ms, 1000.0 * prob.cpu * cap)
-    _link_rows(prob, rows, y0, u0, cap)
+    _per_device(rows, prob.p_d, y0 + pairs, cpu_ms, 1000.0 * prob.cpu * cap - res.cpu_ms)
+    _link_rows(prob, rows, y0, u0, cap * prob.up - res.up, cap * prob.down - res.down)
     c = np.concatenate([
         np.where(prob.x_current, 0.0, prob.load_cost),
         prob.weight[prob.p_s] * prob.p_total,
@@ -115,13 +130,13 @@ def build(prob: Problem) -> Formulation:
     var_ub = np.ones(nx + ny + ns)
     q_dev = np.zeros(0, int)
     if prob.params.queueing:
-        c, var_ub, q_dev = _queue_rows(prob, rows, c, var_ub, y0, cpu_ms)
+        c, var_ub, q_dev = _queue_rows(prob, rows, c, var_ub, y0, cpu_ms, res.cpu_ms)
     A, lb, ub = rows.matrix(c.size)
     return Formulation(c=c, A=A, lb=lb, ub=ub, var_lb=np.zeros(c.size), var_ub=var_ub,
                        nx=nx, ny=ny, ns=ns, nq=q_dev.size, q_dev=q_dev)
 
 
-def _link_rows(prob: Problem, rows: _Rows, y0: int, u0: int, cap: float) -> None:
+def _link_rows(prob: Problem, rows: _Rows, y0: int, u0: int, room_up: np.ndarray, room_down: np.ndarray) -> None:
     """Uplink and downlink per device, in Mbit/s.
 
     What origin o sends for stream s is a_s * (share served elsewhere)
@@ -134,16 +149,16 @@ def _link_rows(prob: Problem, rows: _Rows, y0: int, u0: int, cap: float) -> None
     remote = np.flatnonzero(~local)
     loc = np.flatnonzero(local)
     s_all = np.arange(ns)
-    for own, served, link in ((a, b, prob.up), (b, a, prob.down)):
+    for own, served, room in ((a, b, room_up), (b, a, room_down)):
         # own: what the origin sends (up) / receives (down); served: the same at the serving device
         const = np.bincount(prob.s_origin, weights=own, minlength=n_dev)
         dev = np.concatenate([prob.s_origin, prob.p_d[loc], prob.p_d[remote]])
         cols = np.concatenate([u0 + s_all, y0 + loc, y0 + remote])
         vals = np.concatenate([-own, -own[prob.p_s[loc]], served[prob.p_s[remote]]])
-        rhs = cap * link - const
-        # the worst case of a row is const + sum of remote terms: compare against cap * link
+        rhs = room - const
+        # the worst case of a row is const + sum of remote terms: compare against the room
         worst = np.bincount(prob.p_d[remote], weights=served[prob.p_s[remote]], minlength=n_dev) + const
-        binding = worst > cap * link + 1e-9
+        binding = worst > room + 1e-9
         keep = binding[dev] & (vals != 0)
         _binding_rows(rows, dev[keep], cols[keep], vals[keep], rhs, binding)
 
@@ -157,8 +172,8 @@ def _binding_rows(rows: _Rows, dev, cols, vals, rhs, binding) -> None:
     rows.block(row_of[dev], cols, vals, np.full(idx.size, -np.inf), rhs[idx])
 
 
-def _queue_rows(prob: Problem, rows: _Rows, c, var_ub, y0: int, cpu_ms: np.ndarray):
-    """q[d] >= slope_k * rho_d + icpt_k, rho_d = sum cpu_ms * y / (1000 cpu_d).
+def _queue_rows(prob: Problem, rows: _Rows, c, var_ub, y0: int, cpu_ms: np.ndarray, res_cpu_ms: np.ndarray):
+    """q[d] >= slope_k * rho_d + icpt_k, rho_d = (reserved + sum cpu_ms * y) / (1000 cpu_d).
 
     The objective weight turns sum_d Lq_d into the rate-weighted mean wait
     (Little's law), scaled like the rest of the internal objective.
@@ -169,13 +184,13 @@ def _queue_rows(prob: Problem, rows: _Rows, c, var_ub, y0: int, cpu_ms: np.ndarr
     q_of = np.full(len(prob.dev_ids), -1)
     q_of[dev] = q_col0 + np.arange(dev.size)
     rho_coef = cpu_ms / (1000.0 * prob.cpu[prob.p_d])
+    rho_res = res_cpu_ms[dev] / (1000.0 * prob.cpu[dev])
     ny = prob.p_s.size
     for k in range(slope.size):
         r = np.concatenate([np.searchsorted(dev, prob.p_d), np.arange(dev.size)])
         cols = np.concatenate([y0 + np.arange(ny), q_of[dev]])
         vals = np.concatenate([slope[k] * rho_coef, -np.ones(dev.size)])
-        rows.block(r, cols, vals, np.full(dev.size, -np.inf), np.full(dev.size, -icpt[k]))
-    mean_rate_per_ms = max(prob.s_rate.sum(), 1e-12) / 1000.0 / prob.n_streams
-    c = np.concatenate([c, np.full(dev.size, 1.0 / mean_rate_per_ms)])
+        rows.block(r, cols, vals, np.full(dev.size, -np.inf), -icpt[k] - slope[k] * rho_res)
+    c = np.concatenate([c, np.full(dev.size, 1000.0 / prob.mean_rate)])
     var_ub = np.concatenate([var_ub, np.full(dev.size, np.inf)])
     return c, var_ub, dev

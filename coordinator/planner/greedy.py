@@ -58,8 +58,7 @@ def objective(prob: Problem, sol: Solution) -> float:
     if prob.params.queueing and prob.n_streams:
         rho = device_load(prob, sol)
         used = np.unique(prob.p_d[sol.y > 0])
-        mean_rate_per_ms = max(prob.s_rate.sum(), 1e-12) / 1000.0 / prob.n_streams
-        total += float(queueing.lq_pwl(rho[used], prob.params.utilization_cap).sum()) / mean_rate_per_ms
+        total += float(queueing.lq_pwl(rho[used], prob.params.utilization_cap).sum()) * 1000.0 / prob.mean_rate
     return total
 
 

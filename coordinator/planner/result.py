@@ -32,7 +32,8 @@ class Plan:
 
     status: "optimal" (proved within params.mip_gap), "feasible" (a valid plan,
     optimality not proved) or "empty" (nothing to plan). path: "milp",
-    "relax-and-fix", "lp-round" or "greedy". objective: rate-weighted mean
+    "relax-and-fix", "lns" (large fleets: greedy improved block by block),
+    "lp-round" or "greedy". objective: rate-weighted mean
     latency plus penalties, ms. gap: relative gap to the best lower bound
     known (None when none is). unserved: stream -> share left unserved (only
     streams with a share > 0). inactive: streams whose origin is offline.
