@@ -162,6 +162,26 @@ class ResultCounter:
         before = [a for a in self.arrivals(device) if a.t < t]
         return before[-1] if before else None
 
+    def outage(self, fault_at: float, restored_at: float, device: str | None = None) -> dict[str, float | None]:
+        """One outage as the receiving end saw it (seconds, None where nothing was seen):
+
+        ``silence_s`` last result before the fault to first after the restore;
+        ``resume_s`` restore to the first result after it; ``detect_s`` fault
+        to the device's live "offline" status (its last will), when *device* is
+        given and the broker noticed before the restore (a will published when
+        the device comes back and takes over its old session is not detection).
+        """
+        last, first = self.last_before(fault_at, device), self.first_after(restored_at, device)
+        offline = None
+        if device is not None:
+            offline = next((s for s in self.statuses(device) if s.state == "offline"
+                            and fault_at <= s.t < restored_at and not s.retained), None)
+        return {
+            "silence_s": round(first.t - last.t, 3) if first and last else None,
+            "resume_s": round(first.t - restored_at, 3) if first else None,
+            "detect_s": round(offline.t - fault_at, 3) if offline else None,
+        }
+
     def wait_for(self, expected: Expected, timeout: float) -> float:
         """Wait until every expected (device, seq) arrived.
 
