@@ -107,6 +107,7 @@ class Telemetry(Message):
     offload_failed: Annotated[int, Field(ge=0)] = 0
     link: Link = Link()
     streams: dict[Id, NonNeg] = {}  # measured rate per stream (Hz)
+    downloads: dict[Id, Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]] = {}  # model -> share fetched
 
 
 # --- placement ----------------------------------------------------------------
@@ -204,6 +205,8 @@ class Reply(Message):
     origin: Id
     request: Annotated[int, Field(ge=0)]
     model: Id
+    version: str = ""  # the model version that ran it (results name it)
+    sha256: str = ""
     infer_ms: NonNeg = 0.0
     error: str = ""
     output: dict[str, Any] = {}

@@ -1,0 +1,171 @@
+"""Model delivery over real HTTP: download, resume, local copies, and every refusal (real keys, real files)."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from test_placement_kit import Store, build_version, flip_byte, make_keys, unloadable_version
+
+from lepton.agent.fetch import Fetcher
+from lepton.agent.reconcile import load_runner
+from lepton.errors import ModelError
+from lepton.models.registry import Registry, zoo_dir, zoo_public_key
+from lepton.protocol import messages as m
+
+
+class Runtime:
+    threads, delegate, warmup, slowdown = 1, "", 3, 1.0
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return make_keys(tmp_path / "keys")
+
+
+@pytest.fixture
+def store():
+    s = Store()
+    yield s
+    s.close()
+
+
+def fetcher_for(tmp_path: Path, public: Path, **kw) -> Fetcher:
+    zoo = Registry(zoo_dir(), trusted_keys=[zoo_public_key(), public])
+    return Fetcher(tmp_path / "cache", [public], local=[zoo], **kw)
+
+
+def cache_versions(fetcher: Fetcher) -> list[tuple[str, str]]:
+    return [(e.name, e.version) for e in fetcher.cache.list()] if fetcher.cache.root.is_dir() else []
+
+
+def test_download_verifies_installs_and_is_not_repeated(tmp_path, keys, store):
+    private, public = keys
+    ref = store.serve(build_version(tmp_path / "store", "digits", "2.0.0", private, public))
+    sampled = []
+    fetcher = fetcher_for(tmp_path, public, on_download=lambda n, s: sampled.append((n, s)))
+    entry = fetcher.ensure(ref)
+    assert (entry.name, entry.version, entry.manifest.sha256) == ("digits", "2.0.0", ref.sha256)
+    assert Path(entry.path).is_relative_to(tmp_path / "cache") and fetcher.downloaded == 1
+    assert not list((tmp_path / "cache" / ".downloads").iterdir()), "the part file is removed once installed"
+    assert sampled and sampled[0][0] == ref.size, "the download is measured for the link estimate"
+    # Already here: a second placement of the same version downloads nothing, even from a new process.
+    again = fetcher_for(tmp_path, public)
+    assert again.ensure(ref).manifest_path == entry.manifest_path and again.downloaded == 0
+
+
+def test_a_model_shipped_in_the_zoo_is_not_downloaded(tmp_path, keys):
+    _, public = keys
+    zoo = Registry(zoo_dir()).get("digits-int8")
+    man = zoo.manifest
+    ref = m.ModelRef(name=man.name, version=man.version, sha256=man.sha256, size=man.size,
+                     url="http://127.0.0.1:9/models/digits-int8/1.0.0/model.tflite")  # nothing listens there
+    fetcher = fetcher_for(tmp_path, public)
+    assert fetcher.ensure(ref).path == zoo.path and fetcher.downloaded == 0
+
+
+class FlakyHandler(BaseHTTPRequestHandler):
+    """Serves one file with Range support; the first whole-file answer breaks off halfway."""
+
+    protocol_version = "HTTP/1.1"
+    file: Path
+    etag: str
+    calls: list
+    sent: list
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        data = self.file.read_bytes()
+        rng = self.headers.get("Range")
+        start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+        self.calls.append((rng, self.headers.get("If-Range")))
+        self.send_response(206 if rng else 200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.send_header("ETag", self.etag)
+        if rng:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.end_headers()
+        if len(self.calls) == 1:
+            self.sent.append(len(data) // 2)
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(2)  # the link drops mid-file
+            return
+        self.sent.append(len(data) - start)
+        self.wfile.write(data[start:])
+
+
+def test_an_interrupted_download_resumes_with_a_range_request(tmp_path, keys, store):
+    private, public = keys
+    entry = build_version(tmp_path / "store", "digits", "2.0.0", private, public)
+    ref = store.serve(entry)
+    handler = type("H", (FlakyHandler,), {"file": Path(entry.path), "etag": f'"{ref.sha256}"', "calls": [], "sent": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, name="flaky-http", daemon=True).start()
+    try:
+        flaky = ref.model_copy(update={"url": f"http://127.0.0.1:{server.server_address[1]}/model.tflite"})
+        got = fetcher_for(tmp_path, public).ensure(flaky)
+    finally:
+        server.shutdown()
+        server.server_close()
+    half = ref.size // 2
+    assert handler.calls == [(None, None), (f"bytes={half}-", f'"{ref.sha256}"')], "one resume from the byte it had"
+    assert handler.sent == [half, ref.size - half], "only the missing half travelled again"
+    assert got.manifest.sha256 == ref.sha256 and Registry(got.manifest_path.parents[2], [public]).verify(got) is None
+
+
+def test_every_bad_model_is_refused_naming_the_check_and_nothing_is_installed(tmp_path, keys, store):
+    private, public = keys
+    fetcher = fetcher_for(tmp_path, public)
+    fetcher.ensure(store.serve(build_version(tmp_path / "store", "digits", "2.0.0", private, public)))
+    before = cache_versions(fetcher)
+
+    tampered = build_version(tmp_path / "store", "digits", "2.1.0", private, public)
+    ref = store.serve(tampered)
+    flip_byte(Path(tampered.path))  # the store's copy is changed after signing
+    stranger_private, stranger_public = make_keys(tmp_path / "stranger", "stranger")
+    unsigned_ref = store.serve(build_version(tmp_path / "store", "digits", "2.2.0", stranger_private, stranger_public))
+    older_ref = store.serve(build_version(tmp_path / "store", "digits", "1.5.0", private, public))
+    lying = ref.model_copy(update={"sha256": "0" * 64})
+    cases = [(ref, "sha256 check failed"), (unsigned_ref, "signature check failed"),
+             (older_ref, "version check failed: older than version 2.0.0"), (lying, "manifest check failed")]
+    for bad, why in cases:
+        with pytest.raises(ModelError, match=why):
+            fetcher.ensure(bad)
+        assert cache_versions(fetcher) == before, f"{bad.version}: nothing installed"
+        assert not list((tmp_path / "cache" / ".downloads").iterdir()), "no bad part file is kept to resume from"
+
+
+def test_a_verified_file_that_cannot_load_is_refused_and_removed(tmp_path, keys, store):
+    private, public = keys
+    fetcher = fetcher_for(tmp_path, public)
+    entry = fetcher.ensure(store.serve(unloadable_version(tmp_path / "store", "digits", "2.3.0", private)))
+    with pytest.raises(ModelError, match="digits 2.3.0: load check failed"):
+        load_runner(entry, Runtime)
+    fetcher.discard(entry)
+    assert ("digits", "2.3.0") not in cache_versions(fetcher), "a restart must not try it again"
+    assert Path(zoo_dir() / "digits" / "model.tflite").exists(), "the zoo is never touched"
+
+
+def test_slowdown_is_paused_and_reported(tmp_path):
+    entry = Registry(zoo_dir()).get("digits-int8")
+    fast, fast_ms = load_runner(entry, Runtime)
+
+    class Slow(Runtime):
+        slowdown = 40.0
+
+    slow, slow_ms = load_runner(entry, Slow)
+    assert slow_ms > 10 * fast_ms, "the reported invoke time includes the pause"
+    import time
+
+    import numpy as np
+
+    frame = np.zeros((8, 8, 3), np.uint8)
+    started = time.perf_counter()
+    out, ms = slow.run(frame)
+    wall = (time.perf_counter() - started) * 1000
+    assert wall >= 0.9 * ms and out["top"], "the pause really happens, outside the model"
