@@ -271,6 +271,10 @@ class Agent:
             window = self.timings.setdefault(model, Window(self.cfg.telemetry.window_s))
         return window
 
+    def reset_timing(self, model: str) -> None:
+        """Start *model*'s invoke-time window afresh (its times before a swap describe another file)."""
+        self.timings[model] = Window(self.cfg.telemetry.window_s)
+
     def birth(self) -> m.Status:
         """The retained ``online`` status with capabilities and streams."""
         import psutil
