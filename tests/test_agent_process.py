@@ -209,6 +209,14 @@ def test_broker_outage_30s_loses_nothing(broker, consumer, topics, tmp_path, age
     outage(broker, consumer, topics, tmp_path, agents, seconds=30)
 
 
+def restarted(agents, cfg, tmp_path, consumer) -> AgentProcess:
+    """Start the agent and wait for this run's own birth (results still arriving from a killed run do not count)."""
+    since = time.monotonic()
+    agent = start(agents, cfg, tmp_path)
+    wait_for(lambda: consumer.status_at("dev1", "online", since) or agent.proc.poll() is not None, 30, "its birth")
+    return agent
+
+
 def test_sigkill_mid_stream_20_times_loses_nothing(broker, consumer, topics, tmp_path, agents, long_run):
     rng = random.Random(7)
     cfg = agent_config(tmp_path, broker.port, topics.prefix,
@@ -217,7 +225,7 @@ def test_sigkill_mid_stream_20_times_loses_nothing(broker, consumer, topics, tmp
     kills = 100 if long_run else 20
     next_seq = 1
     for _ in range(kills):
-        agent = start(agents, cfg, tmp_path)
+        agent = restarted(agents, cfg, tmp_path, consumer)
         seen = len(consumer.seqs("dev1"))
         wait_for(lambda: len(consumer.seqs("dev1")) > seen or agent.proc.poll() is not None, 30, "a new result")
         time.sleep(rng.uniform(0, 0.3))
@@ -230,10 +238,8 @@ def test_sigkill_mid_stream_20_times_loses_nothing(broker, consumer, topics, tmp
         floor = held[0] if held else next_seq
         assert floor - 1 <= max(acked, consumer.acked.get("dev1", 0)), "deleted before its ack"
         assert set(range(floor, next_seq)) == set(held), "an unacknowledged result is missing"
-    agent = start(agents, cfg, tmp_path)
-    seen = len(consumer.seqs("dev1"))
-    wait_for(lambda: consumer.acked.get("dev1", 0) >= next_seq - 1 and len(consumer.seqs("dev1")) > seen, 30,
-             "the backlog acked and new results")
+    agent = restarted(agents, cfg, tmp_path, consumer)
+    wait_for(lambda: consumer.acked.get("dev1", 0) >= next_seq - 1, 30, "the backlog acked")
     agent.signal(signal.SIGTERM)
     assert agent.wait(10) == 0
     integrity, counters, held = agent.outbox_state()
