@@ -374,6 +374,9 @@ def test_snapshot_files_unreadable_or_not_json_are_config_errors(tmp_path):
 def test_committed_json_schema_is_the_models_schema_and_the_example_plans():
     committed = json.loads((ROOT / "docs" / "snapshot.schema.json").read_text())
     assert committed == snapshot_json_schema()
+    doc = (ROOT / "docs" / "planner.md").read_text()
+    block = doc.split("## JSON Schema of the snapshot", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    assert json.loads(block) == committed
     example = ROOT / "docs" / "examples" / "snapshot.json"
     p = plan(load_snapshot(example))
     assert p.unserved == {} and p.routes

@@ -1,4 +1,4 @@
-"""Which devices may serve which stream: candidate pruning, and fleet partitions.
+"""Which devices may serve which stream: candidate pruning.
 
 The static latency of stream s on a device d other than its origin splits as
 h(s) + v(d; L_s, R_s): a part that depends on the origin only and a part
@@ -34,18 +34,13 @@ def choose(prob: Problem) -> tuple[np.ndarray, np.ndarray]:
     held = np.zeros(prob.compute.shape, dtype=bool)
     for m, d in prob.current:
         held[m, d] = True
-    part = np.zeros(len(prob.dev_ids), int) if prob.part is None else prob.part
     out_s, out_d = [], []
     for m in np.unique(prob.s_model):
-        feas_m = feasible & np.isfinite(prob.compute[m]) & (prob.model_mem[m] <= prob.mem)
-        streams_m = np.flatnonzero(prob.s_model == m)
-        origin_part = part[prob.s_origin[streams_m]]
-        for p in np.unique(origin_part):
-            F = np.flatnonzero(feas_m & (part == p))
-            if F.size:
-                s, d = _group(prob, m, streams_m[origin_part == p], F, held[m, F])
-                out_s.append(s)
-                out_d.append(d)
+        F = np.flatnonzero(feasible & np.isfinite(prob.compute[m]) & (prob.model_mem[m] <= prob.mem))
+        if F.size:
+            s, d = _group(prob, m, np.flatnonzero(prob.s_model == m), F, held[m, F])
+            out_s.append(s)
+            out_d.append(d)
     if not out_s:
         return np.zeros(0, int), np.zeros(0, int)
     return np.concatenate(out_s), np.concatenate(out_d)
@@ -78,7 +73,7 @@ def _first_not(cols: np.ndarray, banned: np.ndarray, k: int) -> np.ndarray:
 
 
 def _group(prob: Problem, m: int, S: np.ndarray, F: np.ndarray, held_F: np.ndarray):
-    """Candidates of streams S (one model, one part) among devices F."""
+    """Candidates of streams S (all of one model) among the devices F able to run it."""
     k = prob.params.candidates_k
     k_cur = max(1, k // 4)
     sizes, grp = np.unique(np.c_[prob.s_L[S], prob.s_R[S]], axis=0, return_inverse=True)
@@ -123,15 +118,3 @@ def _spread_pool(prob: Problem, m: int, S: np.ndarray, F: np.ndarray, nearest: n
     per_s = 1000.0 * prob.cpu[F[ranked]] * prob.params.utilization_cap / np.maximum(prob.compute[m, F[ranked]], 1e-9)
     size = int(np.searchsorted(np.cumsum(per_s), 2.0 * prob.s_rate[S].sum())) + 1
     return ranked[:size]
-
-
-def stratified_parts(prob: Problem, parts: int) -> np.ndarray:
-    """Split devices into `parts` parts of like strength: rank devices by a
-    rough speed score and deal them out in turn, so every part gets its share
-    of the strong devices and of the weak ones."""
-    comp = np.where(np.isfinite(prob.compute), prob.compute, np.inf)
-    typical = np.median(comp, axis=0) if comp.shape[0] else np.zeros(len(prob.dev_ids))
-    score = typical / np.sqrt(np.maximum(prob.cpu, 1e-9)) + prob.rtt
-    rank = np.empty(len(prob.dev_ids), int)
-    rank[np.argsort(score, kind="stable")] = np.arange(len(prob.dev_ids))
-    return rank % parts

@@ -6,6 +6,7 @@ Registered by lepton.coordinator.cli through ``register(subparsers)``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 HELP = "plan placement for a fleet snapshot (offline)"
@@ -60,5 +61,9 @@ def run(args) -> int:
 
 
 def _dump(obj) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=False, allow_nan=False)
-    sys.stdout.write("\n")
+    try:
+        json.dump(obj, sys.stdout, indent=2, sort_keys=False, allow_nan=False)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `lepton plan --json | head`: the reader had enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

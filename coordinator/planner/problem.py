@@ -47,7 +47,6 @@ class Problem:
     current: set[tuple[int, int]]  # (model, device) held now
     slo: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per stream, inf: none
     mean_rate: float = 1.0  # the weights' unit (shared by every part of a partitioned fleet)
-    part: np.ndarray | None = None  # per device: the part it belongs to (None: one part)
     # candidate routes
     p_s: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
     p_d: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
@@ -112,12 +111,8 @@ class Problem:
         return sub, pair_idx, x_idx
 
 
-def build_problem(snap: Snapshot, parts: int = 1) -> Problem:
-    """Index the snapshot and choose candidate routes per stream.
-
-    With parts > 1 the devices are split into that many parts of like strength
-    and a stream only gets candidates in its origin's part (see partition).
-    """
+def build_problem(snap: Snapshot) -> Problem:
+    """Index the snapshot and choose candidate routes per stream."""
     devs = snap.devices
     dev_index = {d.id: i for i, d in enumerate(devs)}
     model_index = {m.name: i for i, m in enumerate(snap.models)}
@@ -154,8 +149,6 @@ def build_problem(snap: Snapshot, parts: int = 1) -> Problem:
     prob.mean_rate = float(mean_rate)
     from lepton.coordinator.planner import candidates  # it imports this module
 
-    if parts > 1:
-        prob.part = candidates.stratified_parts(prob, parts)
     s_idx, d_idx = candidates.choose(prob)
     _set_pairs(prob, s_idx, d_idx)
     return prob

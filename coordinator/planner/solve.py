@@ -96,9 +96,9 @@ def relax_and_fix(prob: Problem, form: Formulation, deadline: float) -> Outcome 
     frac = (xs > INTEGRAL_TOL) & (xs < 1 - INTEGRAL_TOL)
     if not frac.any():
         status = "optimal" if lp.status == 0 else "feasible"
-        return Outcome(clean(prob, _split(form, lp.x)), "relax-and-fix", status, 0.0 if bound else None, bound,
+        return Outcome(clean(prob, _split(form, lp.x)), "relax-and-fix", status, None if bound is None else 0.0, bound,
                        ["LP relaxation was integral"])
-    y_lp = lp.x[form.nx:form.nx + form.ny]
+    y_lp = np.where(lp.x[form.nx:form.nx + form.ny] > INTEGRAL_TOL, lp.x[form.nx:form.nx + form.ny], 0.0)
     free = np.unique(prob.p_s[frac[prob.p_x] & (y_lp > INTEGRAL_TOL)])
     note = f"relax-and-fix: {int(frac.sum())} of {form.nx} binaries fractional, {free.size} streams re-solved"
     start = Solution(x=xs > 0.5, y=y_lp, u=lp.x[form.nx + form.ny:form.nx + form.ny + form.ns])
@@ -142,7 +142,8 @@ def solve(prob: Problem, form_of, started: float) -> tuple[Outcome, Solution, fl
     solve the whole problem). Returns (best outcome, greedy solution, greedy objective).
     """
     limit = prob.params.time_limit_s
-    deadline = started + limit
+    # leave time to turn the solution into a Plan (about 0.1 s per 10,000 streams) within the limit
+    deadline = started + limit - min(0.1 * limit, 0.05 + 2e-5 * prob.n_streams)
     g_sol = greedy_solution(prob)
     greedy = Outcome(g_sol, "greedy", "feasible")
     g_obj = objective(prob, g_sol)
