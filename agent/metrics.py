@@ -55,16 +55,22 @@ class _TelemetryCollector:
         for name, value in self.collector.extra.items():
             kind = counter if name in ("published", "resent", "reconnects", "errors") else gauge
             yield kind(name, f"{name.replace('_', ' ')}", value)
-        for metric, doc, attr in (("invoke_p50_seconds", "median invoke time over the window", "p50_ms"),
-                                  ("invoke_p95_seconds", "95th percentile invoke time over the window", "p95_ms")):
-            g = GaugeMetricFamily(f"lepton_agent_{metric}", doc, labels=["device", "model"])
-            for model, timing in t.models.items():
-                g.add_metric([device, model], getattr(timing, attr) / 1000)
-            yield g
-        g = GaugeMetricFamily("lepton_agent_stream_rate_hz", "results per second per stream", labels=["device", "stream"])
-        for stream, rate in t.streams.items():
-            g.add_metric([device, stream], rate)
+        yield from _per_model_and_stream(t)
+
+
+def _per_model_and_stream(t: Any) -> Iterator[Any]:
+    from prometheus_client.core import GaugeMetricFamily
+
+    for metric, doc, attr in (("invoke_p50_seconds", "median invoke time over the window", "p50_ms"),
+                              ("invoke_p95_seconds", "95th percentile invoke time over the window", "p95_ms")):
+        g = GaugeMetricFamily(f"lepton_agent_{metric}", doc, labels=["device", "model"])
+        for model, timing in t.models.items():
+            g.add_metric([t.device, model], getattr(timing, attr) / 1000)
         yield g
+    g = GaugeMetricFamily("lepton_agent_stream_rate_hz", "results per second per stream", labels=["device", "stream"])
+    for stream, rate in t.streams.items():
+        g.add_metric([t.device, stream], rate)
+    yield g
 
 
 class MetricsServer:
@@ -82,7 +88,8 @@ class MetricsServer:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_TelemetryCollector(self.collector))
         try:
-            self._server, _thread = start_http_server(self.port, addr=self.bind, registry=registry)
+            self._server, thread = start_http_server(self.port, addr=self.bind, registry=registry)
+            thread.name = "metrics-http"
         except OSError as exc:
             raise ConfigError(f"metrics.port {self.port} on {self.bind}: {exc.strerror or exc}") from None
         log.info("Prometheus metrics on http://%s:%d/metrics", self.bind, self.port)

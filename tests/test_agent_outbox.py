@@ -10,7 +10,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule

@@ -15,7 +15,6 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from lepton.broker import MosquittoBroker, mosquitto_binary
 from lepton.protocol import Topics, decode
 from test_agent_standins import AgentProcess, Consumer, agent_config, wait_for
 
