@@ -163,6 +163,7 @@ class Session:
         self._lock = threading.Lock()
         self._halt = threading.Event()
         self._lost = threading.Event()
+        self._answered = False  # a CONNACK (accept or refuse) arrived on the current connection
         self._thread: threading.Thread | None = None
 
     # --- lifecycle --------------------------------------------------------------
@@ -266,6 +267,7 @@ class Session:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         self._up_since = 0.0
+        self._answered = False
         return client
 
     def _note_error(self, message: str) -> None:
@@ -276,6 +278,7 @@ class Session:
 
     # --- paho callbacks (network thread): tiny, never raise ----------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._answered = True
         try:
             if reason_code.is_failure:
                 hint = " (check broker username / password_file / certificates)" if reason_code.value in (4, 5, 134, 135) else ""
@@ -306,6 +309,11 @@ class Session:
             # paho reports a dropped socket or a missed keepalive as "Unspecified error".
             why = "closed by the broker or the network, or keepalive expired" if reason_code.value == 128 else reason_code
             log.warning("lost the broker connection (%s); reconnecting", why)
+        elif not self._answered and not self._halt.is_set():
+            # No CONNACK at all: a TLS broker that refuses our certificate (expired, revoked, another
+            # CA) closes the connection right after the handshake, and paho says only that it closed.
+            hint = ": is this device's certificate from the broker's CA, unexpired and not revoked?" if self._tls else ""
+            self._note_error(f"broker {self.cfg.host}:{self.cfg.port} closed the connection before accepting it{hint}")
         self.connected.clear()
         self._lost.set()
 
