@@ -108,7 +108,7 @@ class Collector:
 
 
 class TelemetryLoop:
-    """Publishes telemetry every ``interval_s`` on the device's telemetry topic (QoS 0)."""
+    """Publishes telemetry every ``interval_s`` on the device's telemetry topic (QoS 0), and a STATUS= line."""
 
     def __init__(self, collector: Collector, interval_s: float) -> None:
         self.collector, self.interval_s = collector, interval_s
@@ -125,6 +125,7 @@ class TelemetryLoop:
             try:
                 telemetry = self.collector.collect()
                 agent.session.publish(Outgoing(topic, encode(telemetry), 0))
+                agent.notifier.status(agent.status_line())  # `systemctl status` shows it; no-op elsewhere
             except Exception:  # one bad reading must not end telemetry
                 log.exception("telemetry failed")
 

@@ -270,8 +270,9 @@ def test_sd_notify_ready_after_broker_session_and_watchdog_pings(broker, consume
         ready = next(msg for msg in messages if msg.startswith("READY=1"))
         assert "broker connected" in ready  # READY waited for the broker session
         assert wait_for(lambda: consumer.last_status("dev1"), 5, "the birth").state == "online"
-        receive(lambda: messages.count("WATCHDOG=1") >= 3)
+        receive(lambda: messages.count("WATCHDOG=1") >= 3 and any(m.startswith("STATUS=") for m in messages))
         assert messages.count("WATCHDOG=1") >= 3
+        assert any(m.startswith("STATUS=1 stream(s)") and "results/s" in m for m in messages)
         agent.signal(signal.SIGTERM)
         receive(lambda: any(msg.startswith("STOPPING=1") for msg in messages))
         assert agent.wait(10) == 0
