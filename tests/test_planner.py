@@ -146,6 +146,8 @@ def test_an_slo_no_device_can_meet_leaves_the_stream_unserved():
     assert p.routes["tight"] == []
     assert p.routes["ok"] and p.status in ("optimal", "feasible")
     assert_feasible(snap, p)
+    why = {row["device"]: row["verdict"] for row in explain(snap, "tight", p)["devices"]}
+    assert why == {"a": "static latency 30.0 ms exceeds the SLO 5 ms", "b": "static latency 12.2 ms exceeds the SLO 5 ms"}
 
 
 def test_offline_device_serves_nothing_and_its_streams_are_not_planned():
@@ -423,3 +425,13 @@ def test_cli_bad_snapshot_or_stream_is_one_clear_error(tmp_path):
         run_cli(["plan", "--snapshot", str(path), "--explain", "ghost"])
     with pytest.raises(ConfigError, match="cannot read"):
         run_cli(["plan", "--snapshot", str(tmp_path / "none.json")])
+
+
+def test_importing_the_planner_does_not_load_scipy():
+    import subprocess
+    import sys
+
+    code = ("import sys, lepton.coordinator.planner, lepton.coordinator.planner.cli, lepton.coordinator.snapshot; "
+            "print('scipy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -118,12 +118,6 @@ def build_problem(snap: Snapshot) -> Problem:
     model_index = {m.name: i for i, m in enumerate(snap.models)}
     arr = lambda attr: np.array([float(getattr(d, attr)) for d in devs], dtype=float)  # noqa: E731
     online = np.array([d.online for d in devs], dtype=bool)
-    compute = np.full((len(snap.models), len(devs)), np.nan)
-    for mi, m in enumerate(snap.models):
-        if m.default_compute_ms is not None:
-            compute[mi, :] = m.default_compute_ms
-        for dev, ms in m.compute_ms.items():
-            compute[mi, dev_index[dev]] = ms
     active = [s for s in snap.streams if online[dev_index[s.origin]]]
     rate = np.array([s.rate_hz for s in active], dtype=float)
     mean_rate = rate.mean() if rate.size and rate.mean() > 0 else 1.0
@@ -134,7 +128,7 @@ def build_problem(snap: Snapshot) -> Problem:
         rtt=arr("rtt_ms"), online=online,
         model_names=[m.name for m in snap.models],
         model_mem=np.array([m.memory_mb for m in snap.models], dtype=float),
-        compute=compute,
+        compute=_compute_matrix(snap, dev_index),
         stream_ids=[s.id for s in active],
         inactive=[s.id for s in snap.streams if not online[dev_index[s.origin]]],
         s_origin=np.array([dev_index[s.origin] for s in active], dtype=int),
@@ -154,7 +148,19 @@ def build_problem(snap: Snapshot) -> Problem:
     return prob
 
 
+def _compute_matrix(snap: Snapshot, dev_index: dict[str, int]) -> np.ndarray:
+    """Inference ms per (model, device): compute_ms, else default_compute_ms, else NaN (cannot run)."""
+    compute = np.full((len(snap.models), len(dev_index)), np.nan)
+    for mi, m in enumerate(snap.models):
+        if m.default_compute_ms is not None:
+            compute[mi, :] = m.default_compute_ms
+        for dev, ms in m.compute_ms.items():
+            compute[mi, dev_index[dev]] = ms
+    return compute
+
+
 def inv_link(link: np.ndarray) -> np.ndarray:
+    """1 / link capacity, inf where there is no link."""
     with np.errstate(divide="ignore"):
         return np.where(link > 0, 1.0 / np.where(link > 0, link, 1.0), np.inf)
 
