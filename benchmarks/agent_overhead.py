@@ -90,7 +90,7 @@ def pipeline_run(runner, seconds: float, workdir: Path, use_broker: bool, worker
     from lepton.broker import MosquittoBroker, mosquitto_binary
     from lepton.protocol import Topics
 
-    broker = MosquittoBroker(workdir / "broker").start() if use_broker and mosquitto_binary() else None
+    broker = MosquittoBroker(workdir / "broker") if use_broker and mosquitto_binary() else None
     port = broker.port if broker else 1
     cfg = load_config(data={
         "device_id": "bench", "broker": {"port": port},
@@ -109,6 +109,7 @@ def pipeline_run(runner, seconds: float, workdir: Path, use_broker: bool, worker
                               workers=workers, window_s=600)
     try:
         if broker:
+            broker.start()
             session.start()
             session.wait_connected(5)
         delivery.start()
