@@ -103,6 +103,8 @@ def relax_and_fix_block(prob: Problem, sol: Solution, streams: np.ndarray, deadl
     if not frac.any():
         return clean(prob, merged)
     free = np.unique(prob.p_s[frac[prob.p_x] & (merged.y > INTEGRAL_TOL)])
+    if free.size == 0:
+        return clean(prob, merged)
     return resolve(prob, merged, free, deadline, fix_one=~frac & (xs >= 0.5), fix_zero=~frac & (xs < 0.5))
 
 

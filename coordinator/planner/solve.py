@@ -102,6 +102,9 @@ def relax_and_fix(prob: Problem, form: Formulation, deadline: float) -> Outcome 
     free = np.unique(prob.p_s[frac[prob.p_x] & (y_lp > INTEGRAL_TOL)])
     note = f"relax-and-fix: {int(frac.sum())} of {form.nx} binaries fractional, {free.size} streams re-solved"
     start = Solution(x=xs > 0.5, y=y_lp, u=lp.x[form.nx + form.ny:form.nx + form.ny + form.ns])
+    if free.size == 0:  # the fractional x carry no traffic: dropping them changes nothing
+        sol = clean(prob, start)
+        return Outcome(sol, "relax-and-fix", "feasible", _rel_gap(objective(prob, sol), bound), bound, [note])
     sol = blocks.resolve(prob, start, free, deadline, fix_one=~frac & (xs >= 0.5), fix_zero=~frac & (xs < 0.5))
     if sol is None:
         log.info("relax-and-fix MILP found nothing in time; rounding the LP")
