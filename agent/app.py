@@ -1,9 +1,11 @@
 """The device daemon: ``Agent.start()`` is the list of init steps, ``stop()`` undoes them.
 
-Extension points for placement (the next layer on top): ``desired`` holds the
-latest validated Desired message and ``on_desired`` is called with each one;
-``load_model`` / ``swap_stream_model`` change what a stream runs;
-``publish_reported`` tells the coordinator what this device runs.
+Placement (``reconcile.py``, ``fetch.py``, ``offload.py``, ``links.py``):
+each valid Desired for this device goes to the reconciler, which fetches,
+loads and switches models and routes (``switch``) and publishes what the
+device runs (``publish_reported``); the offload client sends routed frames
+to other devices, the offload server runs theirs here; the link estimate
+goes out in telemetry.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lepton.agent.inbound import Inbound
 from lepton.agent.notify import Notifier, Watchdog
 from lepton.agent.outbox import Outbox
 from lepton.agent.pipeline import StreamPipeline, Window
+from lepton.agent.placement import Placement, local_versions, make_fetcher
 from lepton.agent.session import Outgoing, Session
 from lepton.agent.telemetry import Collector, TelemetryLoop
 from lepton.errors import ConfigError, ModelError
@@ -55,12 +58,15 @@ def _zoo_registry(keys: list) -> Any:
     return Registry(zoo_dir(), trusted_keys=[zoo_public_key(), *keys])
 
 
-def check_references(cfg: AgentConfig, registry: Any = None) -> None:
-    """Every stream's model is in the registry and fits its source; ConfigError naming the stream."""
+def check_references(cfg: AgentConfig, registry: Any = None, fetcher: Any = None) -> None:
+    """Every stream's model is here (registry or delivered cache) and fits its source; ConfigError naming the stream."""
     registry = registry or open_registry(cfg)
+    fetcher = fetcher or make_fetcher(cfg, registry)
     for index, stream in enumerate(cfg.streams):
+        found = local_versions(fetcher, stream.model, stream.version or None)
         try:
-            entry = registry.get(stream.model, stream.version or None)
+            # Nothing verified: the registry names what is missing; a copy that does not verify fails at load (exit 1).
+            entry = found[0] if found else registry.get(stream.model, stream.version or None)
         except ModelError as exc:
             raise ConfigError(f"streams[{index}].model: {exc}") from None
         kind = entry.manifest.preprocess.kind
@@ -88,6 +94,14 @@ class Agent:
         self.pipelines: dict[str, StreamPipeline] = {}
         self.desired: m.Desired | None = None
         self.on_desired: Callable[[m.Desired], None] = self._log_desired
+        self.fetcher: Any = None
+        self.links: Any = None
+        self.reconciler: Any = None
+        self.offload_client: Any = None
+        self.offload_server: Any = None
+        self.prober: Any = None
+        self.placement: Any = None
+        self.inbound_stop = threading.Event()  # set after in-flight offloads are answered, not with stop_event
         self.generation = 0  # the placement generation applied (none yet)
         self.started_at = 0.0
         self.outbox: Outbox | None = None
@@ -105,6 +119,7 @@ class Agent:
             self.init_sources()
             self.init_session()
             self.init_delivery()
+            self.init_placement()
             self.init_pipelines()
             self.start_sources()
             self.init_inbound()
@@ -118,7 +133,8 @@ class Agent:
 
     def init_models(self) -> None:
         self.registry = open_registry(self.cfg)
-        check_references(self.cfg, self.registry)
+        self.fetcher = make_fetcher(self.cfg, self.registry, on_download=self._downloaded)
+        check_references(self.cfg, self.registry, self.fetcher)
         for stream in self.cfg.streams:
             if stream.model not in self.runners:
                 self.load_model(stream.model, stream.version or None)
@@ -152,12 +168,22 @@ class Agent:
         self.delivery.start()
         self._steps.append(lambda: self.delivery.stop(timeout=3.0))
 
+    def init_placement(self) -> None:
+        self.placement = Placement(self)
+        p = self.placement
+        self.links, self.offload_client, self.offload_server = p.links, p.offload_client, p.offload_server
+        self.reconciler, self.prober = p.reconciler, p.prober
+        self.on_desired = self.reconciler.submit
+        p.start()
+        self._steps.append(p.stop)
+
     def init_pipelines(self) -> None:
         rt = self.cfg.runtime
         for stream in self.cfg.streams:
             self.pipelines[stream.id] = StreamPipeline(
                 stream, self.device, self.topics, self.sources[stream.source], self.runners[stream.model],
-                self.delivery.submit, self.timing, rt.workers, rt.stall_s, self.cfg.telemetry.window_s)
+                self.delivery.submit, self.timing, rt.workers, rt.stall_s, self.cfg.telemetry.window_s,
+                offload=self.offload_client)
         for pipeline in self.pipelines.values():
             pipeline.start(self.stop_event)
         self._steps.append(self._stop_pipelines)
@@ -169,7 +195,7 @@ class Agent:
 
     def init_inbound(self) -> None:
         self.inbound = Inbound(self)
-        self.inbound.start(self.stop_event)
+        self.inbound.start(self.inbound_stop)
 
     def init_telemetry(self) -> None:
         self.collector = Collector(self)
@@ -228,16 +254,26 @@ class Agent:
                            agent_version=__version__)
         self.session.close([Outgoing(self.topics.status(self.device), encode(offline), 1, True)])
 
-    # --- models and placement (extension points) -----------------------------------------
+    # --- models and placement -------------------------------------------------------------
     def load_model(self, name: str, version: str | None = None) -> Any:
-        """Load, verify and warm up *name* from the registry; the runner, or ModelError."""
-        from lepton.models.runner import ModelRunner
+        """Load and warm up the newest local version of *name* that verifies and loads (or *version*); ModelError if none."""
+        from lepton.agent.reconcile import load_runner
 
-        rt = self.cfg.runtime
-        entry = self.registry.get(name, version)
-        self.registry.verify(entry)
-        runner = ModelRunner.from_entry(entry, num_threads=rt.threads, delegate=rt.delegate or None)
-        invoke_ms = runner.warmup(rt.warmup)
+        failure: ModelError | None = None
+        for entry in local_versions(self.fetcher, name, version):
+            try:
+                runner, invoke_ms = load_runner(entry, self.cfg.runtime)
+                break
+            except ModelError as exc:  # e.g. a delivered version that verifies but cannot load: try the one before
+                log.warning("%s; trying an older version", exc)
+                self.fetcher.discard(entry)
+                failure = failure or exc
+        else:
+            if failure is not None:
+                raise failure
+            entry = self.registry.get(name, version)
+            self.registry.verify(entry)  # raises the reason nothing verified
+            raise ModelError(f"model {name}: no local version verifies")
         self.runners[name] = runner
         self.model_states[name] = m.ModelState(state="loaded", version=runner.version, sha256=runner.sha256,
                                                invoke_ms=invoke_ms)
@@ -249,6 +285,20 @@ class Agent:
         """Serve *stream_id* with *runner* (already loaded and warmed up) from its next frame."""
         self.runners.setdefault(runner.name, runner)
         self.pipelines[stream_id].swap_model(runner)
+
+    def switch(self, runners: dict[str, Any], routes: dict[str, list[m.Route]]) -> None:
+        """Give every own stream its runner here (or None) and its routes (None: not routed, run here)."""
+        for stream in self.cfg.streams:
+            pipeline = self.pipelines.get(stream.id)
+            if pipeline is None:
+                continue
+            given = routes.get(stream.id)
+            pipeline.set_plan(runners.get(stream.model),
+                              None if given is None else [(r.device, r.share) for r in given])
+
+    def _downloaded(self, nbytes: int, seconds: float) -> None:
+        if self.links is not None:
+            self.links.add_download(nbytes, seconds)
 
     def apply_desired(self, desired: m.Desired) -> None:
         """Called by the inbound thread with each valid Desired for this device."""
@@ -292,13 +342,13 @@ class Agent:
                         capabilities=caps, streams=[self.stream_info(s) for s in self.cfg.streams])
 
     def stream_info(self, stream) -> m.StreamInfo:
-        runner = self.runners[stream.model]
         pipeline = self.pipelines.get(stream.id)
+        tensor = pipeline.plan.input if pipeline else self.runners[stream.model].input
         rate = pipeline.results.rate() if pipeline else 0.0
         if not rate:
             typed = source_config(self.cfg, stream.source)
             rate = float(typed.get("fps") or 0.0) or 10.0
-        return m.StreamInfo(id=stream.id, model=stream.model, rate_hz=rate, payload_bytes=_nbytes(runner.input),
+        return m.StreamInfo(id=stream.id, model=stream.model, rate_hz=rate, payload_bytes=_nbytes(tensor),
                             slo_ms=stream.slo_ms)
 
     def reported(self) -> m.Reported:

@@ -87,6 +87,7 @@ class RuntimeConfig(_Section):
     warmup: int = Field(3, ge=1, le=1000, description="invokes at load time; their median is the first compute-time estimate")
     stall_s: float = Field(30.0, gt=0, description="a pipeline busy on one frame this long is stuck: systemd watchdog pings stop")
     cpu_share: float = Field(0.0, ge=0, le=1024, description="cores the planner may use for inference; 0: all of them")
+    slowdown: float = Field(1.0, ge=1, le=1000, description="emulate a slower CPU on one machine: after each invoke, pause (slowdown - 1) x its duration; the reported invoke time includes the pause. For demos and tests")
 
 
 class TelemetryConfig(_Section):
@@ -103,12 +104,26 @@ class ModelsConfig(_Section):
     dir: str = Field("", description="local model registry directory; empty: the shipped zoo")
     cache_dir: str = Field("/var/lib/lepton/models", description="where delivered models are kept")
     trusted_keys: list[str] = Field(default_factory=list, description="public keys whose manifest signatures are trusted (the zoo key is trusted for the zoo)")
+    http_ca: str = Field("", description="CA certificate for HTTPS model downloads; empty: broker.tls_ca if set, else the system's CAs")
+    download_timeout_s: float = Field(20.0, gt=0, le=600, description="a model download that receives nothing this long is retried (resuming where it stopped)")
+    download_attempts: int = Field(4, ge=1, le=100, description="tries per model download before the model is reported failed")
 
 
 class LinkConfig(_Section):
     up_mbps: float | None = Field(None, gt=0, description="uplink capacity hint (Mbit/s), used until measured")
     down_mbps: float | None = Field(None, gt=0, description="downlink capacity hint (Mbit/s)")
     rtt_ms: float | None = Field(None, ge=0, description="round-trip time hint to the broker (ms), used until measured")
+    measure: bool = Field(True, description="measure the link from real traffic and a small probe; false: report the hints only (e.g. links emulated in a demo)")
+    probe_interval_s: float = Field(60.0, ge=0, description="at most one link probe this often, skipped while real traffic measures both directions; 0: no probe")
+    probe_bytes: int = Field(32768, ge=1024, le=1048576, description="size of the link probe message")
+
+
+class OffloadConfig(_Section):
+    timeout_s: float = Field(0.0, ge=0, le=600, description="an offloaded input not answered this long falls back to local inference (or counts as failed); 0: 2 x the expected round trip + 1 s")
+    expected_ms: float = Field(500.0, gt=0, description="round trip assumed for a target before one was measured (sets the automatic timeout)")
+    max_timeout_s: float = Field(10.0, gt=0, le=600, description="longest automatic timeout")
+    max_inflight: int = Field(4, ge=1, le=1024, description="most unanswered inputs per target; a worker waits for a slot (its source drops stale frames meanwhile)")
+    serve_queue: int = Field(32, ge=1, le=10000, description="inputs from other devices queued here; beyond it they are answered 'busy' at once")
 
 
 class StreamConfig(_Section):
@@ -135,6 +150,7 @@ class AgentConfig(_Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint")
     models: ModelsConfig = Field(default_factory=ModelsConfig, description="model registry")
     link: LinkConfig = Field(default_factory=LinkConfig, description="link hints for the planner")
+    offload: OffloadConfig = Field(default_factory=OffloadConfig, description="running inputs on other devices, and theirs here")
     sources: list[dict[str, Any]] = Field(default_factory=list, description="[[sources]]: camera, video, synthetic, sensor")
     streams: list[StreamConfig] = Field(default_factory=list, description="[[streams]]: source -> model -> results")
 

@@ -1,4 +1,5 @@
-"""What arrives for this device: acks, desired placement, the coordinator's status.
+"""What arrives for this device: acks, desired placement, the coordinator's status,
+inputs other devices offload here and the replies to ours.
 
 paho's callback only queues ``(topic, payload)``; this thread validates each
 message against its schema and hands it on. A payload that fails validation
@@ -49,11 +50,17 @@ class Inbound:
         agent = self.agent
         try:
             parsed = agent.topics.parse(topic)
-            if parsed.kind in ("offload", "replies"):
-                self.ignored += 1
-                log.debug("%s message on %s: offload is not served by this agent version", parsed.kind, topic)
+            if parsed.kind == "offload":
+                if parsed.target != agent.device:
+                    raise ProtocolError(f"addressed to device {parsed.target!r}, this is {agent.device!r}")
+                agent.offload_server.handle(parsed.device, parsed.model, payload)
                 return
             msg = decode(parsed.kind, payload)
+            if parsed.kind == "replies":
+                if parsed.origin != agent.device:
+                    raise ProtocolError(f"addressed to device {parsed.origin!r}, this is {agent.device!r}")
+                agent.offload_client.on_reply(parsed.device, msg)  # the topic names the sender: the broker vouches
+                return
             if parsed.kind in ("acks", "desired") and (parsed.device != agent.device or msg.device != agent.device):
                 raise ProtocolError(f"addressed to device {msg.device!r}, this is {agent.device!r}")
         except ProtocolError as exc:

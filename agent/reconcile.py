@@ -148,7 +148,7 @@ class Reconciler:
         states: dict[str, m.ModelState] = {}
         for ref in desired.models:
             current = agent.runners.get(ref.name)
-            if current is not None and current.sha256 == ref.sha256:
+            if current is not None and (current.sha256, current.version) == (ref.sha256, ref.version):
                 runners[ref.name] = current
                 states[ref.name] = agent.model_states.get(ref.name) or _loaded(current, None)
                 continue

@@ -85,6 +85,7 @@ class LinkMeter:
         self.window_s = window_s
         self.connect_ms: float | None = None
         self.bytes_acked = 0  # while pipelined
+        self._recent: dict[tuple[int, int], float] = {}  # the last PUBACK times by key (the link probe reads them)
         self.busy_s = 0.0  # time pipelined
         self._busy_since: float | None = None
 
@@ -99,9 +100,17 @@ class LinkMeter:
             if len(self._sent) == 2:
                 self._busy_since = t
 
+    def ack_time(self, key: tuple[int, int]) -> float | None:
+        """When the PUBACK for *key* arrived (monotonic), if it is among the last few; else None."""
+        with self._lock:
+            return self._recent.get(key)
+
     def acked(self, key: tuple[int, int], t: float) -> None:
         """The PUBACK for *key* arrived at monotonic time *t*."""
         with self._lock:
+            self._recent[key] = t
+            if len(self._recent) > 128:
+                self._recent.pop(next(iter(self._recent)))
             start = self._sent.pop(key, None)
             if start is None:
                 # QoS 0 publishes report here too and are never sent(): keep this small.

@@ -23,8 +23,6 @@ from lepton.protocol import messages as m
 
 log = logging.getLogger(__name__)
 
-MIN_LINK_SAMPLE_BYTES = 65536  # less than this in a telemetry period is too little to call a capacity
-
 
 def read_temperature() -> float | None:
     """The SoC temperature in degrees C where the kernel exposes one (Pi, Jetson: thermal zones)."""
@@ -53,22 +51,20 @@ class Collector:
 
     def __init__(self, agent: Any) -> None:
         self.agent = agent
-        self._last_link = (0, 0.0)
         self.latest: m.Telemetry | None = None
         self.extra: dict[str, float] = {}
         psutil.cpu_percent(interval=None)  # the first call only starts the measurement
         self._process = psutil.Process()
 
     def link(self) -> m.Link:
-        """RTT from publish->PUBACK; upload from bytes acknowledged per second of busy link, else the hints."""
-        hints = self.agent.cfg.link
-        meter = self.agent.session.link
-        rtt = meter.rtt_ms()
-        total, busy = meter.totals()
-        d_bytes, d_busy = total - self._last_link[0], busy - self._last_link[1]
-        self._last_link = (total, busy)
-        up = d_bytes * 8 / d_busy / 1e6 if d_bytes >= MIN_LINK_SAMPLE_BYTES and d_busy > 0 else hints.up_mbps
-        return m.Link(rtt_ms=rtt if rtt is not None else hints.rtt_ms, up_mbps=up, down_mbps=hints.down_mbps)
+        """The link estimate (``links.Links``): measured figures where there are some, else the hints."""
+        return self.agent.links.estimate()
+
+    def downloads(self) -> dict[str, float]:
+        """Share fetched of each model being downloaded."""
+        fetcher = getattr(self.agent, "fetcher", None)
+        progress = dict(fetcher.progress) if fetcher is not None else {}
+        return {name: min(1.0, done / size) if size else 1.0 for name, (done, size) in progress.items()}
 
     def collect(self) -> m.Telemetry:
         agent = self.agent
@@ -92,7 +88,9 @@ class Collector:
             temperature_c=read_temperature(), models=models, frames_in=frames_in, frames_dropped=frames_dropped,
             results=sum(p.results.total for p in agent.pipelines.values()),
             outbox_depth=box["depth"], outbox_dropped=box["dropped"], outbox_expired=box["expired"],
+            offload_failed=sum(p.offload_failed for p in agent.pipelines.values()),
             link=self.link(), streams={sid: p.results.rate() for sid, p in agent.pipelines.items()},
+            downloads=self.downloads(),
         )
         self.extra = {
             "rss_bytes": float(self._process.memory_info().rss),
@@ -102,6 +100,9 @@ class Collector:
             "connected": 1.0 if agent.session.connected.is_set() else 0.0,
             "reconnects": float(max(0, agent.session.connects - 1)),
             "errors": float(sum(p.errors for p in agent.pipelines.values())),
+            "offloaded": float(sum(p.offloaded for p in agent.pipelines.values())),
+            "offload_served": float(agent.offload_server.served if agent.offload_server else 0),
+            "link_probes": float(agent.prober.probes if agent.prober else 0),
         }
         self.latest = telemetry
         return telemetry
