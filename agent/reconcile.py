@@ -19,7 +19,9 @@ arrives meanwhile replaces any not yet started). For each generation:
    a model still serving a stream the coordinator does not route (it keeps
    running locally, as before any placement).
 4. ``placement/reported`` says per model: loaded (version, sha256, invoke
-   ms) or failed (reason), and the generation applied.
+   ms) or failed (reason), and the generation applied. A model not held
+   before is reported ``loading`` while it is fetched. A failed download
+   (not a failed check) is tried again ``RETRY_S`` later.
 
 Models are held even when no local stream uses them: they serve offload.
 """
@@ -36,6 +38,8 @@ from lepton.errors import LeptonError, ModelError
 from lepton.protocol import messages as m
 
 log = logging.getLogger(__name__)
+
+RETRY_S = 30.0  # a model whose download failed is tried again this long after
 
 
 def load_runner(entry: Any, runtime: Any) -> tuple[Any, float]:
@@ -68,6 +72,7 @@ class Reconciler:
         self._next: m.Desired | None = None
         self._cond = threading.Condition()
         self._busy = False
+        self._retry: tuple[float, m.Desired] | None = None  # (when, generation) to apply again
         self._thread: threading.Thread | None = None
 
     # --- from other threads -----------------------------------------------------------
@@ -98,6 +103,7 @@ class Reconciler:
     def _run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             with self._cond:
+                self._retry_due()
                 if self._next is None:
                     self._cond.wait(0.5)
                     continue
@@ -111,6 +117,15 @@ class Reconciler:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
+
+    def _retry_due(self) -> None:
+        """Apply the current generation again once ``RETRY_S`` passed after a download failed (caller holds the lock)."""
+        if self._retry is None or self._next is not None or time.monotonic() < self._retry[0]:
+            return
+        desired = self._retry[1]
+        self._retry, self.applied = None, None
+        self._next = desired
+        log.info("placement generation %d: retrying the model download(s) that failed", desired.generation)
 
     # --- one generation -----------------------------------------------------------------
     def apply(self, desired: m.Desired) -> bool:
@@ -136,6 +151,10 @@ class Reconciler:
         self._unload(dropped, runners)
         self.applied = content
         self.applies += 1
+        # A failed download may be the network's fault, unlike a failed check: try again later.
+        retry = any(s.state == "failed" and "download failed" in s.reason for s in states.values())
+        with self._cond:
+            self._retry = (time.monotonic() + RETRY_S, desired) if retry else None
         agent.publish_reported()
         log.info("placement generation %d applied in %.2f s: %s", desired.generation, time.monotonic() - started,
                  ", ".join(f"{n} {s.state}" for n, s in sorted(states.items())) or "no model held")
@@ -152,6 +171,8 @@ class Reconciler:
                 runners[ref.name] = current
                 states[ref.name] = agent.model_states.get(ref.name) or _loaded(current, None)
                 continue
+            if current is None:
+                self._loading(ref)
             try:
                 runner, invoke_ms = self._load(ref)
             except LeptonError as exc:
@@ -167,6 +188,13 @@ class Reconciler:
             agent.reset_timing(ref.name)
             log.info("model %s %s ready: invoke %.3f ms", ref.name, runner.version, invoke_ms)
         return runners, states
+
+    def _loading(self, ref: m.ModelRef) -> None:
+        """Tell the coordinator a model it placed is on its way (a download may take a while)."""
+        agent = self.agent
+        agent.model_states = {**agent.model_states, ref.name: m.ModelState(state="loading", version=ref.version,
+                                                                           sha256=ref.sha256)}
+        agent.publish_reported()
 
     def _load(self, ref: m.ModelRef) -> tuple[Any, float]:
         entry = self.fetcher.ensure(ref)

@@ -169,3 +169,33 @@ def test_slowdown_is_paused_and_reported(tmp_path):
     out, ms = slow.run(frame)
     wall = (time.perf_counter() - started) * 1000
     assert wall >= 0.9 * ms and out["top"], "the pause really happens, outside the model"
+
+
+def test_https_from_a_server_with_a_fleet_certificate(tmp_path, keys):
+    """The coordinator serves HTTPS with the fleet's certificates; the device checks them against the fleet CA."""
+    from lepton.coordinator.catalog import Catalog, CatalogModel
+    from lepton.coordinator.http import ModelServer, model_url
+    from lepton.provisioning.pki import CA, cert_pem, key_pem, new_key
+
+    ca = CA.create("test fleet", 30)
+    key = new_key()
+    (tmp_path / "ca.crt").write_bytes(cert_pem(ca.cert))
+    (tmp_path / "server.crt").write_bytes(cert_pem(ca.issue(key.public_key(), "coordinator", 30,
+                                                            server_names=("127.0.0.1",))))
+    (tmp_path / "server.key").write_bytes(key_pem(key))
+    private, public = keys
+    entry = build_version(tmp_path / "store", "digits", "2.0.0", private, public)
+    man = entry.manifest
+    catalog = Catalog(zoo_dir())
+    catalog.add(CatalogModel(man.name, man.version, man.sha256, man.size, Path(entry.path), Path(entry.manifest_path)))
+    server = ModelServer(catalog, "127.0.0.1", 0, str(tmp_path / "server.crt"), str(tmp_path / "server.key")).start()
+    try:
+        assert server.url.startswith("https://")
+        ref = m.ModelRef(name=man.name, version=man.version, sha256=man.sha256, size=man.size,
+                         url=model_url(server.url, man.name, man.version))
+        with pytest.raises(ModelError, match="download failed.*CERTIFICATE_VERIFY_FAILED"):
+            fetcher_for(tmp_path / "untrusting", public, attempts=1).ensure(ref)  # the system CAs do not know it
+        got = fetcher_for(tmp_path, public, ca_file=str(tmp_path / "ca.crt")).ensure(ref)
+        assert got.manifest.sha256 == man.sha256
+    finally:
+        server.stop()
