@@ -4,18 +4,21 @@ A weak camera (slow CPU emulated, a small CPU share) originates a digits
 stream; two workers have no sources. The model is signed by the fleet key
 and is not in the workers' zoo, so they must fetch it from the coordinator's
 HTTP server. The coordinator places the stream on a worker; the camera
-offloads every frame there. Killing that worker moves the stream to the
-other one within 1.5 x keepalive + solve time, and results resume.
+offloads every frame there. Killing or freezing that worker moves the
+stream to the other one within 1.5 x keepalive + solve time, and results
+resume.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from test_agent_standins import AgentProcess, agent_config, wait_for
 from test_coordinator_standins import CoordinatorProcess, coordinator_config, db_rows
@@ -96,7 +99,10 @@ def agent_cfg(tmp_path: Path, port: int, prefix: str, device: str, public: Path,
     return cfg
 
 
-def test_models_placed_fetched_served_and_failed_over(broker, prefix, tmp_path):
+@pytest.mark.parametrize("how", ["sigkill", pytest.param("freeze", marks=pytest.mark.slow)])
+def test_models_placed_fetched_served_and_failed_over(broker, prefix, tmp_path, how):
+    """*how* the serving worker goes: SIGKILL (its socket closes: the broker sends its will at once) or
+    SIGSTOP (silent, as at a power cut or a partition: the will after 1.5 x keepalive)."""
     topics = Topics(prefix)
     private, public = make_keys(tmp_path / "keys")
     fleet = tmp_path / "fleet-models"
@@ -140,7 +146,7 @@ def test_models_placed_fetched_served_and_failed_over(broker, prefix, tmp_path):
               f"rtt p50 {sorted(r.rtt_ms for r in results)[len(results) // 2]:.1f} ms")
 
         killed = time.monotonic()
-        agents[first].kill()
+        agents[first].signal(signal.SIGKILL if how == "sigkill" else signal.SIGSTOP)
         moved = wait_for(lambda: alive("cam", other) and (watch.route("cam", "door") or (0, []))[1] == [other]
                          and watch.route("cam", "door"), 1.5 * KEEPALIVE + 15, f"door routed to {other}")
         resumed = wait_for(lambda: alive("cam", other) and watch.served_by(killed).get(other, 0) >= 5, 30,
@@ -148,12 +154,16 @@ def test_models_placed_fetched_served_and_failed_over(broker, prefix, tmp_path):
         resumed_at = min(t for t, r in watch.results if t >= killed and r.computed_on == other)
         solve_s = db_rows(tmp_path / "coordinator.db", "SELECT solve_s FROM plans ORDER BY id DESC LIMIT 1")[0][0]
         plan_s, resume_s = moved[0] - killed, resumed_at - killed
-        print(f"failover: plan at the camera {plan_s:.2f} s after SIGKILL (bound 1.5 x {KEEPALIVE} + solve "
+        print(f"failover ({how}): plan at the camera {plan_s:.2f} s after the {how} (bound 1.5 x {KEEPALIVE} + solve "
               f"{solve_s:.3f} = {1.5 * KEEPALIVE + solve_s:.2f} s), results from {other} again after {resume_s:.2f} s")
-        assert resumed and plan_s <= 1.5 * KEEPALIVE + solve_s + 1.0
+        # A closed socket fires the will at once. A silent client is cut off by the broker's keepalive check:
+        # Mosquitto 2.0.11 took 4.5-7.8 s here with keepalive 2 (its own clock has whole seconds).
+        slack = 0.5 if how == "sigkill" else 6.0
+        assert resumed and plan_s <= 1.5 * KEEPALIVE + solve_s + slack
         assert watch.loaded(other, "digits-fleet")
     finally:
         for agent in agents.values():
+            agent.signal(signal.SIGCONT)
             agent.stop()
         watch.close()
         coord.stop()
