@@ -297,7 +297,7 @@ def _attempt(fleet, client_id: str, ca: Path, cert: Path | None, key: Path | Non
     return "accepted"
 
 
-@pytest.mark.row(9, "bad identities: no cert, foreign CA, expired, revoked")
+@pytest.mark.row(9, "bad identities (no cert/CA/expired/revoked)")
 def test_bad_identities_are_refused(fleet_factory, figures, long_run):
     fleet = fleet_factory(devices=1, netns=False)
     w = provisioned(fleet, extra=True)

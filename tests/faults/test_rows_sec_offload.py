@@ -58,7 +58,7 @@ def start_fleet(fleet, private, public):
     return counter
 
 
-@pytest.mark.row(16, "device killed while serving offloaded streams")
+@pytest.mark.row(16, "offload server dies")
 @pytest.mark.parametrize("how", ["kill", "freeze"])
 def test_offloaded_stream_is_served_again_after_its_server_dies(fleet_factory, figures, long_run, how):
     """kill: SIGKILL (the kernel closes its socket: the broker knows at once); freeze: SIGSTOP, then SIGKILL
@@ -128,8 +128,9 @@ def _first_result(watch: Watch, route: list[str], since: float) -> float | None:
         return next((t for t, r in watch.results if t >= since and r.computed_on in route), None)
 
 
-# The bound is 1.5 x keepalive (the broker publishes the will) + the plan; the replan waits out a short
-# debounce and a worker new to the stream fetches and loads the model first: 1 s allowed for that.
+# The bound is 1.5 x keepalive (by then the broker's will, or for a frozen host the coordinator's
+# liveness sweep, has marked the device) + the plan's solve time; the replan waits out a short debounce
+# and a worker new to the stream fetches and loads the model first: 1 s allowed for that.
 APPLY_S = 1.0
 
 
