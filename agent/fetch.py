@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lepton.errors import ModelError
+from lepton.errors import ConfigError, ModelError
 from lepton.protocol import messages as m
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,10 @@ class Fetcher:
         self.on_download = on_download
         self.progress: dict[str, tuple[int, int]] = {}
         self.downloaded = 0  # files fetched over HTTP (not found locally)
-        self._ssl = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        try:
+            self._ssl = ssl.create_default_context(cafile=ca_file) if ca_file else None
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"models.http_ca {ca_file}: cannot be used: {getattr(exc, 'strerror', None) or exc}") from None
 
     @property
     def registries(self) -> list[Any]:

@@ -101,6 +101,7 @@ class Collector:
             "reconnects": float(max(0, agent.session.connects - 1)),
             "errors": float(sum(p.errors for p in agent.pipelines.values())),
             "offloaded": float(sum(p.offloaded for p in agent.pipelines.values())),
+            "unserved": float(sum(p.unserved for p in agent.pipelines.values())),
             "offload_served": float(agent.offload_server.served if agent.offload_server else 0),
             "link_probes": float(agent.prober.probes if agent.prober else 0),
         }
