@@ -148,13 +148,14 @@ class Outbox:
                 rows.append(Row(seq, item.stream, item.topic, item.build(seq, floor), now, item.deadline, floor))
                 seq += 1
             size = sum(len(r.payload) for r in rows)
-            self._tx(self._insert, rows, seq)
+            trim: list[int] = []  # (last seq, rows, bytes) dropped in the same transaction
+            self._tx(self._insert_bounded, rows, seq, size, trim)
             self.next_seq = seq
             self.depth += len(rows)
             self.bytes += size
             if not self.depth - len(rows):
                 self._floor = rows[0].seq
-            dropped = self._enforce_bounds()
+            dropped = self._dropped(*trim) if trim else 0
         if dropped:
             log.warning("outbox full (%d rows / %d bytes max): dropped the %d oldest result(s), %d in all",
                         self.max_rows, self.max_bytes, dropped, self.dropped)
@@ -187,18 +188,24 @@ class Outbox:
             self._removed(n, freed)
             return n
 
-    def _enforce_bounds(self) -> int:
-        """Drop the oldest rows until both bounds hold (caller holds the lock)."""
-        if self.depth <= self.max_rows and self.bytes <= self.max_bytes:
-            return 0
-        excess_rows = max(0, self.depth - self.max_rows)
-        excess_bytes = max(0, self.bytes - self.max_bytes)
+    def _insert_bounded(self, rows: list[Row], next_seq: int, size: int, trim: list[int]) -> None:
+        """Insert *rows* and drop the oldest past the bounds in the same transaction, so no
+        reader and no crash ever finds the file over its bound; what went is put in *trim*."""
+        self._insert(rows, next_seq)
+        depth, total = self.depth + len(rows), self.bytes + size
+        if depth <= self.max_rows and total <= self.max_bytes:
+            return
+        excess_rows, excess_bytes = max(0, depth - self.max_rows), max(0, total - self.max_bytes)
         cut, n, freed = 0, 0, 0
         for seq, length in self._db.execute("SELECT seq, length(payload) FROM outbox ORDER BY seq"):
             if n >= excess_rows and freed >= excess_bytes:
                 break
             cut, n, freed = seq, n + 1, freed + length
-        self._tx(self._delete_upto, cut, [("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (n,))])
+        self._delete_upto(cut, [("UPDATE counters SET value = value + ? WHERE name = 'dropped'", (n,))])
+        trim.extend((cut, n, freed))
+
+    def _dropped(self, cut: int, n: int, freed: int) -> int:
+        """Account in memory for the oldest rows dropped by ``enqueue`` (caller holds the lock, after the commit)."""
         self.dropped += n
         self.lost_upto = max(self.lost_upto, cut)
         self._removed(n, freed)

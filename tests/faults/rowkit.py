@@ -1,0 +1,118 @@
+"""What the delivery rows (1-7, 13) share: the coordinator's stored results, read by SQL.
+
+The coordinator's ``results`` table is where "exactly once" is decided
+(``harness.check_db``); these helpers ask it the remaining questions of the
+fault plan: in what order each device's results were stored, how long the
+backlog of an outage took to drain, and whether a sequence number was ever
+given to two different results (a reused seq would be dropped as a
+duplicate: a silent loss). Times in the table are wall clock (``time.time()``
+on this machine, the same clock the agents stamp ``captured_at`` with).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from .harness import Fleet
+from .harness.accounting import DbReport
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One stored result: (device, seq), the device's capture time, the coordinator's commit time."""
+
+    device: str
+    seq: int
+    captured_at: float
+    received_at: float
+
+
+def stored(db_path: str | Path) -> list[Stored]:
+    """Every row of the coordinator's results table."""
+    conn = sqlite3.connect(f"file:{Path(db_path)}?mode=ro", uri=True, timeout=30)
+    try:
+        rows = conn.execute("SELECT device, seq, captured_at, received_at FROM results").fetchall()
+    finally:
+        conn.close()
+    return [Stored(*r) for r in rows]
+
+
+def db_inversions(rows: list[Stored]) -> int:
+    """Results committed in a later batch than a higher seq of the same device (storage order broken)."""
+    by_device: dict[str, list[Stored]] = defaultdict(list)
+    for r in rows:
+        by_device[r.device].append(r)
+    count = 0
+    for items in by_device.values():
+        lowest_later = float("inf")  # earliest commit time among the higher seqs seen so far
+        for r in sorted(items, key=lambda r: -r.seq):
+            if r.received_at > lowest_later:
+                count += 1
+            lowest_later = min(lowest_later, r.received_at)
+    return count
+
+
+def drain_s(rows: list[Stored], since_wall: float) -> float | None:
+    """Seconds from *since_wall* until the last result captured before it was stored (None: none)."""
+    backlog = [r.received_at for r in rows if r.captured_at < since_wall]
+    return round(max(backlog) - since_wall, 3) if backlog else None
+
+
+def seq_reuse(fleet: Fleet) -> int:
+    """(device, seq) pairs the counter saw with two different capture times: one number, two results."""
+    seen: dict[tuple[str, int], set[float]] = defaultdict(set)
+    for a in fleet.counter.arrivals() if fleet.counter else ():
+        seen[(a.device, a.seq)].add(a.captured_at)
+    return sum(1 for times in seen.values() if len(times) > 1)
+
+
+def wait_db(fleet: Fleet, expected: dict, timeout: float) -> DbReport:
+    """Poll the coordinator database until every expected (device, seq) is stored; the last report."""
+    deadline = time.monotonic() + timeout
+    while True:
+        report = fleet.check_db(expected)
+        if report.lost_total == 0 or time.monotonic() > deadline:
+            return report
+        time.sleep(0.2)
+
+
+def wait_last_stored(fleet: Fleet, produced: dict[str, int], timeout: float) -> DbReport:
+    """Wait until each device's last numbered result is stored (results the outbox policy dropped
+    never will be, so ``wait_db`` would wait them out); the report then."""
+    deadline = time.monotonic() + timeout
+    while True:
+        report = fleet.check_db({d: [n] for d, n in produced.items() if n})
+        if report.lost_total == 0 or time.monotonic() > deadline:
+            return fleet.check_db(produced)
+        time.sleep(0.2)
+
+
+def wait_stored(fleet: Fleet, timeout: float) -> tuple[float, dict[str, int]]:
+    """Wait, with the agents still running, until the coordinator stored everything numbered so far.
+
+    Returns (when it was complete, time.monotonic(); the counts waited for). Stopping agents
+    before this would freeze whatever they still owe in their outboxes (a stopped agent
+    re-sends nothing); TimeoutError names what is missing.
+    """
+    expected = fleet.produced()
+    report = wait_db(fleet, expected, timeout)
+    if report.lost_total:
+        raise TimeoutError(f"not stored within {timeout}s: {report.lost_total} results, {lost_summary(report)}")
+    return time.monotonic(), expected
+
+
+def stop_all(fleet: Fleet, devices: list[str] | None = None) -> dict[str, int]:
+    """Stop the agents cleanly (each flushes what it holds to the broker); their produced counts."""
+    devices = devices or fleet.devices
+    for dev in devices:
+        fleet.stop(dev)
+    return fleet.produced(devices)
+
+
+def lost_summary(report: DbReport, limit: int = 8) -> dict:
+    """The first few missing seqs per device, for an assertion message."""
+    return {d: s[:limit] for d, s in report.lost.items()}

@@ -1,0 +1,76 @@
+"""Rows 1 and 2 of the fault plan: the broker dies while three devices produce.
+
+Three agents produce 10 results/s each; the broker is SIGKILLed (row 1), or
+stopped with SIGTERM, or SIGKILLed with persistence off (row 2), stays down
+for the outage (8 s; 60 s with --long) and comes back on the same port.
+What the user relies on: every result the devices numbered is stored by the
+coordinator exactly once, each device's results arrive in order, and the
+backlog drains in a few seconds. The guarantee must not rest on the broker:
+a broker without persistence forgets every session and queue, and the
+devices' outboxes still hold everything until the coordinator acks it.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from . import rowkit
+from .harness.observe import wall
+
+pytest.importorskip("lepton.agent.cli", reason="the agent is not built into this install")
+pytest.importorskip("lepton.coordinator.app", reason="the coordinator is not built into this install")
+
+RATE_HZ = 10.0
+
+
+def broker_outage(fleet_factory, figures: dict, long_run: bool, sig: int, persistence: bool) -> None:
+    """One broker outage with three producing devices; asserts and records the row's figures."""
+    outage = 60.0 if long_run else 8.0
+    fleet = fleet_factory(devices=3, netns=False)
+    fleet.start_broker(persistence=persistence)
+    counter = fleet.start_counter()
+    fleet.start_coordinator()
+    fleet.start_agents(rate_hz=RATE_HZ)
+    counter.wait_new(time.monotonic(), 10, timeout=30)  # every device flows before the fault
+
+    down = fleet.mark("broker down")
+    fleet.stop("broker", sig)
+    time.sleep(outage)
+    fleet.start("broker")
+    up = fleet.mark("broker up")
+    counter.wait_new(up, 10, timeout=60)  # fresh results of every device: the backlog went before them
+    rowkit.wait_stored(fleet, timeout=120)
+
+    produced = rowkit.stop_all(fleet)
+    db = rowkit.wait_db(fleet, produced, timeout=60)
+    rows = rowkit.stored(fleet.coordinator_db)
+    wire = fleet.report(produced)
+    figures.update(
+        produced=sum(produced.values()), lost=db.lost_total, dups=db.duplicates,
+        inversions=wire.inversions_total, db_inversions=rowkit.db_inversions(rows),
+        wire_lost=wire.lost_total, wire_dups=wire.wire_duplicates, outage_s=round(up - down, 2),
+        drain_s=rowkit.drain_s(rows, wall(up)), resume_s=counter.outage(down, up)["resume_s"],
+        integrity=db.integrity)
+    assert db.lost_total == 0, f"results never stored: {rowkit.lost_summary(db)}"
+    assert db.duplicates == 0 and db.extra == 0 and db.integrity == "ok"
+    assert wire.inversions_total == 0, f"order broken on the wire: {wire.inversions}"
+    assert figures["db_inversions"] == 0
+    if persistence:
+        # A persistent broker keeps the counter's session too: nothing may be missing on the wire.
+        assert wire.lost_total == 0, f"missing at the receiving end: {wire.gaps}"
+    assert sum(produced.values()) >= 3 * RATE_HZ * outage * 0.8  # the devices kept producing while it was down
+
+
+@pytest.mark.row(1, "broker SIGKILLed, 3 devices x 10/s")
+def test_broker_sigkilled_while_three_devices_produce_loses_nothing(fleet_factory, figures, long_run):
+    broker_outage(fleet_factory, figures, long_run, signal.SIGKILL, persistence=True)
+
+
+@pytest.mark.row(2, "broker stopped: SIGTERM / no persistence")
+@pytest.mark.parametrize("sig, persistence", [(signal.SIGTERM, True), (signal.SIGKILL, False)],
+                         ids=["sigterm", "sigkill-no-persistence"])
+def test_broker_stop_or_amnesia_loses_nothing(fleet_factory, figures, long_run, sig, persistence):
+    broker_outage(fleet_factory, figures, long_run, sig, persistence)
