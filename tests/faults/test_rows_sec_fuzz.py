@@ -90,7 +90,7 @@ def one_thing_wrong(draw, kind: str, sender: str) -> bytes:
         data["v"] = draw(st.sampled_from([0, 2, None, "one"]))
     elif how == "id":
         field = "server" if kind == "replies" and draw(st.booleans()) else ID_FIELD[kind]
-        data[field] = draw(st.sampled_from(OTHER_IDS))
+        data[field] = draw(st.sampled_from([i for i in OTHER_IDS if i != data.get(field)]))  # really another
     else:
         data[NUMBER[kind]] = 0.123456789
         text = json.dumps(data).replace("0.123456789", draw(st.sampled_from(["NaN", "Infinity", "-Infinity"])))
@@ -131,6 +131,12 @@ def valid_header(sender: str) -> dict:
             "dtype": "uint8", "shape": [1, 8, 8, 1], "sent_at": NOW}
 
 
+# Values no header field of that name accepts (1.5 would be a fine sent_at, "abc" a fine stream id).
+WRONG_HEADER = {"origin": [None, [], 5, "a/b", ""], "stream": [None, {}, 5, "a/b"], "request": [None, "abc", -1, 1.5],
+                "model": [None, [], "a/b", "+"], "dtype": [None, 1, "complex128"], "shape": [None, {}, [0], [-1], "abc"],
+                "sent_at": [None, [], "abc", -1]}
+
+
 @st.composite
 def bad_frames(draw, sender: str) -> bytes:
     """LPO1 frames with one thing wrong: header type, field, version, origin or model other than the
@@ -139,12 +145,8 @@ def bad_frames(draw, sender: str) -> bytes:
     how = draw(st.sampled_from(["type", "missing", "extra", "version", "origin", "model", "nan", "body",
                                 "length", "header-json"]))
     if how == "type":
-        key = draw(st.sampled_from(["origin", "stream", "request", "model", "dtype", "shape", "sent_at"]))
-        header[key] = draw(st.sampled_from([None, [], {}, "abc", -1, 1.5]))
-        if key in ("origin", "stream", "model") and isinstance(header[key], str):
-            header[key] = "a/b"
-        if key == "dtype" and header[key] == -1:
-            header[key] = "complex128"
+        key = draw(st.sampled_from(sorted(WRONG_HEADER)))
+        header[key] = draw(st.sampled_from(WRONG_HEADER[key]))
     elif how == "missing":
         del header[draw(st.sampled_from(["origin", "stream", "request", "model"]))]
     elif how == "extra":

@@ -89,8 +89,10 @@ def test_offloaded_stream_is_served_again_after_its_server_dies(fleet_factory, f
 
 def failover(fleet, watch: Watch, how: str) -> dict:
     """Wait for the stream to be offloaded to a worker, take that worker down, time the way back."""
-    serving = wait_for(lambda: _alive(fleet) and {d: n for d, n in watch.served_by(time.monotonic() - 3).items()
-                                                  if d in WORKERS and n >= 10}, 90, "results computed on a worker")
+    since = time.monotonic()  # a round counts only results from now on (not the last round's)
+    serving = wait_for(lambda: _alive(fleet) and {d: n for d, n in watch.served_by(since).items()
+                                                  if d in WORKERS and n >= 10 and d in _routed(watch)},
+                       90, "results computed on a worker the stream is routed to")
     first = max(serving, key=serving.get)
     route_before = watch.route(CAMERA, "door")
     killed = fleet.mark(f"{how} {first}")
@@ -110,6 +112,11 @@ def failover(fleet, watch: Watch, how: str) -> dict:
             "resume_s": round(resumed_at - killed, 2), "solve_s": round(solve_s, 3),
             "bound_s": round(1.5 * KEEPALIVE + solve_s + APPLY_S, 2), "frames_skipped": skipped,
             "route_before": route_before[1] if route_before else None, "route_after": route}
+
+
+def _routed(watch: Watch) -> list[str]:
+    route = watch.route(CAMERA, "door")
+    return route[1] if route else []
 
 
 def _route_without(watch: Watch, dead: str, since: float) -> tuple[float, list[str]] | None:
