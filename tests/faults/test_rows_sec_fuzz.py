@@ -232,7 +232,6 @@ def lines(proc, needle: str) -> list[str]:
 
 @pytest.mark.row(10, "fuzzed payloads: coordinator and agent")
 def test_fuzzed_payloads_are_refused_and_change_nothing(fleet_factory, figures, long_run):
-    examples = 10000 if long_run else 1000  # per process
     fleet = fleet_factory(devices=[DEVICE], netns=False)
     fleet.start_broker()
     counter = fleet.start_counter()
@@ -241,8 +240,41 @@ def test_fuzzed_payloads_are_refused_and_change_nothing(fleet_factory, figures, 
     counter.wait_acked({DEVICE: 1}, timeout=30)
     before = wait_quiet(fleet, counter)
     placement_lines = len(lines(agent, "placement generation"))
-    topics = Topics(fleet.prefix)
-    fuzzer = fleet.mqtt_client("lxf-fuzzer")
+    topics, fuzzer = Topics(fleet.prefix), fleet.mqtt_client("lxf-fuzzer")
+    t0 = time.monotonic()
+    sent = fuzz(fuzzer, topics, examples=10000 if long_run else 1000)
+    n_coord = sum(v for k, v in sent.items() if k.startswith("coordinator/"))
+    n_agent = sum(v for k, v in sent.items() if k.startswith("agent/"))
+    wait_lines(coord, agent, n_coord, n_agent, timeout=60)
+    fuzz_s = time.monotonic() - t0
+    time.sleep(1.0)  # anything a payload set off would have landed by now
+    after = state(fleet, counter)
+    coord_lines, agent_lines = lines(coord, COORD_LINE), lines(agent, AGENT_LINE)
+    changed = [k for k in after if after[k] != before[k]]
+    tracebacks = coord.log_text().count("Traceback") + agent.log_text().count("Traceback")
+    figures.update(sent=n_coord + n_agent, rejected=min(len(coord_lines), n_coord) + min(len(agent_lines), n_agent),
+                   coordinator_sent=n_coord, coordinator_lines=len(coord_lines), agent_sent=n_agent,
+                   agent_lines=len(agent_lines), alive=int(coord.running) + int(agent.running),
+                   state_changed=changed, tracebacks=tracebacks,
+                   longest_line=max(map(len, coord_lines + agent_lines), default=0),
+                   per_topic=dict(sorted(sent.items())), fuzz_s=round(fuzz_s, 1),
+                   models_reported=sorted(json.loads(before["reported"] or "{}").get("models", {})))
+    assert coord.running and agent.running, "a process died of a payload"
+    assert len(coord_lines) == n_coord, "one line per payload refused by the coordinator"
+    assert len(agent_lines) == n_agent, "one line per payload refused by the agent"
+    assert changed == [] and tracebacks == 0, f"a refused payload changed {changed}"
+    assert len(lines(agent, "placement generation")) == placement_lines, "a fuzzed desired was applied"
+    assert all(len(line) < 2000 for line in coord_lines + agent_lines), "a log line echoes the payload"
+    assert all(re.search(r" on .+?: \S", line) for line in coord_lines + agent_lines), "a line without a reason"
+    assert not counter.seen_status(DEVICE, "offline", t0), "the agent dropped off the broker"
+    serving = still_serving(fleet, fuzzer, topics, after)
+    figures.update(**serving)
+    assert serving["coordinator_stores"] and serving["agent_answers"], serving
+
+
+def fuzz(fuzzer, topics: Topics, examples: int) -> dict[str, int]:
+    """Publish *examples* cases on the coordinator's topics, as many on the agent's, and one oversize
+    offload frame; returns how many went to each "process/kind"."""
     sent: dict[str, int] = {}
 
     def publish(topic: str, payload: bytes, label: str) -> None:
@@ -264,44 +296,19 @@ def test_fuzzed_payloads_are_refused_and_change_nothing(fleet_factory, figures, 
         kind, sender, payload = case
         publish(agent_topic(topics, kind, sender), payload, f"agent/{kind}")
 
-    t0 = time.monotonic()
     fuzz_coordinator()
     fuzz_agent()
-    # One oversize offload frame, past the frame limit (too big to draw hundreds of).
+    # Past the frame limit: too big to draw hundreds of.
     publish(topics.offload(SENDERS[0], DEVICE, MODEL), MAGIC + bytes(MAX_FRAME_BYTES), "agent/offload")
-    n_coord = sum(v for k, v in sent.items() if k.startswith("coordinator/"))
-    n_agent = sum(v for k, v in sent.items() if k.startswith("agent/"))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (len(lines(coord, COORD_LINE)) < n_coord
-                                           or len(lines(agent, AGENT_LINE)) < n_agent):
-        if not (coord.running and agent.running):
-            break
+    return sent
+
+
+def wait_lines(coord, agent, n_coord: int, n_agent: int, timeout: float) -> None:
+    """Until both logged a refusal per payload, one of them died, or *timeout*."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and coord.running and agent.running and (
+            len(lines(coord, COORD_LINE)) < n_coord or len(lines(agent, AGENT_LINE)) < n_agent):
         time.sleep(0.2)
-    fuzz_s = time.monotonic() - t0
-    time.sleep(1.0)  # anything a payload set off would have landed by now
-    after = state(fleet, counter)
-    coord_lines, agent_lines = lines(coord, COORD_LINE), lines(agent, AGENT_LINE)
-    changed = [k for k in after if after[k] != before[k]]
-    tracebacks = coord.log_text().count("Traceback") + agent.log_text().count("Traceback")
-    rejected = min(len(coord_lines), n_coord) + min(len(agent_lines), n_agent)
-    figures.update(sent=n_coord + n_agent, rejected=rejected, coordinator_sent=n_coord,
-                   coordinator_lines=len(coord_lines), agent_sent=n_agent, agent_lines=len(agent_lines),
-                   alive=int(coord.running) + int(agent.running), state_changed=changed, tracebacks=tracebacks,
-                   longest_line=max(map(len, coord_lines + agent_lines), default=0),
-                   per_topic={k: v for k, v in sorted(sent.items())}, fuzz_s=round(fuzz_s, 1),
-                   models_reported=sorted(json.loads(before["reported"] or "{}").get("models", {})))
-    assert coord.running and agent.running, "a process died of a payload"
-    assert len(coord_lines) == n_coord, "one line per payload refused by the coordinator"
-    assert len(agent_lines) == n_agent, "one line per payload refused by the agent"
-    assert changed == [], f"a refused payload changed {changed}"
-    assert tracebacks == 0
-    assert len(lines(agent, "placement generation")) == placement_lines, "a fuzzed desired was applied"
-    assert all(len(line) < 2000 for line in coord_lines + agent_lines), "a log line echoes the payload"
-    assert all(re.search(r" on .+?: \S", line) for line in coord_lines + agent_lines), "a line without a reason"
-    assert not counter.seen_status(DEVICE, "offline", t0), "the agent dropped off the broker"
-    serving = still_serving(fleet, fuzzer, topics, after)
-    figures.update(**serving)
-    assert serving["coordinator_stores"] and serving["agent_answers"], serving
 
 
 def still_serving(fleet, fuzzer, topics: Topics, after: dict) -> dict:

@@ -210,30 +210,18 @@ def test_sigkill_during_a_swap_restarts_into_a_whole_version(rig, figures, long_
     whole, partial, phases, first_after, restart_s = 0, 0, {}, [], []
     for i, ref in enumerate(refs[1:]):
         offset = 0.003 * (1.2 * swap_s / 0.003) ** (i / max(1, kills - 1))  # 3 ms .. 1.2 x a swap, geometric
-        start_at = proc.log_size()
-        gen = rig.placer.place(DEVICE, [ref])
-        time.sleep(offset)
-        rig.fleet.kill(DEVICE)
-        phase = phase_at_kill(proc.log_text()[start_at:], gen, ref.version)
+        proc, phase, cut, first, took = kill_during_swap(rig, proc, ref, offset)
         phases[phase] = phases.get(phase, 0) + 1
-        partial += rig.cache_check()[1]  # as the crash left it
-        numbered = rig.fleet.outbox_counters(DEVICE)["next_seq"] - 1  # by the killed process
-        t1 = time.monotonic()
-        proc = rig.start_agent()
-        rig.results_after(proc, 3)
-        restart_s.append(time.monotonic() - t1)
-        first = next(r.model for r in rig.consumer.outputs(DEVICE) if r.seq > numbered)
+        partial += cut
         whole += (first.version, first.sha256) in allowed
         first_after.append(first.version)
-        # The retained placement is applied by the new process before the next kill.
-        wait_for(lambda: rig.alive(proc) and getattr(_newest(rig, gen), "state", "") == "loaded", 30,
-                 f"generation {gen} applied after the restart")
+        restart_s.append(took)
     wait_for(lambda: rig.consumer.outputs(DEVICE)[-1].model.version == refs[-1].version, 30, "the last version placed")
     installed, unverified = rig.cache_check()
     mismatched = len(rig.consumer.mismatched)
     figures.update(kills=kills, phases=phases, whole_after_restart=whole, first_after_restart=first_after,
-                   partial_versions=partial + unverified,
-                   swap_s=round(swap_s, 3), restart_to_result_s_max=round(max(restart_s), 2),
+                   partial_versions=partial + unverified, swap_s=round(swap_s, 3),
+                   restart_to_result_s_max=round(max(restart_s), 2),
                    final=rig.consumer.outputs(DEVICE)[-1].model.version, results=len(rig.consumer.seqs(DEVICE)),
                    seq_content_mismatch=mismatched)
     assert whole == kills, f"after a restart a result came from a version never placed: {first_after}"
@@ -241,3 +229,25 @@ def test_sigkill_during_a_swap_restarts_into_a_whole_version(rig, figures, long_
     assert mismatched == 0
     assert kills - phases.get("before", 0) - phases.get("done", 0) >= kills // 2, \
         f"most kills must land inside a swap, else this row proves little: {phases}"
+
+
+def kill_during_swap(rig: Rig, proc, ref, offset: float):
+    """Place *ref*, SIGKILL the agent *offset* s later, restart it. Returns (the new process, the swap's phase
+    at the kill, versions in the cache that do not verify as the crash left them, the model of the first
+    result the new process made, seconds from restart to results)."""
+    start_at = proc.log_size()
+    gen = rig.placer.place(DEVICE, [ref])
+    time.sleep(offset)
+    rig.fleet.kill(DEVICE)
+    phase = phase_at_kill(proc.log_text()[start_at:], gen, ref.version)
+    unverified = rig.cache_check()[1]
+    numbered = rig.fleet.outbox_counters(DEVICE)["next_seq"] - 1  # by the killed process
+    t0 = time.monotonic()
+    proc = rig.start_agent()
+    rig.results_after(proc, 3)
+    took = time.monotonic() - t0
+    first = next(r.model for r in rig.consumer.outputs(DEVICE) if r.seq > numbered)
+    # The retained placement is applied by the new process before the next kill.
+    wait_for(lambda: rig.alive(proc) and getattr(_newest(rig, gen), "state", "") == "loaded", 30,
+             f"generation {gen} applied after the restart")
+    return proc, phase, unverified, first, took
