@@ -77,6 +77,7 @@ class OutboxConfig(_Section):
     policy: Literal["drop-oldest"] = Field("drop-oldest", description="when full: drop the oldest result (counted and reported in telemetry)")
     resend_after_s: float = Field(30.0, gt=0, description="re-send unacknowledged results that waited this long for an ack (a broker may drop queued messages silently)")
     inflight: int = Field(1000, ge=1, le=65535, description="most results published and not yet PUBACKed by the broker")
+    ack_window: int = Field(200, ge=1, le=1000000, description="with a coordinator: most results published past the oldest it has not acknowledged (the broker queues them for it and drops past max_queued_messages without a word; lepton provision allows 200 per device)")
     batch_max: int = Field(256, ge=1, le=100000, description="most results committed in one transaction")
 
 

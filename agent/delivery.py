@@ -154,9 +154,9 @@ class Delivery:
         self.committed += len(batch)
         # Fast path: caught up on this connection, so the new rows are next.
         if rows and self._cursor == rows[0].seq - 1 and self.may_send():
-            now = time.time()
+            now, last = time.time(), self._last_sendable()
             for row in rows:
-                if len(self._inflight) >= self.cfg.inflight or not self._publish(row, row.payload, now):
+                if row.seq > last or len(self._inflight) >= self.cfg.inflight or not self._publish(row, row.payload, now):
                     break
 
     def _ack(self, seq: int) -> None:
@@ -205,6 +205,14 @@ class Delivery:
             return False
         return self.coordinator == "online" or (self.coordinator == "unknown" and not self.seen_coordinator)
 
+    def _last_sendable(self) -> int:
+        """The highest seq that may be on the wire: ``ack_window`` past the floor once a coordinator
+        is known, so a backlog goes out as fast as the coordinator acknowledges it instead of all
+        at once into the broker's bounded queue for it; everything for a standalone device."""
+        if not self.seen_coordinator:
+            return self.outbox.next_seq - 1
+        return self.outbox.floor + self.cfg.ack_window - 1
+
     def _send(self) -> None:
         """Publish held rows after the cursor, in order, while the in-flight window has room."""
         while self.may_send():
@@ -214,9 +222,10 @@ class Delivery:
                 if self._drain_pubacks():  # unless it opened while we looked
                     continue
                 return
-            if self._cursor >= self.outbox.next_seq - 1:
-                return  # caught up: nothing to look up
-            rows = self.outbox.pending(self._cursor, min(room, 500))
+            last = min(self.outbox.next_seq - 1, self._last_sendable())
+            if self._cursor >= last:
+                return  # caught up, or the ack window is full (an ack opens it): nothing to look up
+            rows = self.outbox.pending(self._cursor, min(room, 500, last - self._cursor))
             if not rows:
                 return
             now, floor, lost = time.time(), self.outbox.floor, self.outbox.lost_upto

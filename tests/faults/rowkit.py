@@ -113,6 +113,29 @@ def stop_all(fleet: Fleet, devices: list[str] | None = None) -> dict[str, int]:
     return fleet.produced(devices)
 
 
+def finish(fleet: Fleet, timeout: float = 60.0, rounds: int = 3) -> tuple[dict[str, int], DbReport, int]:
+    """Stop every agent and wait until the coordinator stored all they numbered.
+
+    A clean stop publishes what the outbox holds, but a broker may still drop it
+    (a queue over its limit) and a stopped agent re-sends nothing: those results
+    wait in its outbox for its next run. So an agent that still owes results is
+    started again (it re-sends on connect), given time, and stopped again.
+    Returns (produced, the database report, how many such restarts it took).
+    """
+    produced = stop_all(fleet)
+    db = wait_db(fleet, produced, timeout=15)
+    restarts = 0
+    while db.lost_total and restarts < rounds:
+        owing = sorted(db.lost)
+        for dev in owing:
+            fleet.start(dev)
+        restarts += 1
+        wait_db(fleet, fleet.produced(owing) | {d: n for d, n in produced.items() if d not in owing}, timeout)
+        produced = {**produced, **stop_all(fleet, owing)}
+        db = wait_db(fleet, produced, timeout=15)
+    return produced, db, restarts
+
+
 def lost_summary(report: DbReport, limit: int = 8) -> dict:
     """The first few missing seqs per device, for an assertion message."""
     return {d: s[:limit] for d, s in report.lost.items()}

@@ -47,6 +47,7 @@ from lepton.coordinator.ingest import Inbound, Ingest
 from lepton.protocol import Topics, decode, encode
 from lepton.protocol import messages as m
 
+pytestmark = pytest.mark.timeout(1800)  # the --long variants run for minutes
 DEVICES = ("d1", "d2")
 SENTINEL = "sentinel"  # its results mark the end of a delivery batch (see Coordinator.deliver)
 MAX_ROWS = 6
