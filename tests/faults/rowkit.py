@@ -91,18 +91,24 @@ def wait_last_stored(fleet: Fleet, produced: dict[str, int], timeout: float) -> 
         time.sleep(0.2)
 
 
-def wait_stored(fleet: Fleet, timeout: float) -> tuple[float, dict[str, int]]:
-    """Wait, with the agents still running, until the coordinator stored everything numbered so far.
+def wait_stored(fleet: Fleet, timeout: float, settled_s: float = 2.0) -> tuple[float, dict[str, int]]:
+    """Wait, with the agents still running, until the coordinator has caught up with them.
 
-    Returns (when it was complete, time.monotonic(); the counts waited for). Stopping agents
-    before this would freeze whatever they still owe in their outboxes (a stopped agent
-    re-sends nothing); TimeoutError names what is missing.
+    Takes what the devices numbered so far and waits until all of it is stored,
+    again and again, until one such round takes less than *settled_s* (a long
+    backlog drains while the devices keep producing). Returns (when the last
+    round was complete, time.monotonic(); the counts it waited for). Stopping
+    agents before this leaves what they still owe in their outboxes (a stopped
+    agent re-sends nothing); TimeoutError names what is missing.
     """
-    expected = fleet.produced()
-    report = wait_db(fleet, expected, timeout)
-    if report.lost_total:
-        raise TimeoutError(f"not stored within {timeout}s: {report.lost_total} results, {lost_summary(report)}")
-    return time.monotonic(), expected
+    deadline = time.monotonic() + timeout
+    while True:
+        started, expected = time.monotonic(), fleet.produced()
+        report = wait_db(fleet, expected, max(1.0, deadline - started))
+        if report.lost_total:
+            raise TimeoutError(f"not stored within {timeout}s: {report.lost_total} results, {lost_summary(report)}")
+        if time.monotonic() - started < settled_s:
+            return time.monotonic(), expected
 
 
 def stop_all(fleet: Fleet, devices: list[str] | None = None) -> dict[str, int]:
