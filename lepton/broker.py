@@ -82,6 +82,8 @@ class MosquittoBroker:
             f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             f"max_queued_messages {self.max_queued_messages}",
             "max_inflight_messages 100",
+            # Nagle on the broker's sockets added ~40 ms to every offload round trip.
+            "set_tcp_nodelay true",
             "log_type error",
             "log_type warning",
             "log_type notice",

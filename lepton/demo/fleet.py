@@ -39,15 +39,15 @@ class DeviceSpec:
 def demo_devices() -> list[DeviceSpec]:
     """Two weak camera devices, a sensor gateway and two workers; one spike device joins later."""
     return [
-        DeviceSpec("cam-1", "weak camera", cpu_share=0.25, slowdown=4.0, up_mbps=20, rtt_ms=8,
+        DeviceSpec("cam-1", "weak camera", cpu_share=0.25, slowdown=150.0, up_mbps=20, rtt_ms=8,
                    sources=({"id": "door", "type": "synthetic", "pattern": "digits", "fps": 5.0, "width": 64, "height": 64},
                             {"id": "yard", "type": "synthetic", "pattern": "noise", "fps": 2.0, "width": 160, "height": 120, "seed": 1}),
                    streams=({"id": "door-digits", "source": "door", "model": "digits-int8"},
                             {"id": "yard-objects", "source": "yard", "model": "mobilenet96"})),
-        DeviceSpec("cam-2", "weak camera", cpu_share=0.25, slowdown=4.0, up_mbps=20, rtt_ms=8,
+        DeviceSpec("cam-2", "weak camera", cpu_share=0.25, slowdown=150.0, up_mbps=20, rtt_ms=8,
                    sources=({"id": "dock", "type": "synthetic", "pattern": "noise", "fps": 1.0, "width": 320, "height": 240, "seed": 2},),
                    streams=({"id": "dock-objects", "source": "dock", "model": "mobilenet224"},)),
-        DeviceSpec("gw-1", "sensor gateway", cpu_share=0.5, slowdown=2.0, up_mbps=10, rtt_ms=10,
+        DeviceSpec("gw-1", "sensor gateway", cpu_share=0.5, slowdown=20.0, up_mbps=10, rtt_ms=10,
                    sources=({"id": "pump", "type": "sensor", "mode": "synthetic", "fps": 10.0, "fault_every": 7, "seed": 3},),
                    streams=({"id": "pump-vibration", "source": "pump", "model": "vibration-int8"},)),
         DeviceSpec("worker-1", "inference worker", threads=1, cpu_share=1.0, up_mbps=200, down_mbps=200, rtt_ms=2),
@@ -57,7 +57,7 @@ def demo_devices() -> list[DeviceSpec]:
 
 def spike_device() -> DeviceSpec:
     """The load spike: a new camera with a heavy stream joins mid-run."""
-    return DeviceSpec("cam-3", "spike camera", cpu_share=0.25, slowdown=4.0, up_mbps=20, rtt_ms=8,
+    return DeviceSpec("cam-3", "spike camera", cpu_share=0.25, slowdown=150.0, up_mbps=20, rtt_ms=8,
                       sources=({"id": "gate", "type": "synthetic", "pattern": "noise", "fps": 2.0, "width": 320, "height": 240, "seed": 4},),
                       streams=({"id": "gate-objects", "source": "gate", "model": "mobilenet224"},))
 
@@ -73,7 +73,7 @@ def agent_config(spec: DeviceSpec, workdir: Path, host: str, port: int, prefix: 
         "runtime": {"threads": spec.threads, "cpu_share": spec.cpu_share, "slowdown": spec.slowdown},
         "telemetry": {"interval_s": 2.0, "window_s": 20.0},
         "models": {"cache_dir": str(state / "models")},
-        "link": {"up_mbps": spec.up_mbps, "down_mbps": spec.down_mbps, "rtt_ms": spec.rtt_ms},
+        "link": {"up_mbps": spec.up_mbps, "down_mbps": spec.down_mbps, "rtt_ms": spec.rtt_ms, "measure": False},
         "sources": [dict(s) for s in spec.sources],
         "streams": [dict(s) for s in spec.streams],
     }
