@@ -34,6 +34,40 @@ def mosquitto_binary() -> str | None:
     )
 
 
+class BrokerProcess:
+    """Stopping, killing and context management for a broker run as a child process."""
+
+    proc: subprocess.Popen | None
+
+    def start(self):  # pragma: no cover - each broker starts its own way
+        raise NotImplementedError
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        """Stop with *sig* (SIGTERM: clean; SIGKILL: crash) and wait for exit."""
+        if not self.running:
+            return
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 @dataclass
 class TLSFiles:
     cafile: Path
@@ -45,7 +79,7 @@ class TLSFiles:
 
 
 @dataclass
-class MosquittoBroker:
+class MosquittoBroker(BrokerProcess):
     """One mosquitto process with a config of its own in *workdir*."""
 
     workdir: Path
@@ -143,31 +177,7 @@ class MosquittoBroker:
         except OSError:
             return ""
 
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-        """Stop with *sig* (SIGTERM: clean; SIGKILL: crash) and wait for exit."""
-        if not self.running:
-            return
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
-
     def restart(self) -> "MosquittoBroker":
         self.stop()
         return self.start()
 
-    def __enter__(self) -> "MosquittoBroker":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lepton.broker import free_port
+from lepton.broker import BrokerProcess, free_port
 from lepton.errors import LeptonError
 
 
@@ -47,7 +47,7 @@ def serve(host: str, port: int) -> None:
 
 
 @dataclass
-class EmbeddedBroker:
+class EmbeddedBroker(BrokerProcess):
     """The embedded broker as a child process, with MosquittoBroker's interface."""
 
     workdir: Path
@@ -80,30 +80,6 @@ class EmbeddedBroker:
                 time.sleep(0.1)
         self.stop(signal.SIGKILL)
         raise LeptonError(f"embedded broker did not listen on {self.host}:{self.port} within {timeout}s")
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
-        if not self.running:
-            return
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def kill(self) -> None:
-        self.stop(signal.SIGKILL)
-
-    def __enter__(self) -> "EmbeddedBroker":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def private_broker(workdir: Path, prefer: str = "auto"):
