@@ -117,6 +117,7 @@ class LinkConfig(_Section):
     measure: bool = Field(True, description="measure the link from real traffic and a small probe; false: report the hints only (e.g. links emulated in a demo)")
     probe_interval_s: float = Field(60.0, ge=0, description="at most one link probe this often, skipped while real traffic measures both directions; 0: no probe")
     probe_bytes: int = Field(32768, ge=1024, le=1048576, description="size of the link probe message")
+    window_s: float = Field(60.0, ge=1, le=86400, description="each direction's estimate is the median of the samples of this many seconds; shorter follows a changing link sooner, longer rides out bursts")
 
 
 class OffloadConfig(_Section):

@@ -10,10 +10,14 @@ What feeds it:
   the target's downlink is on the same path), and the probe.
 - download: model downloads over HTTP, and the probe.
 - the probe: every ``probe_interval_s``, unless real traffic measured both
-  directions meanwhile, one ``probe_bytes`` message on this device's own
-  offload topic addressed to itself (``offload/{id}/{id}/probe``): the
-  broker's PUBACK times the way up, the copy it delivers back times the way
-  down. It stays inside what the broker's ACL lets a device write and read.
+  directions meanwhile, two ``probe_bytes`` messages. The first goes to the
+  device's probe sink (``devices/{id}/probe``, which nobody reads): the
+  broker's PUBACK times the way up. The second goes to the device's own
+  offload topic addressed to itself (``offload/{id}/{id}/probe``); the broker
+  queues the copy for delivery before its PUBACK, so only the copy's arrival
+  tells anything: the round trip, minus the first message's way up, is the
+  way down. Both stay inside what the broker's ACL lets a device write and
+  read.
 
 Each direction's estimate is the median of the samples of the last
 ``window_s``; until there is one, the configured hint (``[link]``) is
@@ -137,7 +141,7 @@ class Links:
 class Prober:
     """The periodic probe: one message up to the broker and back, at most every ``interval_s``."""
 
-    def __init__(self, links: Links, send: Callable[[int, int], tuple[float, Any] | None],
+    def __init__(self, links: Links, send: Callable[[int, int, bool], tuple[float, Any] | None],
                  ack_time: Callable[[Any], float | None], interval_s: float = 60.0, nbytes: int = 32 * 1024,
                  timeout_s: float = 5.0) -> None:
         self.links, self.send, self.ack_time = links, send, ack_time
@@ -179,14 +183,43 @@ class Prober:
                 log.exception("link probe failed")
 
     def probe_once(self, stop: threading.Event | None = None) -> bool:
-        """Send one probe and record what it measured; False if it was not sent or not answered."""
-        with self._cond:
-            self._request += 1
-            request = self._request
-        sent = self.send(request, self.nbytes)
-        if sent is None:
+        """Send one probe pair and record what it measured; False if nothing was measured."""
+        base = self.links.base_rtt_ms() / 1000.0
+        up_s = self._time_up(stop)
+        back = self._round_trip(stop)
+        down_s = None
+        if back is not None and up_s is not None and back - base - up_s > 0:
+            down_s = back - base - up_s
+        if up_s is None and down_s is None:
             return False
+        self.links.add_probe(self.nbytes, up_s, down_s)
+        self.probes += 1
+        log.debug("link probe: %d bytes up %s ms, down %s ms", self.nbytes, _ms(up_s), _ms(down_s))
+        return True
+
+    def _time_up(self, stop: threading.Event | None) -> float | None:
+        """The sink message: seconds from publish to its PUBACK, less the base RTT."""
+        sent = self.send(self._next(), self.nbytes, False)
+        if sent is None:
+            return None
         t0, key = sent
+        deadline = t0 + self.timeout_s
+        acked = self.ack_time(key)
+        while acked is None and time.monotonic() < deadline and not (stop and stop.is_set()):
+            time.sleep(0.002)
+            acked = self.ack_time(key)
+        if acked is None:
+            log.debug("link probe: no PUBACK within %.1f s", self.timeout_s)
+            return None
+        return max(acked - t0 - self.links.base_rtt_ms() / 1000.0, 0.0)
+
+    def _round_trip(self, stop: threading.Event | None) -> float | None:
+        """The echo message: seconds from publish until its copy came back."""
+        request = self._next()
+        sent = self.send(request, self.nbytes, True)
+        if sent is None:
+            return None
+        t0 = sent[0]
         deadline = t0 + self.timeout_s
         with self._cond:
             while request not in self._echo and time.monotonic() < deadline and not (stop and stop.is_set()):
@@ -194,14 +227,14 @@ class Prober:
             back = self._echo.pop(request, None)
         if back is None:
             log.debug("link probe %d not echoed within %.1f s", request, self.timeout_s)
-            return False
-        acked = self.ack_time(key)
-        base = self.links.base_rtt_ms() / 1000.0
-        if acked is not None and acked <= back:
-            up_s, down_s = acked - t0 - base, back - acked
-        else:  # no PUBACK time: split the round trip evenly
-            up_s = down_s = (back - t0 - base) / 2
-        self.links.add_probe(self.nbytes, up_s, down_s)
-        self.probes += 1
-        log.debug("link probe %d: %d bytes up %.2f ms, down %.2f ms", request, self.nbytes, up_s * 1e3, down_s * 1e3)
-        return True
+            return None
+        return back - t0
+
+    def _next(self) -> int:
+        with self._cond:
+            self._request += 1
+            return self._request
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"

@@ -60,7 +60,7 @@ class Placement:
 
         self.agent = agent
         cfg, session = agent.cfg, agent.session
-        self.links = Links(cfg.link, session.link, cfg.link.measure, window_s=max(60.0, cfg.telemetry.window_s))
+        self.links = Links(cfg.link, session.link, cfg.link.measure, window_s=cfg.link.window_s)
         self.offload_client = OffloadClient(agent.device, agent.topics, session.publish, cfg.offload, self.links)
         self.prober = Prober(self.links, self.send_probe, session.link.ack_time, cfg.link.probe_interval_s,
                              cfg.link.probe_bytes)
@@ -95,17 +95,23 @@ class Placement:
     def downloaded(self, nbytes: int, seconds: float) -> None:
         self.links.add_download(nbytes, seconds)
 
-    def send_probe(self, request: int, nbytes: int) -> tuple[float, Any] | None:
-        """Publish a link probe to this device itself (its offload topic); (monotonic send time, PUBACK key)."""
+    def send_probe(self, request: int, nbytes: int, echo: bool) -> tuple[float, Any] | None:
+        """Publish a link probe: to this device itself (*echo*, its offload topic) or to its probe sink.
+
+        Returns (monotonic send time, PUBACK key), None when it was not sent.
+        """
         from lepton.agent.links import PROBE_MODEL, PROBE_STREAM
         from lepton.agent.session import Outgoing
         from lepton.protocol.offload import OffloadHeader, encode_frame
 
         agent = self.agent
-        header = OffloadHeader(origin=agent.device, stream=PROBE_STREAM, request=request, model=PROBE_MODEL,
-                               dtype="uint8", shape=[nbytes], sent_at=time.time())
-        payload = encode_frame(header, bytes(nbytes))
-        topic = agent.topics.offload(agent.device, agent.device, PROBE_MODEL)
+        if echo:
+            header = OffloadHeader(origin=agent.device, stream=PROBE_STREAM, request=request, model=PROBE_MODEL,
+                                   dtype="uint8", shape=[nbytes], sent_at=time.time())
+            payload = encode_frame(header, bytes(nbytes))
+            topic = agent.topics.offload(agent.device, agent.device, PROBE_MODEL)
+        else:
+            payload, topic = bytes(nbytes), agent.topics.probe(agent.device)
         t0 = time.monotonic()
         key = agent.session.publish(Outgoing(topic, payload, 1))
         return None if key is None else (t0, key)

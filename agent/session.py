@@ -31,6 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from lepton.agent.config import BrokerConfig
 from lepton.errors import ConfigError
+from lepton.sockets import nodelay
 from lepton.protocol import Topics
 
 log = logging.getLogger(__name__)
@@ -271,6 +272,7 @@ class Session:
         if self._tls is not None:
             client.tls_set_context(self._tls)
         client.will_set(self.will.topic, self.will.payload, qos=self.will.qos, retain=self.will.retain)
+        client.on_socket_open = nodelay
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message

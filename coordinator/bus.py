@@ -23,6 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 
 from lepton.coordinator.ingest import Inbound
 from lepton.errors import ConfigError
+from lepton.sockets import nodelay
 from lepton.protocol import Topics, encode
 from lepton.protocol import messages as m
 
@@ -59,6 +60,7 @@ class Bus:
             c.tls_set(ca_certs=cfg.tls_ca, certfile=cfg.tls_cert or None, keyfile=cfg.tls_key or None)
         offline = m.CoordinatorStatus(state="offline", ts=time.time(), http=self.http_url)
         c.will_set(self.topics.coordinator_status(), encode(offline), qos=1, retain=True)
+        c.on_socket_open = nodelay
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message

@@ -32,6 +32,7 @@ QOS = {
     "offload": 1,
     "replies": 1,
     "acks": 1,
+    "probe": 1,
     "coordinator": 1,
 }
 RETAINED = frozenset({"status", "desired", "reported", "coordinator"})
@@ -93,6 +94,10 @@ class Topics:
     def reply(self, server: str, origin: str) -> str:
         return f"{self._dev(server)}/replies/{check_id(origin, 'device id')}"
 
+    def probe(self, device: str) -> str:
+        """The link probe sink: nobody subscribes; the broker's PUBACK times the device's upload."""
+        return f"{self._dev(device)}/probe"
+
     def acks(self, device: str) -> str:
         return f"{self._dev(device)}/acks"
 
@@ -144,7 +149,7 @@ class Topics:
         for part in rest[1:]:
             if not ID_PATTERN.match(part):
                 raise ProtocolError(f"invalid id {part!r} in topic {topic!r}")
-        if rest in (["status"], ["telemetry"], ["acks"]):
+        if rest in (["status"], ["telemetry"], ["acks"], ["probe"]):
             return Parsed(rest[0], device=dev)
         if rest in (["placement", "desired"], ["placement", "reported"]):
             return Parsed(rest[1], device=dev)

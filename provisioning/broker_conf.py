@@ -4,7 +4,7 @@ Access rules are derived from ``lepton.protocol.Topics`` (never spelled
 here), so a topic added to the protocol is covered in one place:
 
 * a device WRITES only its own topics (status, telemetry, placement/reported,
-  results, the offloads it sends and the replies it serves), and READS only
+  results, the offloads it sends, the replies it serves and its link probe), and READS only
   what ``Topics.device_subscriptions`` says is addressed to it;
 * the coordinator READS ``Topics.coordinator_subscriptions`` (plus the
   retained desired placements and its own status) and WRITES desired
@@ -64,6 +64,7 @@ def device_rules(settings: FleetSettings) -> list[tuple[str, str]]:
         t.result(_SELF, _ANY),
         t.offload(_SELF, _ANY, _ANY),
         t.reply(_SELF, _ANY),
+        t.probe(_SELF),
     ]
     reads = [f for f, _qos in t.device_subscriptions(_SELF)]
     return [("write", _filter(w)) for w in writes] + [("read", _filter(r)) for r in reads]

@@ -336,9 +336,10 @@ class Fleet:
             self.proxies[device].restore()
         return self.mark(f"restore {device}")
 
-    def shape(self, device: str, up_mbps: float | None = None, down_mbps: float | None = None) -> None:
+    def shape(self, device: str, up_mbps: float | None = None, down_mbps: float | None = None,
+              burst_bytes: int | None = None) -> None:
         """tbf bandwidth limits on *device*'s link (upload = device egress, download = bridge egress)."""
-        self.host(device).shape(up_mbps, down_mbps)
+        self.host(device).shape(up_mbps, down_mbps, burst_bytes)
 
     def unshape(self, device: str) -> None:
         self.host(device).unshape()
