@@ -218,6 +218,11 @@ class Fetcher:
             except urllib.error.HTTPError as exc:
                 part.unlink(missing_ok=True)
                 if exc.code == 416:  # the server's file is not the one the part was cut from
+                    total = _total_from_range(exc.headers.get("Content-Range", "") if exc.headers else "")
+                    if total is not None and total != ref.size:
+                        self.progress.pop(ref.name, None)
+                        raise ModelError(f"model {ref.name} {ref.version}: size check failed: the server's file "
+                                         f"is {total} bytes, placement named {ref.size}") from None
                     last = "HTTP 416: range not satisfiable"
                     continue
                 raise ModelError(f"model {ref.name} {ref.version}: download failed: {ref.url}: "
@@ -251,6 +256,10 @@ class Fetcher:
         with self._open(ref.url, headers) as response:
             if response.status != 206:  # the whole file: start over
                 have = 0
+            total = _offered_size(response)
+            if total is not None and total != ref.size:  # no use downloading (or resuming) what cannot match
+                raise ModelError(f"model {ref.name} {ref.version}: size check failed: the server's file is "
+                                 f"{total} bytes, placement named {ref.size}")
             got = self._copy(ref, response, part, have)
         seconds = time.monotonic() - started
         log.info("downloaded %s %s: %d bytes in %.2f s%s", ref.name, ref.version, got, seconds,
@@ -299,6 +308,24 @@ class Fetcher:
         if problem:
             part.unlink(missing_ok=True)  # a bad prefix must not be resumed from
             raise ModelError(f"model {ref.name} {ref.version}: {problem}")
+
+
+def _total_from_range(content_range: str) -> int | None:
+    """The whole file's size in a ``Content-Range`` header (``bytes 0-9/1234``, ``bytes */1234``)."""
+    total = content_range.rpartition("/")[2].strip()
+    return int(total) if total.isdigit() else None
+
+
+def _offered_size(response: Any) -> int | None:
+    """The size of the whole file as the server states it, when it does: the total of a 206's
+    ``Content-Range``, or the ``Content-Length`` of a plain 200."""
+    headers = response.headers
+    if response.status == 206:
+        return _total_from_range(headers.get("Content-Range", ""))
+    if headers.get("Content-Encoding", "identity").lower() not in ("", "identity"):
+        return None  # the length is of the encoded body
+    length = (headers.get("Content-Length") or "").strip()
+    return int(length) if length.isdigit() else None
 
 
 def _version(text: str) -> Any:

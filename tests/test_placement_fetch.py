@@ -140,6 +140,29 @@ def test_every_bad_model_is_refused_naming_the_check_and_nothing_is_installed(tm
         assert not list((tmp_path / "cache" / ".downloads").iterdir()), "no bad part file is kept to resume from"
 
 
+@pytest.mark.parametrize("resume", [False, True], ids=["fresh", "resumed"])
+def test_a_store_file_shorter_than_placement_named_fails_at_once(tmp_path, keys, store, resume):
+    """A truncated file on the store is refused on the first answer, not retried until the attempts run out."""
+    import time
+
+    private, public = keys
+    entry = build_version(tmp_path / "store", "digits", "2.0.0", private, public)
+    ref = store.serve(entry)
+    data = Path(entry.path).read_bytes()
+    Path(entry.path).write_bytes(data[: len(data) // 3])  # the store lost the end of the file
+    fetcher = fetcher_for(tmp_path, public)
+    if resume:  # a part from an earlier try, longer than what the store now has: the store answers 416
+        part = fetcher._part_path(ref)
+        part.write_bytes(data[: len(data) // 2])
+    started = time.monotonic()
+    with pytest.raises(ModelError, match=rf"size check failed: the server's file is {len(data) // 3} bytes, "
+                                         rf"placement named {ref.size}"):
+        fetcher.ensure(ref)
+    assert time.monotonic() - started < 2.0, "no retries with back-off for a file that cannot match"
+    assert fetcher.downloaded == 0 and cache_versions(fetcher) == []
+    assert not list((tmp_path / "cache" / ".downloads").iterdir()), "nothing kept to resume from"
+
+
 def test_a_verified_file_that_cannot_load_is_refused_and_removed(tmp_path, keys, store):
     private, public = keys
     fetcher = fetcher_for(tmp_path, public)
