@@ -92,7 +92,7 @@ class RuntimeConfig(_Section):
 
 
 class TelemetryConfig(_Section):
-    interval_s: float = Field(5.0, gt=0, le=3600, description="telemetry period (s)")
+    interval_s: float = Field(2.0, gt=0, le=3600, description="telemetry period (s); the coordinator judges liveness by it (docs/reliability.md: stale_after_s <= 1.5 x keepalive - interval_s - 2 s)")
     window_s: float = Field(60.0, gt=0, le=86400, description="window of the invoke-time percentiles and rates (s)")
 
 

@@ -62,7 +62,7 @@ class PlannerConfig(_Section):
 
 
 class LivenessConfig(_Section):
-    stale_after_s: float = Field(15.0, gt=0, description="an online device silent this long is stale and planned as offline")
+    stale_after_s: float = Field(11.0, gt=0, description="an online device silent this long is stale and planned as offline; with the agents' keepalive 10 s and telemetry every 2 s, 11 s notices a silent device within 1.5 x keepalive (docs/reliability.md)")
 
 
 class HttpConfig(_Section):
