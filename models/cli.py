@@ -38,8 +38,17 @@ def register(subparsers) -> None:
     _add_eval(sub)
 
 
-def _common(p, keys: bool = True, as_json: bool = True) -> None:
-    p.add_argument("--registry", metavar="DIR", help=REGISTRY_HELP)
+def _command(sub, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
+    """A ``lepton models NAME`` subparser that runs *func*."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.set_defaults(func=func)
+    return p
+
+
+def _common(p, registry: bool = True, keys: bool = True, as_json: bool = True) -> None:
+    """The options most commands share, in this order: --registry, --key, --json."""
+    if registry:
+        p.add_argument("--registry", metavar="DIR", help=REGISTRY_HELP)
     if keys:
         p.add_argument("--key", metavar="PUB", action="append", help=KEY_HELP)
     if as_json:
@@ -47,30 +56,29 @@ def _common(p, keys: bool = True, as_json: bool = True) -> None:
 
 
 def _add_list(sub) -> None:
-    p = sub.add_parser("list", help="every model version in the registry and whether it verifies",
-                       description="List the registry's model versions: task, size, memory estimate, measured "
-                       "metrics, and whether each one verifies (signature, size, sha256).")
+    p = _command(sub, "list", cmd_list, help="every model version in the registry and whether it verifies",
+                 description="List the registry's model versions: task, size, memory estimate, measured "
+                 "metrics, and whether each one verifies (signature, size, sha256).")
     _common(p)
-    p.set_defaults(func=cmd_list)
 
 
 def _add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="a model's manifest, tensors and verification, or a .tflite's metadata",
-                       description="Show one model: NAME (newest version in the registry; NAME==VERSION for "
-                       "another), a manifest.json or its directory, or a bare .tflite file (its tensors, read "
-                       "from the file).")
+    p = _command(sub, "inspect", cmd_inspect,
+                 help="a model's manifest, tensors and verification, or a .tflite's metadata",
+                 description="Show one model: NAME (newest version in the registry; NAME==VERSION for "
+                 "another), a manifest.json or its directory, or a bare .tflite file (its tensors, read "
+                 "from the file).")
     p.add_argument("target", metavar="NAME|PATH")
     _common(p)
-    p.set_defaults(func=cmd_inspect)
 
 
 def _add_add(sub) -> None:
-    p = sub.add_parser("add", help="describe, sign and install a .tflite as a new model version",
-                       description="Read the tensors, size and sha256 from PATH, combine them with SPEC "
-                       "(preprocess, postprocess; optionally family, variant, task, labels, metrics, trained, "
-                       "notes), sign the manifest with KEY and install both atomically as "
-                       "<registry>/<name>/<version>/. Refused if the version is older than one the registry "
-                       "already trusts.")
+    p = _command(sub, "add", cmd_add, help="describe, sign and install a .tflite as a new model version",
+                 description="Read the tensors, size and sha256 from PATH, combine them with SPEC "
+                 "(preprocess, postprocess; optionally family, variant, task, labels, metrics, trained, "
+                 "notes), sign the manifest with KEY and install both atomically as "
+                 "<registry>/<name>/<version>/. Refused if the version is older than one the registry "
+                 "already trusts.")
     p.add_argument("path", metavar="PATH", help="the .tflite file")
     p.add_argument("--name", required=True, help="model name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
     p.add_argument("--version", required=True, help="PEP 440 version, e.g. 1.2.0")
@@ -78,46 +86,41 @@ def _add_add(sub) -> None:
     p.add_argument("--key", required=True, metavar="KEY", help="Ed25519 private key (PEM) to sign with")
     p.add_argument("--trust", metavar="PUB", action="append", help="also trust this public key when "
                    "checking versions already installed (default: the zoo key)")
-    p.add_argument("--registry", metavar="DIR", help=REGISTRY_HELP)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_add)
+    _common(p, keys=False)
 
 
 def _add_verify(sub) -> None:
-    p = sub.add_parser("verify", help="check signatures, sizes and hashes (exit 1 if anything fails)",
-                       description="Verify every model version (or all versions of NAME): the manifest parses, "
-                       "a trusted key signed it, and the file's size and sha256 match. Exit 0 if all pass, 1 "
-                       "with the failed check named for each one that does not.")
+    p = _command(sub, "verify", cmd_verify, help="check signatures, sizes and hashes (exit 1 if anything fails)",
+                 description="Verify every model version (or all versions of NAME): the manifest parses, "
+                 "a trusted key signed it, and the file's size and sha256 match. Exit 0 if all pass, 1 "
+                 "with the failed check named for each one that does not.")
     p.add_argument("name", nargs="?", help="only this model")
     _common(p)
-    p.set_defaults(func=cmd_verify)
 
 
 def _add_keygen(sub) -> None:
-    p = sub.add_parser("keygen", help="create an Ed25519 signing key pair",
-                       description="Write PREFIX.key (private, mode 0600) and PREFIX.pub (public). Devices trust "
-                       "the .pub; keep the .key off them.")
+    p = _command(sub, "keygen", cmd_keygen, help="create an Ed25519 signing key pair",
+                 description="Write PREFIX.key (private, mode 0600) and PREFIX.pub (public). Devices trust "
+                 "the .pub; keep the .key off them.")
     p.add_argument("--out", required=True, metavar="PREFIX", help="path prefix, e.g. keys/fleet")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_keygen)
+    _common(p, registry=False, keys=False)
 
 
 def _add_sign(sub) -> None:
-    p = sub.add_parser("sign", help="sign (or re-sign) a manifest in place",
-                       description="Sign MANIFEST with KEY, after checking that the model file beside it has the "
-                       "manifest's size and sha256.")
+    p = _command(sub, "sign", cmd_sign, help="sign (or re-sign) a manifest in place",
+                 description="Sign MANIFEST with KEY, after checking that the model file beside it has the "
+                 "manifest's size and sha256.")
     p.add_argument("manifest", metavar="MANIFEST", help="a manifest.json")
     p.add_argument("--key", required=True, metavar="KEY", help="Ed25519 private key (PEM)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_sign)
+    _common(p, registry=False, keys=False)
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="invoke time p50/p95/p99 and throughput; saved as the compute profile",
-                       description="Benchmark a model's invoke time on this machine (a realistic input through "
-                       "its own preprocessing). The result is written as bench.json beside the manifest: the "
-                       "compute profile the coordinator assumes until devices report measured times.")
+    p = _command(sub, "bench", cmd_bench, help="invoke time p50/p95/p99 and throughput; saved as the compute profile",
+                 description="Benchmark a model's invoke time on this machine (a realistic input through "
+                 "its own preprocessing). The result is written as bench.json beside the manifest: the "
+                 "compute profile the coordinator assumes until devices report measured times.")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
     p.add_argument("--iterations", type=int, default=200, help="timed invocations (default 200)")
@@ -125,31 +128,41 @@ def _add_bench(sub) -> None:
     p.add_argument("--out", metavar="FILE", help="write the profile here instead of beside the manifest")
     p.add_argument("--no-save", action="store_true", help="measure and print only")
     _common(p)
-    p.set_defaults(func=cmd_bench)
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="measure accuracy (or precision/recall) on the held-out split, now",
-                       description="Run NAME (or every model of the family NAME, e.g. digits) on the held-out "
-                       "split its build saved, through the manifest's pre/post-processing and the runtime, and "
-                       "print what it measures now next to what the manifest states.")
+    p = _command(sub, "eval", cmd_eval, help="measure accuracy (or precision/recall) on the held-out split, now",
+                 description="Run NAME (or every model of the family NAME, e.g. digits) on the held-out "
+                 "split its build saved, through the manifest's pre/post-processing and the runtime, and "
+                 "print what it measures now next to what the manifest states.")
     p.add_argument("name", metavar="NAME|FAMILY", help="a family (all its models), a model, or NAME==VERSION")
     p.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
     _common(p)
-    p.set_defaults(func=cmd_eval)
 
 
 # -- helpers -------------------------------------------------------------------
 
 
 def _registry(args):
-    from lepton.models.registry import ENV_DIR, Registry, zoo_dir
+    from lepton.models.registry import Registry
 
-    root = Path(args.registry or os.environ.get(ENV_DIR) or zoo_dir())
+    root = _registry_root(args)
     if not root.is_dir():
         raise ConfigError(f"--registry {root}: not a directory")
     keys = getattr(args, "key", None)
     return Registry(root, trusted_keys=[Path(k) for k in keys] if keys else None)
+
+
+def _registry_root(args) -> Path:
+    """--registry, else $LEPTON_MODELS_DIR, else the shipped zoo."""
+    from lepton.models.registry import ENV_DIR, zoo_dir
+
+    return Path(args.registry or os.environ.get(ENV_DIR) or zoo_dir())
+
+
+def _entry(registry, name: str):
+    """One entry: the newest version of NAME, or NAME==VERSION."""
+    return _resolve(registry, name)[0] if "==" in name else registry.get(name)
 
 
 def _print_json(data) -> None:
@@ -232,7 +245,7 @@ def cmd_inspect(args) -> int:
         manifest = load_manifest(manifest_path)
         entry = Entry(manifest, manifest_path.parent / manifest.file, manifest_path)
     else:
-        entry = _resolve(registry, args.target)[0] if "==" in args.target else registry.get(args.target)
+        entry = _entry(registry, args.target)
     try:
         registry.verify(entry)
         problem = None
@@ -284,10 +297,9 @@ def _inspect_tflite(path: Path, as_json: bool) -> int:
 
 
 def cmd_add(args) -> int:
-    from lepton.models.registry import ENV_DIR, Registry, zoo_dir
+    from lepton.models.registry import Registry
 
-    root = Path(args.registry or os.environ.get(ENV_DIR) or zoo_dir())
-    registry = Registry(root, trusted_keys=[Path(k) for k in args.trust] if args.trust else None)
+    registry = Registry(_registry_root(args), trusted_keys=[Path(k) for k in args.trust] if args.trust else None)
     entry = registry.add(args.path, args.name, args.version, args.spec, args.key)
     if args.json:
         _print_json(_entry_json(entry, None))
@@ -357,7 +369,7 @@ def cmd_bench(args) -> int:
     if args.threads < 1 or args.iterations < 1 or args.warmup < 0:
         raise ConfigError("--threads and --iterations must be >= 1, --warmup >= 0")
     registry = _registry(args)
-    entry = _resolve(registry, args.name)[0] if "==" in args.name else registry.get(args.name)
+    entry = _entry(registry, args.name)
     registry.verify(entry)
     progress, advance = _progress(args.iterations, f"bench {entry.label()}")
     with progress:
