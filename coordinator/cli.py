@@ -35,48 +35,46 @@ def _add_coordinator(subparsers) -> None:
     p.add_argument("--check-config", metavar="FILE", help="validate FILE and exit: 0 if valid, 2 with the reason")
     p.set_defaults(func=_run)
     sub = p.add_subparsers(dest="coordinator_command", metavar="SUBCOMMAND")
-    snap = sub.add_parser(
-        "snapshot",
+    snap = _db_command(
+        sub, "snapshot", _snapshot,
         help="write the live fleet as a planner snapshot",
         description="Write the fleet as the coordinator sees it as a snapshot JSON for `lepton plan --snapshot`, "
         "so any live decision can be replayed and explained offline.",
     )
-    _db_args(snap)
     snap.add_argument("--out", metavar="FILE", help="write here instead of standard output")
     snap.add_argument("--plan", metavar="ID", help="the exact snapshot a recorded plan was made from "
                       "(an id from `lepton status --json`, or 'last') instead of the fleet now")
-    snap.set_defaults(func=_snapshot)
 
 
 def _add_status(subparsers) -> None:
-    st = subparsers.add_parser(
-        "status", help="the fleet as the coordinator sees it",
+    st = _db_command(
+        subparsers, "status", _status, help="the fleet as the coordinator sees it",
         description="Devices (liveness, load, outbox depth, acked results, desired and reported placement, "
         "routes) and the last plan, read from the coordinator's database.",
     )
-    _db_args(st)
     st.add_argument("--json", action="store_true", help="print JSON")
-    st.set_defaults(func=_status)
 
 
 def _add_events(subparsers) -> None:
-    ev = subparsers.add_parser(
-        "events", help="what changed in the fleet and why",
+    ev = _db_command(
+        subparsers, "events", _events, help="what changed in the fleet and why",
         description="The coordinator's event log: devices born, gone offline or stale, placements published, "
         "models that failed to load, streams left unserved, plans that failed.",
     )
-    _db_args(ev)
     ev.add_argument("--limit", type=int, default=50, help="newest N events (default 50)")
     ev.add_argument("--device", default="", help="only this device")
     ev.add_argument("--kind", default="", help="only this kind (e.g. placement, device-offline)")
     ev.add_argument("--json", action="store_true", help="print JSON")
-    ev.set_defaults(func=_events)
 
 
-def _db_args(p: argparse.ArgumentParser) -> None:
+def _db_command(subparsers, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand that reads the coordinator's database: --db, or the [db] path of --config."""
+    p = subparsers.add_parser(name, help=help, description=description)
     p.add_argument("--db", metavar="DB", help="coordinator database (default: [db] path of --config, else "
                    "/var/lib/lepton/coordinator.db)")
     p.add_argument("--config", metavar="FILE", help="take the database path from this coordinator config")
+    p.set_defaults(func=func)
+    return p
 
 
 def _db_path(args) -> str:
