@@ -199,6 +199,18 @@ def test_queue_term_spreads_load_that_the_static_objective_packs():
     assert queued.mean_latency_ms < static.mean_latency_ms
 
 
+def test_greedy_with_the_queue_term_spreads_what_static_greedy_packs():
+    models = [{"name": "m", "memory_mb": 10, "compute_ms": {"a": 10.0, "b": 10.0}}]
+    devices = [dev("a", up=1000, down=1000), dev("b", up=1000, down=1000)]
+    base = snapshot(devices, models, [stream(f"s{i}", "a", "m", rate=15, payload=1000, reply=0) for i in range(4)])
+    static = greedy(base)  # 4 x 0.15 of a core: all local, within the cap
+    assert {r.device for rs in static.routes.values() for r in rs} == {"a"}
+    queued = greedy({**base, "params": {**base["params"], "queueing": True}})
+    assert {r.device for rs in queued.routes.values() for r in rs} == {"a", "b"}
+    assert queued.mean_latency_ms < static.mean_latency_ms
+    assert_feasible(base, queued)
+
+
 def test_cpu_capacity_and_the_utilisation_cap_hold():
     models = [{"name": "m", "memory_mb": 10, "compute_ms": {"a": 100.0, "b": 100.0}}]
     snap = snapshot([dev("a", cpu=1), dev("b", cpu=1)], models,
@@ -301,6 +313,15 @@ def test_milp_matches_brute_force_and_never_loses_to_greedy(snap):
     assert_feasible(snap, p)
     assert p.objective <= greedy(snap).objective + 1e-7
     assert p.objective == pytest.approx(brute_force(snap), rel=1e-6, abs=1e-6)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(small_fleets())
+def test_with_the_queue_term_the_milp_never_loses_to_queue_aware_greedy(snap):
+    snap = {**snap, "params": {**snap["params"], "queueing": True}}
+    p = plan(snap)
+    assert_feasible(snap, p)
+    assert p.objective <= greedy(snap).objective + 1e-7
 
 
 @pytest.mark.parametrize("seed, extra, path", [

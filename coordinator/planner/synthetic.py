@@ -1,11 +1,20 @@
 """Seeded synthetic fleets: for the planner benchmark, tests and demos.
 
-A fleet mixes four kinds of device (small boards, Pi-class, Jetson-class,
-and a few edge servers) with log-uniform links and round-trip times; each
-model has a base inference time scaled per device by its speed, with noise.
-Every device originates one stream. ``current`` holds each stream's model
-on its origin where it fits, as a fleet that starts by running its own
-models would.
+A fleet mixes four kinds of device: small camera boards (Pi Zero-class, on
+Wi-Fi or LTE: slow, little memory, a limited uplink and a long way to the
+broker), Pi-class boards, Jetson-class boxes on wired site networks, and a
+few edge/cloud servers next to the broker (fast links, a few ms away).
+Links and round-trip times are the device's path to the broker, which sits
+with the coordinator in the cloud (docs/planner.md, latency model), so they
+are drawn per kind, log-uniform within the kind's range: a camera board and
+a server in a data centre do not share one link distribution.
+
+Models are image models (60%: 10-80 KB preprocessed inputs, 10-300 MB,
+5-60 ms base inference time) or sensor models (a few KB of window, 1-10 MB,
+0.5-5 ms), like the shipped zoo (mobilenet96/224 vs vibration, digits);
+each device scales the base time by its slowness, with noise. Every device
+originates one stream. ``current`` holds each stream's model on its origin
+where it fits, as a fleet that starts by running its own models would.
 """
 
 from __future__ import annotations
@@ -14,13 +23,18 @@ from typing import Any
 
 import numpy as np
 
-# kind: (share of the fleet, cpu range, memory MB range, slowness factor range)
+# kind: share of the fleet, cpu (cores), memory MB, slowness factor,
+#       uplink Mbit/s, downlink Mbit/s, rtt to the broker ms (ranges)
 KINDS = {
-    "small": (0.40, (0.5, 1.0), (256, 512), (4.0, 8.0)),
-    "pi": (0.45, (2.0, 4.0), (1024, 4096), (1.5, 3.0)),
-    "jetson": (0.12, (4.0, 6.0), (4096, 8192), (0.25, 0.5)),
-    "server": (0.03, (8.0, 16.0), (16384, 32768), (0.1, 0.2)),
+    "small": (0.40, (0.5, 1.0), (256, 512), (4.0, 8.0), (2, 20), (10, 100), (20, 100)),
+    "pi": (0.45, (2.0, 4.0), (1024, 4096), (1.5, 3.0), (5, 50), (20, 300), (10, 60)),
+    "jetson": (0.12, (4.0, 6.0), (4096, 8192), (0.25, 0.5), (20, 200), (50, 500), (5, 40)),
+    "server": (0.03, (8.0, 16.0), (16384, 32768), (0.1, 0.2), (500, 1000), (500, 1000), (1, 5)),
 }
+IMAGE_SHARE = 0.6
+# (base inference ms, memory MB, payload bytes) ranges per model class
+IMAGE = ((5, 60), (10, 300), (10_000, 80_000))
+SENSOR = ((0.5, 5), (1, 10), (500, 8_000))
 
 
 def _loguniform(rng: np.random.Generator, lo: float, hi: float, n: int) -> np.ndarray:
@@ -33,19 +47,18 @@ def random_fleet(n_devices: int, n_models: int = 20, seed: int = 0, **params: An
     kinds = rng.choice(list(KINDS), size=n_devices, p=[k[0] for k in KINDS.values()])
     devices, slow = [], np.empty(n_devices)
     for i, kind in enumerate(kinds):
-        _, cpu, mem, factor = KINDS[kind]
+        _, cpu, mem, factor, up, down, rtt = KINDS[kind]
         slow[i] = rng.uniform(*factor)
         devices.append({
             "id": f"{kind}-{i}", "cpu": round(float(rng.uniform(*cpu)), 2),
             "memory_mb": float(rng.integers(*mem)),
-            "uplink_mbps": round(float(_loguniform(rng, 5, 100, 1)[0]), 2),
-            "downlink_mbps": round(float(_loguniform(rng, 10, 300, 1)[0]), 2),
-            "rtt_ms": round(float(_loguniform(rng, 2, 80, 1)[0]), 2),
+            "uplink_mbps": round(float(_loguniform(rng, *up, 1)[0]), 2),
+            "downlink_mbps": round(float(_loguniform(rng, *down, 1)[0]), 2),
+            "rtt_ms": round(float(_loguniform(rng, *rtt, 1)[0]), 2),
         })
-    base = _loguniform(rng, 3, 60, n_models)
-    mem = _loguniform(rng, 4, 300, n_models)
-    image = rng.random(n_models) < 0.6
-    payload = np.where(image, rng.integers(8_000, 80_000, n_models), rng.integers(500, 8_000, n_models))
+    image = rng.random(n_models) < IMAGE_SHARE
+    pick = lambda i: np.where(image, _loguniform(rng, *IMAGE[i], n_models), _loguniform(rng, *SENSOR[i], n_models))  # noqa: E731
+    base, mem, payload = pick(0), pick(1), pick(2).astype(int)
     models = []
     for m in range(n_models):
         noise = rng.uniform(0.8, 1.25, n_devices)
