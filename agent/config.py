@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lepton.errors import ConfigError, LeptonError
+from lepton.errors import ConfigError, as_value_error, validation_field, validation_message
 from lepton.protocol import DEFAULT_PREFIX, Topics
 from lepton.protocol.topics import ID_PATTERN
 
@@ -164,10 +164,7 @@ class AgentConfig(_Section):
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, value: str) -> str:
-        try:
-            Topics(value)
-        except LeptonError as exc:
-            raise ValueError(str(exc)) from None
+        as_value_error(Topics, value)
         return value
 
     @property
@@ -178,12 +175,12 @@ class AgentConfig(_Section):
 
 def _describe(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err.get("loc", ()))
+    loc = validation_field(err)
     if err["type"] == "extra_forbidden":
         return f"unknown key {loc!r}"
     if err["type"] == "missing":
         return f"missing key {loc!r}"
-    msg = err["msg"].removeprefix("Value error, ")
+    msg = validation_message(err)
     got = f" (got {err['input']!r})" if not isinstance(err.get("input"), (dict, list)) else ""
     return f"{loc or 'config'}: {msg}{got}"
 

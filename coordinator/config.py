@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lepton.errors import ConfigError
+from lepton.errors import ConfigError, validation_field
 from lepton.protocol import DEFAULT_PREFIX, Topics
 
 if sys.version_info >= (3, 11):
@@ -123,7 +123,7 @@ def load_config(path: str | Path | None = None, data: dict | None = None) -> Coo
         return CoordinatorConfig.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "config"
+        where = validation_field(first) or "config"
         raise ConfigError(f"config {path or ''}: {where}: {first.get('msg')}".replace("config : ", "config: ")) from None
     except Exception as exc:  # the prefix check raises ProtocolError
         raise ConfigError(f"config {path or ''}: {exc}") from None

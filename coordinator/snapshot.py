@@ -29,7 +29,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lepton.errors import ConfigError
+from lepton.errors import ConfigError, validation_message
 from lepton.protocol.topics import ID_PATTERN
 
 Id = Annotated[str, Field(pattern=ID_PATTERN.pattern, description="id: letters, digits, _ . -; at most 64")]
@@ -154,7 +154,7 @@ def _describe(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:3]:
         loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
-        msg = err["msg"].removeprefix("Value error, ")
+        msg = validation_message(err)
         parts.append(f"{loc}: {msg}" if loc else msg)
     more = len(exc.errors()) - len(parts)
     return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

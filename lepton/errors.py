@@ -23,3 +23,33 @@ class ModelError(LeptonError):
 
 class ProtocolError(LeptonError):
     """A message failed validation: wrong schema, malformed, oversized."""
+
+
+# -- pydantic validation errors as one clear line -------------------------------------------------
+# Duck-typed over ``ValidationError.errors()`` dicts, so this module imports nothing.
+
+
+def validation_field(error: dict) -> str:
+    """Where a pydantic error is, as a dotted path (``broker.port``, ``streams.0.model``); "" for the whole object."""
+    return ".".join(str(p) for p in error.get("loc", ()))
+
+
+def validation_message(error: dict) -> str:
+    """What a pydantic error says, without the "Value error, " pydantic puts before a validator's ValueError."""
+    return error["msg"].removeprefix("Value error, ")
+
+
+def describe_validation(exc, top: str, first_only: bool = False) -> str:
+    """A pydantic ``ValidationError`` as one line: ``field: message`` per error (only the first with
+    *first_only*), joined by "; "; an error about the whole object is named *top*."""
+    errors = exc.errors()[:1] if first_only else exc.errors()
+    return "; ".join(f"{validation_field(err) or top}: {validation_message(err)}" for err in errors)
+
+
+def as_value_error(check, *args, **kwargs):
+    """Call a lepton check inside a pydantic validator: a LeptonError it raises becomes the ValueError
+    that pydantic reports against the field being validated."""
+    try:
+        return check(*args, **kwargs)
+    except LeptonError as exc:
+        raise ValueError(str(exc)) from None

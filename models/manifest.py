@@ -22,7 +22,7 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lepton.errors import ConfigError, ModelError
+from lepton.errors import ModelError, as_value_error, describe_validation
 from lepton.models.spec import PostprocessSpec, PreprocessSpec, parse_postprocess, parse_preprocess
 from lepton.protocol.topics import ID_PATTERN
 
@@ -100,18 +100,12 @@ class Manifest(BaseModel):
     @field_validator("preprocess", mode="before")
     @classmethod
     def _pre(cls, value: Any) -> PreprocessSpec:
-        try:
-            return parse_preprocess(value, where="")
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
+        return as_value_error(parse_preprocess, value, where="")
 
     @field_validator("postprocess", mode="before")
     @classmethod
     def _post(cls, value: Any) -> PostprocessSpec:
-        try:
-            return parse_postprocess(value, where="")
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
+        return as_value_error(parse_postprocess, value, where="")
 
     @property
     def parsed_version(self) -> Version:
@@ -132,13 +126,6 @@ class Manifest(BaseModel):
         return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
-def _describe(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'manifest'}: {err['msg'].removeprefix('Value error, ')}"
-        for err in exc.errors()
-    )
-
-
 def parse_manifest(data: Any, where: str = "manifest") -> Manifest:
     """A Manifest from a dict, JSON text or bytes; ModelError naming the bad field."""
     if isinstance(data, Manifest):
@@ -155,7 +142,7 @@ def parse_manifest(data: Any, where: str = "manifest") -> Manifest:
     try:
         return Manifest.model_validate(data)
     except ValidationError as exc:
-        raise ModelError(f"{where}: {_describe(exc)}") from None
+        raise ModelError(f"{where}: {describe_validation(exc, 'manifest')}") from None
 
 
 def load_manifest(path: str | os.PathLike) -> Manifest:

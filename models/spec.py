@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from lepton.errors import ConfigError
+from lepton.errors import ConfigError, validation_message
 
 
 class _Strict(BaseModel):
@@ -198,7 +198,7 @@ def _describe(exc: ValidationError, where: str) -> str:
     parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in (where, *err["loc"]) if p != "")
-        msg = err["msg"].removeprefix("Value error, ")
+        msg = validation_message(err)
         named = _FIELD_FIRST.match(msg)
         if named:  # "'mean' has 2 values" -> "preprocess.image.mean: has 2 values"
             loc, msg = f"{loc}.{named.group(1)}", named.group(2)

@@ -13,7 +13,7 @@ from typing import Annotated
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lepton.errors import ConfigError, LeptonError
+from lepton.errors import ConfigError, as_value_error, describe_validation
 from lepton.protocol import DEFAULT_PREFIX, Topics, check_id
 
 if sys.version_info >= (3, 11):
@@ -96,19 +96,13 @@ class FleetSettings(_Strict):
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        try:
-            Topics(v)
-        except LeptonError as exc:
-            raise ValueError(str(exc)) from None
+        as_value_error(Topics, v)
         return v
 
     @field_validator("coordinator")
     @classmethod
     def _coordinator(cls, v: str) -> str:
-        try:
-            return check_id(v, "coordinator id")
-        except LeptonError as exc:
-            raise ValueError(str(exc)) from None
+        return as_value_error(check_id, v, "coordinator id")
 
 
 def load_settings(root: Path) -> FleetSettings:
@@ -127,9 +121,7 @@ def parse_settings(data: dict, where: str = SETTINGS_FILE) -> FleetSettings:
     try:
         return FleetSettings.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(top)"
-        raise ConfigError(f"{where}: {loc}: {err['msg'].removeprefix('Value error, ')}") from None
+        raise ConfigError(f"{where}: {describe_validation(exc, '(top)', first_only=True)}") from None
 
 
 def settings_toml(settings: FleetSettings) -> bytes:
