@@ -13,7 +13,7 @@ Example (a uint8 224x224 classifier trained on RGB images in [0, 1])::
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -208,19 +208,22 @@ def _describe(exc: ValidationError, where: str) -> str:
 
 def parse_preprocess(data: Any, where: str = "preprocess") -> PreprocessSpec:
     """A PreprocessSpec from a dict (or itself); ConfigError naming the bad field."""
-    if isinstance(data, PreprocessSpec):
-        return data
-    try:
-        return PreprocessSpec.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, where)) from None
+    return _parse(PreprocessSpec, data, where)
 
 
 def parse_postprocess(data: Any, where: str = "postprocess") -> PostprocessSpec:
     """A PostprocessSpec from a dict (or itself); ConfigError naming the bad field."""
-    if isinstance(data, PostprocessSpec):
+    return _parse(PostprocessSpec, data, where)
+
+
+_Spec = TypeVar("_Spec", bound=_Strict)
+
+
+def _parse(spec_class: type[_Spec], data: Any, where: str) -> _Spec:
+    """A *spec_class* from a dict (or itself); ConfigError naming the bad field under *where*."""
+    if isinstance(data, spec_class):
         return data
     try:
-        return PostprocessSpec.model_validate(data)
+        return spec_class.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, where)) from None
