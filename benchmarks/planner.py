@@ -8,8 +8,12 @@ Per fleet it prints the model size (variables, constraints, binaries of the
 full MILP over the pruned candidates), the solver path, wall-clock time of
 plan() (snapshot validation excluded, candidate choice and greedy included),
 the objective (rate-weighted mean latency + penalties, ms), the gap to the LP
-bound where the path has one, and the ratio against greedy measured in the
-same run: objective gain, and mean latency including M/D/1 queueing.
+bound where the path has one, and greedy measured in the same run on the
+same snapshot: objective gain, and the latency users experience under each
+plan (the per-route transfer + propagation + compute + M/D/1 queueing the
+plan reports, rate-weighted), with its queueing part. With the queue term
+on, greedy counts it too; "vs static greedy" compares the planner with the
+default, queue-blind greedy instead. Averages and the targets follow.
 With --lp-bound, plans that have no bound (the large-fleet path) are
 measured against the LP relaxation of the full pruned MILP, solved without a
 time limit (minutes at 10,000 devices).
@@ -30,7 +34,7 @@ from lepton.coordinator.planner.problem import build_problem
 from lepton.coordinator.planner.synthetic import random_fleet
 from lepton.coordinator.snapshot import load_snapshot
 
-DEFAULT_LIMITS = {100: 5.0, 1000: 5.0, 10000: 30.0}
+DEFAULT_LIMITS = {100: 5.0, 1000: 5.0, 10000: 25.0}  # 10k: the lns path runs to its limit; 5 s margin on the 30 s target
 
 
 def lp_bound(form) -> float | None:
@@ -39,6 +43,27 @@ def lp_bound(form) -> float | None:
 
     res = milp_arrays(form, relax=True, time_limit=1e6, gap=0.0)
     return float(res.fun) if res.status == 0 else None
+
+
+def experienced(snap, result) -> dict:
+    """What users of a plan wait for: the per-route latency the plan reports
+    (transfer + propagation + compute + M/D/1 queueing at the planned
+    utilisation), weighted by each route's request rate (rate x share)."""
+    rate = {s.id: s.rate_hz for s in snap.streams}
+    w = lat = queue = 0.0
+    for sid, routes in result.routes.items():
+        for r in routes:
+            w += rate[sid] * r.share
+            lat += rate[sid] * r.share * r.total_ms
+            queue += rate[sid] * r.share * r.queueing_ms
+    offered = sum(rate[sid] for sid in result.routes)
+    unserved = sum(rate[sid] * share for sid, share in result.unserved.items())
+    return {"latency_ms": lat / w if w else 0.0, "queueing_ms": queue / w if w else 0.0,
+            "unserved_rate": unserved / offered if offered else 0.0}
+
+
+def _gain(base: float, new: float) -> float:
+    return (base - new) / base if base else 0.0
 
 
 def measure(n: int, seed: int, queueing: bool, limit: float, want_bound: bool = False) -> dict:
@@ -58,15 +83,23 @@ def measure(n: int, seed: int, queueing: bool, limit: float, want_bound: bool = 
         bound = lp_bound(form)
         bound_s = time.monotonic() - t0
         gap = None if bound is None else max(0.0, (best.objective - bound / prob.n_streams) / best.objective)
-    gain = (base.objective - best.objective) / base.objective if base.objective else 0.0
-    lat_gain = (base.mean_latency_ms - best.mean_latency_ms) / base.mean_latency_ms if base.mean_latency_ms else 0.0
+    mine, theirs = experienced(snap, best), experienced(snap, base)
+    # the default (queue-blind) greedy, what a fleet runs without the queue term
+    static = experienced(snap, greedy(snap.model_copy(update={"params": snap.params.model_copy(
+        update={"queueing": False})}))) if queueing else theirs
     return {
         "devices": n, "queueing": queueing, "streams": prob.n_streams, "routes": int(prob.p_s.size),
         "variables": form.n_vars, "constraints": form.n_rows, "binaries": form.nx, "path": best.path,
         "status": best.status, "plan_s": plan_s, "greedy_s": greedy_s, "time_limit_s": limit,
-        "objective": best.objective, "greedy_objective": base.objective, "gain_vs_greedy": gain,
-        "gap": gap, "bound_s": bound_s, "mean_latency_ms": best.mean_latency_ms, "greedy_latency_ms": base.mean_latency_ms,
-        "latency_gain": lat_gain, "unserved": len(best.unserved), "greedy_unserved": len(base.unserved),
+        "objective": best.objective, "greedy_objective": base.objective,
+        "gain_vs_greedy": _gain(base.objective, best.objective), "gap": gap, "bound_s": bound_s,
+        "latency_ms": mine["latency_ms"], "greedy_latency_ms": theirs["latency_ms"],
+        "queueing_ms": mine["queueing_ms"], "greedy_queueing_ms": theirs["queueing_ms"],
+        "latency_gain": _gain(theirs["latency_ms"], mine["latency_ms"]),
+        "static_greedy_latency_ms": static["latency_ms"],
+        "latency_gain_vs_static_greedy": _gain(static["latency_ms"], mine["latency_ms"]),
+        "unserved_rate": mine["unserved_rate"], "greedy_unserved_rate": theirs["unserved_rate"],
+        "unserved": len(best.unserved), "greedy_unserved": len(base.unserved),
         "loads": len(best.loads), "greedy_loads": len(base.loads),
     }
 
@@ -75,29 +108,57 @@ def print_table(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title="planner benchmark (objective and latency in ms; gain = (greedy - plan) / greedy)")
-    cols = ["devices", "queue", "vars", "rows", "bins", "path", "plan s", "greedy s", "objective", "greedy obj",
-            "gain", "gap", "lat+q", "greedy lat+q", "lat gain", "unserved", "loads (greedy)"]
+    t = Table(title="planner vs greedy (ms; gain = (greedy - planner) / greedy; latency = rate-weighted mean of "
+                    "transfer + propagation + compute + M/D/1 queueing per route)")
+    cols = ["devices", "queue term", "variables", "solve s", "path", "objective", "gap to bound", "greedy obj",
+            "obj gain", "latency (greedy)", "of it queueing (greedy)", "latency gain", "vs static greedy",
+            "unserved (greedy)"]
     for c in cols:
         t.add_column(c, justify="right")
     for r in rows:
+        gap = "n/a" if r["gap"] is None else f"{r['gap']:.2%}" + ("*" if r.get("bound_s") else "")
         t.add_row(
-            str(r["devices"]), "on" if r["queueing"] else "off", str(r["variables"]), str(r["constraints"]),
-            str(r["binaries"]), r["path"], f"{r['plan_s']:.2f}", f"{r['greedy_s']:.2f}", f"{r['objective']:.3f}",
-            f"{r['greedy_objective']:.3f}", f"{r['gain_vs_greedy']:+.1%}",
-            "n/a" if r["gap"] is None else f"{r['gap']:.2%}" + ("*" if r.get("bound_s") else ""), f"{r['mean_latency_ms']:.2f}",
-            f"{r['greedy_latency_ms']:.2f}", f"{r['latency_gain']:+.1%}", f"{r['unserved']} ({r['greedy_unserved']})",
-            f"{r['loads']} ({r['greedy_loads']})",
+            f"{r['devices']:,}", "on" if r["queueing"] else "off", f"{r['variables']:,}", f"{r['plan_s']:.2f}",
+            r["path"], f"{r['objective']:.3f}", gap, f"{r['greedy_objective']:.3f}", f"{r['gain_vs_greedy']:+.1%}",
+            f"{r['latency_ms']:.2f} ({r['greedy_latency_ms']:.2f})", f"{r['queueing_ms']:.2f} ({r['greedy_queueing_ms']:.2f})",
+            f"{r['latency_gain']:+.1%}", f"{r['latency_gain_vs_static_greedy']:+.1%}" if r["queueing"] else "",
+            f"{r['unserved']} ({r['greedy_unserved']})",
         )
-    Console(width=200).print(t)
+    Console(width=220).print(t)
     if any(r.get("bound_s") for r in rows):
         print("* gap against the full LP relaxation solved after the run: "
               + ", ".join(f"{r['devices']} devices {r['bound_s']:.0f} s" for r in rows if r.get("bound_s")))
     for q in sorted({r["queueing"] for r in rows}):
         sel = [r for r in rows if r["queueing"] == q]
-        print(f"queue term {'on' if q else 'off'}: mean objective gain vs greedy "
-              f"{sum(r['gain_vs_greedy'] for r in sel) / len(sel):+.1%}, mean latency (with queueing) gain "
-              f"{sum(r['latency_gain'] for r in sel) / len(sel):+.1%}")
+        avg = lambda key: sum(r[key] for r in sel) / len(sel)  # noqa: E731
+        line = (f"queue term {'on ' if q else 'off'}: average over {len(sel)} fleets: objective gain vs greedy "
+                f"{avg('gain_vs_greedy'):+.1%}, latency gain (with queueing) {avg('latency_gain'):+.1%}")
+        if q:
+            line += f", latency gain vs the default queue-blind greedy {avg('latency_gain_vs_static_greedy'):+.1%}"
+        print(line)
+    print_targets(rows)
+
+
+def print_targets(rows: list[dict]) -> None:
+    """The issue's three targets against this run."""
+    ok = lambda b: "met" if b else "NOT met"  # noqa: E731
+    mid = [r for r in rows if r["devices"] == 1000]
+    if mid:
+        worst_s = max(r["plan_s"] for r in mid)
+        gaps = [r["gap"] for r in mid]
+        known = all(g is not None for g in gaps)
+        print(f"target 1000 x 20 within 1% in <= 1 s: {ok(known and max(gaps) <= 0.01 and worst_s <= 1.0)} "
+              f"(slowest {worst_s:.2f} s, largest gap {'n/a' if not known else f'{max(gaps):.2%}'})")
+    big = [r for r in rows if r["devices"] >= 10000]
+    if big:
+        worst = max(r["plan_s"] for r in big)
+        print(f"target 10,000 devices in <= 30 s: {ok(worst <= 30.0)} (slowest {worst:.1f} s)")
+    for q in sorted({r["queueing"] for r in rows}):
+        sel = [r for r in rows if r["queueing"] == q]
+        g = sum(r["gain_vs_greedy"] for r in sel) / len(sel)
+        lg = sum(r["latency_gain"] for r in sel) / len(sel)
+        print(f"target >= 10% better than greedy on average, queue term {'on ' if q else 'off'}: "
+              f"objective {g:+.1%} {ok(g >= 0.10)}, experienced latency {lg:+.1%} {ok(lg >= 0.10)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="100,1000,10000", help="fleet sizes, comma-separated")
     ap.add_argument("--seed", type=int, default=1, help="fleet generator seed")
     ap.add_argument("--queueing", choices=("both", "off", "on"), default="both", help="objective with the queue term")
-    ap.add_argument("--time-limit", default="", help="per size, e.g. 1000=5,10000=30 (defaults: 5 s, 30 s at 10k)")
+    ap.add_argument("--time-limit", default="", help="per size, e.g. 1000=5,10000=30 (defaults: 5 s, 25 s at 10k)")
     ap.add_argument("--lp-bound", action="store_true", help="solve the full LP (slow) for paths without a bound")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args(argv)
@@ -118,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for q in modes:
         for n in (int(s) for s in args.sizes.split(",")):
-            rows.append(measure(n, args.seed, q, limits.get(n, 5.0 if n < 5000 else 30.0), args.lp_bound))
+            rows.append(measure(n, args.seed, q, limits.get(n, 5.0 if n < 5000 else 25.0), args.lp_bound))
             print(f"  {n} devices, queue term {'on' if q else 'off'}: {rows[-1]['plan_s']:.2f} s", file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=2))

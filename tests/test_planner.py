@@ -211,6 +211,20 @@ def test_greedy_with_the_queue_term_spreads_what_static_greedy_packs():
     assert_feasible(base, queued)
 
 
+def test_queue_tangents_left_out_never_bind_below_the_reachable_utilisation():
+    from lepton.coordinator.planner import queueing
+
+    cap = 0.8
+    slope, icpt = queueing.tangents(cap)
+    tops = np.array([0.0, 0.01, 0.1, 0.33, 0.6, 0.79, 0.8])
+    keep = queueing.needed(cap, tops)
+    assert keep.sum() < keep.size  # low-utilisation devices need few rows
+    for j, top in enumerate(tops):
+        rho = np.linspace(0, top, 50)
+        kept = np.max(np.multiply.outer(rho, slope[keep[:, j]]) + icpt[keep[:, j]], axis=1)
+        assert np.allclose(kept, queueing.lq_pwl(rho, cap))
+
+
 def test_cpu_capacity_and_the_utilisation_cap_hold():
     models = [{"name": "m", "memory_mb": 10, "compute_ms": {"a": 100.0, "b": 100.0}}]
     snap = snapshot([dev("a", cpu=1), dev("b", cpu=1)], models,

@@ -186,11 +186,20 @@ def _queue_rows(prob: Problem, rows: _Rows, c, var_ub, y0: int, cpu_ms: np.ndarr
     rho_coef = cpu_ms / (1000.0 * prob.cpu[prob.p_d])
     rho_res = res_cpu_ms[dev] / (1000.0 * prob.cpu[dev])
     ny = prob.p_s.size
+    pos = np.searchsorted(dev, prob.p_d)  # q index of each pair's device
+    # highest utilisation each device can reach: tangents touching above it never bind
+    rho_top = np.minimum(rho_res + np.bincount(pos, weights=rho_coef, minlength=dev.size),
+                         prob.params.utilization_cap)
+    keep = queueing.needed(prob.params.utilization_cap, rho_top)
     for k in range(slope.size):
-        r = np.concatenate([np.searchsorted(dev, prob.p_d), np.arange(dev.size)])
-        cols = np.concatenate([y0 + np.arange(ny), q_of[dev]])
-        vals = np.concatenate([slope[k] * rho_coef, -np.ones(dev.size)])
-        rows.block(r, cols, vals, np.full(dev.size, -np.inf), -icpt[k] - slope[k] * rho_res)
+        on = keep[k]
+        row_of = np.full(dev.size, -1)
+        row_of[on] = np.arange(int(on.sum()))
+        pk = on[pos]
+        r = np.concatenate([row_of[pos[pk]], row_of[on]])
+        cols = np.concatenate([y0 + np.flatnonzero(pk), q_of[dev[on]]])
+        vals = np.concatenate([slope[k] * rho_coef[pk], -np.ones(int(on.sum()))])
+        rows.block(r, cols, vals, np.full(int(on.sum()), -np.inf), -icpt[k] - slope[k] * rho_res[on])
     c = np.concatenate([c, np.full(dev.size, 1000.0 / prob.mean_rate)])
     var_ub = np.concatenate([var_ub, np.full(dev.size, np.inf)])
     return c, var_ub, dev

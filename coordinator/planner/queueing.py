@@ -22,12 +22,26 @@ def lq(rho: np.ndarray) -> np.ndarray:
         return np.where(rho < 1, rho * rho / (2 * (1 - np.minimum(rho, 1 - 1e-12))), np.inf)
 
 
+def touch_points(cap: float) -> np.ndarray:
+    """Where the tangents touch lq: increasing, denser near the cap, where lq bends hardest."""
+    top = min(cap, 0.99)
+    return top * (1 - (1 - np.linspace(0, 1, N_TANGENTS)) ** 2)
+
+
+def needed(cap: float, rho_top: np.ndarray) -> np.ndarray:
+    """(tangents, devices) mask of the tangents that can be the max somewhere on
+    [0, rho_top[d]]: those touching below rho_top and the first one above (lq
+    is convex, so at any rho the max is a tangent touching next to it)."""
+    pts = touch_points(cap)
+    below = pts[:, None] <= np.asarray(rho_top, dtype=float)[None, :]
+    first_above = np.cumsum(~below, axis=0) == 1
+    return below | (first_above & ~below)
+
+
 def tangents(cap: float) -> tuple[np.ndarray, np.ndarray]:
     """(slopes, intercepts) of tangent lines of lq on [0, cap]; their max
     under-estimates lq and is exact at the touching points."""
-    top = min(cap, 0.99)
-    # touch points denser near the cap, where lq bends hardest
-    pts = top * (1 - (1 - np.linspace(0, 1, N_TANGENTS)) ** 2)
+    pts = touch_points(cap)
     one_minus = 1 - pts
     slope = pts * (2 - pts) / (2 * one_minus**2)  # d/drho of rho^2 / (2 (1 - rho))
     return slope, lq(pts) - slope * pts
