@@ -34,7 +34,8 @@ from hypothesis import strategies as st
 pytest.importorskip("lepton.agent.cli", reason="the agent is not built into this install")
 pytest.importorskip("lepton.coordinator.app", reason="the coordinator is not built into this install")
 
-from test_coordinator_fuzz import WRONG, dump, topic_for  # noqa: E402
+from fuzz_cases import one_thing_wrong as _one_thing_wrong  # noqa: E402
+from test_coordinator_fuzz import dump, topic_for  # noqa: E402
 from test_coordinator_fuzz import cases as coordinator_cases  # noqa: E402
 
 from lepton.protocol import Topics, encode  # noqa: E402
@@ -77,25 +78,12 @@ OTHER_IDS = ["dev-2", "other-device", "a/b", "+", "#", "", "x" * 65]
 def one_thing_wrong(draw, kind: str, sender: str) -> bytes:
     """A valid message with exactly one thing wrong: a type, a missing or unknown field, the schema
     version, another device's id (for the coordinator's status, which names none: an unknown key), NaN."""
-    data = agent_valid(kind, sender)
-    how = draw(st.sampled_from(["type", "missing", "extra", "version", "id", "nan"]))
-    if how == "type":
-        key = draw(st.sampled_from(sorted(k for k in data if k != "v")))
-        data[key] = draw(st.sampled_from(WRONG[type(data[key])]))
-    elif how == "missing":
-        del data[draw(st.sampled_from(REQUIRED[kind]))]
-    elif how == "extra":
-        data[draw(st.sampled_from(["bogus", "Device", "seqq"]))] = 1
-    elif how == "version":
-        data["v"] = draw(st.sampled_from([0, 2, None, "one"]))
-    elif how == "id":
+
+    def other_id(draw, data: dict) -> None:
         field = "server" if kind == "replies" and draw(st.booleans()) else ID_FIELD[kind]
         data[field] = draw(st.sampled_from([i for i in OTHER_IDS if i != data.get(field)]))  # really another
-    else:
-        data[NUMBER[kind]] = 0.123456789
-        text = json.dumps(data).replace("0.123456789", draw(st.sampled_from(["NaN", "Infinity", "-Infinity"])))
-        return text.encode()
-    return json.dumps(data).encode()
+
+    return _one_thing_wrong(draw, agent_valid(kind, sender), REQUIRED[kind], NUMBER[kind], other_id)
 
 
 def junk(valid: bytes, limit: int, deep_char: bytes = b"[") -> st.SearchStrategy[bytes]:
