@@ -17,7 +17,8 @@ capacity, then:
 - from the same snapshot it computes where D = L/C puts the switch: the
   capacity C* at which sending L bytes (and the reply) costs what the cam's
   compute saves, and checks that the plan offloads above C* and serves the
-  stream locally below it. The capacities are chosen well on either side.
+  stream locally below it. After 12, 6 and 3 Mbit/s the link is set to
+  1.6 x C* (still offloaded), 0.6 x C* (local) and back to 12 (offloaded).
 
 The figures (predicted vs measured per capacity) are printed.
 """
@@ -39,7 +40,7 @@ STREAM = "s0"  # the cam's stream (the plan names streams by id unless two origi
 RATE_HZ = 2.0
 SLOWDOWN = 400.0  # mobilenet96 invokes in ~0.3 ms here: ~120 ms on the emulated camera device
 OFFLOADED_AT = (12.0, 6.0, 3.0)  # Mbit/s: transfer 19-75 ms, well under the cam's own compute
-LOCAL_AT = 0.5  # Mbit/s: transfer ~450 ms, well over it
+AROUND = (1.6, 0.6)  # then x C* (where D = L/C puts the switch, from the plan at 3 Mbit/s): one each side
 BURST = 2 * 1514  # tbf bucket: two frames, so a 27 KB payload sees the configured rate
 TOLERANCE = 0.15
 SAMPLES = 16  # offloaded results per capacity
@@ -177,7 +178,10 @@ def test_offload_latency_matches_the_plan_and_switches_at_the_crossover(fleet_fa
     fleet.start_agent("gpu", overrides=WORKER)
     fleet.start_agent("cam", rate_hz=RATE_HZ, model="mobilenet96", overrides=CAM)
 
-    steps = [step(fleet, c) for c in (*OFFLOADED_AT, LOCAL_AT, OFFLOADED_AT[0])]
+    steps = [step(fleet, c) for c in OFFLOADED_AT]
+    crossover = steps[-1]["crossover"]
+    steps += [step(fleet, round(k * crossover, 2)) for k in AROUND]
+    steps.append(step(fleet, OFFLOADED_AT[0]))
 
     with capsys.disabled():  # the figures are the point: shown with or without -s
         print_steps(steps)
@@ -187,8 +191,8 @@ def test_offload_latency_matches_the_plan_and_switches_at_the_crossover(fleet_fa
         assert s["where"] == expected, (
             f"at {s['capacity']} Mbit/s D = L/C puts the switch at {s['crossover']:.2f} Mbit/s, so the stream "
             f"belongs on {expected}; the plan served it on {s['routes']}")
-    # The chosen capacities sit well on either side of the switch, so both sides were exercised.
-    assert [s["where"] for s in steps] == ["gpu", "gpu", "gpu", "cam", "gpu"]
-    for s in steps[:3]:
+    # Both sides of the switch were exercised, and it went both ways.
+    assert [s["where"] for s in steps] == ["gpu", "gpu", "gpu", "gpu", "cam", "gpu"]
+    for s in steps[:4]:
         assert abs(s["error"]) <= TOLERANCE, (
             f"at {s['capacity']} Mbit/s measured {s['measured_ms']:.1f} ms against {s['predicted_ms']:.1f} ms predicted")
