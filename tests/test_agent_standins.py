@@ -23,22 +23,12 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import tomli_w
 from paho.mqtt.enums import CallbackAPIVersion
+from waiting import wait_for  # noqa: F401 (the agent tests import it from here)
 
 from lepton.protocol import Topics, decode, encode
 from lepton.protocol import messages as m
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
-    """Poll *predicate* until truthy; fail naming *what* on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def agent_config(tmp_path: Path, port: int, prefix: str, device: str = "dev1", **sections) -> dict:

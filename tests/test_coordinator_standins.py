@@ -20,23 +20,13 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import tomli_w
 from paho.mqtt.enums import CallbackAPIVersion
+from waiting import wait_for  # noqa: F401 (the coordinator tests import it from here)
 
 from lepton.broker import free_port
 from lepton.protocol import Topics, decode, encode
 from lepton.protocol import messages as m
 
 MODEL = m.ModelId(name="digits", version="1.0.0", sha256="ab" * 32)
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):
-    """Poll *predicate* until it returns a truthy value; fail the test with *what* on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class StandIn:
