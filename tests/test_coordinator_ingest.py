@@ -34,18 +34,24 @@ def test_ack_restores_from_database_state():
     assert t.committed("d", [14, 15, 16, 17, 18, 19], floor=1) == 20
 
 
+def start_ingest(cfg, topics: Topics, db_path) -> tuple[Bus, Ingest, threading.Event]:
+    """The real ingest path (Bus + Ingest) in this process, connected; set the event, join, stop the bus to end it."""
+    holder: dict = {}
+    bus = Bus(cfg.broker, topics, lambda item: holder["ingest"].submit(item))
+    ing = holder["ingest"] = Ingest(str(db_path), topics, bus)
+    stop = threading.Event()
+    ing.start(stop)
+    bus.start()
+    assert bus.wait_connected(5)
+    return bus, ing, stop
+
+
 @pytest.fixture
 def ingest(broker, prefix, tmp_path):
     """The real ingest path (Bus + Ingest) in this process, on the test's broker."""
     topics = Topics(prefix)
     cfg = load_config(data={"prefix": prefix, "broker": {"port": broker.port, "client_id": "coord-ingest"}})
-    holder: dict = {}
-    bus = Bus(cfg.broker, topics, lambda item: holder["ingest"].submit(item))
-    ing = holder["ingest"] = Ingest(str(tmp_path / "c.db"), topics, bus)
-    stop = threading.Event()
-    ing.start(stop)
-    bus.start()
-    assert bus.wait_connected(5)
+    bus, ing, stop = start_ingest(cfg, topics, tmp_path / "c.db")
     yield ing, topics, tmp_path / "c.db"
     stop.set()
     ing.join()
@@ -110,18 +116,7 @@ def test_broker_queues_for_the_persistent_session_while_away(broker, prefix, tmp
     topics = Topics(prefix)
     cfg = load_config(data={"prefix": prefix, "broker": {"port": broker.port, "client_id": "coord-away",
                                                           "mqtt_version": version}})
-
-    def run_coordinator():
-        holder: dict = {}
-        bus = Bus(cfg.broker, topics, lambda item: holder["ingest"].submit(item))
-        ing = holder["ingest"] = Ingest(str(tmp_path / "c.db"), topics, bus)
-        stop = threading.Event()
-        ing.start(stop)
-        bus.start()
-        assert bus.wait_connected(5)
-        return bus, ing, stop
-
-    bus, ing, stop = run_coordinator()
+    bus, ing, stop = start_ingest(cfg, topics, tmp_path / "c.db")
     dev = StandIn(broker.port, topics, "dev-1", streams=[CAM]).connect()
     try:
         dev.result(1)
@@ -132,7 +127,7 @@ def test_broker_queues_for_the_persistent_session_while_away(broker, prefix, tmp
         infos = [dev.result(seq) for seq in range(2, 52)]
         for info in infos:
             info.wait_for_publish(5)
-        bus, ing, stop = run_coordinator()
+        bus, ing, stop = start_ingest(cfg, topics, tmp_path / "c.db")
         wait_for(lambda: dev.last_ack() == 51, 10, what="queued results acked after the reconnect")
         assert db_rows(tmp_path / "c.db", "SELECT count(*) FROM results") == [(51,)]
     finally:
