@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lepton.errors import ConfigError, validation_field
+from lepton.errors import ConfigError, describe_validation
 from lepton.protocol import DEFAULT_PREFIX, Topics
 
 if sys.version_info >= (3, 11):
@@ -119,11 +119,10 @@ def load_config(path: str | Path | None = None, data: dict | None = None) -> Coo
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
+    name = f"config {path}" if path is not None else "config"
     try:
         return CoordinatorConfig.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = validation_field(first) or "config"
-        raise ConfigError(f"config {path or ''}: {where}: {first.get('msg')}".replace("config : ", "config: ")) from None
+        raise ConfigError(f"{name}: {describe_validation(exc, 'config', first_only=True)}") from None
     except Exception as exc:  # the prefix check raises ProtocolError
-        raise ConfigError(f"config {path or ''}: {exc}") from None
+        raise ConfigError(f"{name}: {exc}") from None
