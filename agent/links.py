@@ -139,7 +139,7 @@ class Links:
 
 
 class Prober:
-    """The periodic probe: one message up to the broker and back, at most every ``interval_s``."""
+    """The periodic probe pair (sink, then echo), at most every ``interval_s``."""
 
     def __init__(self, links: Links, send: Callable[[int, int, bool], tuple[float, Any] | None],
                  ack_time: Callable[[Any], float | None], interval_s: float = 60.0, nbytes: int = 32 * 1024,
