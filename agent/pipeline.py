@@ -1,11 +1,18 @@
 """One stream: source -> preprocess -> invoke (here or offloaded) -> postprocess -> result -> outbox.
 
-Each stream runs ``workers`` named threads. A worker takes the newest frame
+Each stream runs ``workers`` named workers. A worker takes the newest frame
 its stream has not taken yet (a slow model drops frames at the source, never
-builds a backlog), runs the model (``invoke`` releases the GIL), builds the
-Result and hands it to delivery, which numbers, commits and publishes it. The
-frame's ``meta`` (e.g. ``{"truth": 3}``) travels in ``output["source"]``, with
-the frame's number as ``frame``, so a consumer can check labels and losses.
+builds a backlog), preprocesses it and queues it for its own invoke thread
+(``stream-<id>-<n>-invoke``, which does nothing but invoke, releasing the
+GIL); while that runs, the worker postprocesses the frame before it and
+takes and preprocesses the one after, so the model runs back to back. At most
+two frames are in hand per worker and results leave in the order frames were
+taken. The Result's JSON is built here (``ResultEncoder``: the bytes
+``encode(Result)`` gives, checked as Result checks them, without a pydantic
+model per result) and handed to delivery, which numbers, commits and
+publishes it. The frame's ``meta`` (e.g. ``{"truth": 3}``) travels in
+``output["source"]``, with the frame's number as ``frame``, so a consumer can
+check labels and losses.
 
 Where a frame is computed is the stream's ``StreamPlan``: the local runner
 (if this device holds the model) and the routes of the latest placement. A
@@ -16,13 +23,17 @@ one, else it is counted in ``offload_failed``. ``set_plan`` replaces the plan
 in one assignment and each frame reads it once, so a frame is processed
 entirely under one plan: no result comes from a half-switched stream.
 
-Workers report a heartbeat; a worker busy on one frame for ``stall_s`` makes
-the pipeline unhealthy, which stops the systemd watchdog pings.
+Workers report a heartbeat; a worker whose oldest frame in hand has waited
+``stall_s`` (e.g. an invoke that hangs) makes the pipeline unhealthy, which
+stops the systemd watchdog pings. On stop, the frames in hand are finished.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import queue
 import threading
 import time
 from collections import deque
@@ -37,6 +48,7 @@ from lepton.agent.outbox import Pending
 from lepton.errors import LeptonError
 from lepton.protocol import Topics, encode
 from lepton.protocol import messages as m
+from lepton.protocol.messages import MAX_DEPTH, SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +108,74 @@ def plain(value: Any, depth: int = 0) -> Any:
     return value
 
 
+_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
+def _nonneg(name: str, value: float) -> str:
+    """*value* as JSON; ValueError (as Result's validation raises) unless a finite number >= 0."""
+    value = float(value)
+    if not 0.0 <= value < math.inf:
+        raise ValueError(f"result {name} {value} is not a finite number >= 0")
+    return value.__repr__()  # what json.dumps writes for a float
+
+
+def model_json(model: m.ModelId) -> str:
+    """A ModelId's JSON object, as inside a Result."""
+    return _dumps({"name": model.name, "version": model.version, "sha256": model.sha256})
+
+
+class ResultEncoder:
+    """One stream's Results as JSON, around the seq and floor the outbox gives each later.
+
+    ``parts(...)`` returns (head, tail) with payload = head + b'<seq>,"floor":<floor>' + tail:
+    the bytes ``encode(Result(...))`` gives (same keys, order and values; a
+    float may be spelt differently, e.g. 1e-05 for 1e-5), built without a
+    pydantic model per result. The ids come from the validated config, model
+    and placement; the values are checked here as Result checks them (numbers
+    finite and >= 0, output finite and not nested past MAX_DEPTH), so what
+    passes here passes ``decode("results", ...)``.
+    """
+
+    def __init__(self, device: str, stream: str) -> None:
+        self.device, self.stream = device, stream
+        self.head = f'{{"v":{SCHEMA_VERSION},"device":{_dumps(device)},"stream":{_dumps(stream)},"seq":'.encode()
+        self._on: dict[str, str] = {}
+
+    def parts(self, model: m.ModelId | str, captured_at: float, inferred_at: float, infer_ms: float,
+              computed_on: str, rtt_ms: float | None, deadline: float | None, output: dict) -> tuple[bytes, bytes]:
+        """*model*: a ModelId or its ``model_json``."""
+        body = _dumps(output)  # ValueError on NaN or infinity, TypeError on what JSON cannot hold
+        if body.count("[") + body.count("{") > MAX_DEPTH:  # could nest too deep: let Result judge
+            m.Result(device=self.device, stream=self.stream, seq=1, model=m.ModelId(name="x", version="", sha256=""),
+                     captured_at=0, inferred_at=0, infer_ms=0, computed_on=computed_on, output=output)
+        on = self._on.get(computed_on)
+        if on is None:
+            on = _dumps(computed_on)
+            if len(self._on) < 256:  # the devices this stream is served by: a handful
+                self._on[computed_on] = on
+        tail = (f',"model":{model if isinstance(model, str) else model_json(model)}'
+                f',"captured_at":{_nonneg("captured_at", captured_at)}'
+                f',"inferred_at":{_nonneg("inferred_at", inferred_at)}'
+                f',"infer_ms":{_nonneg("infer_ms", infer_ms)},"computed_on":{on}')
+        if rtt_ms is not None:
+            tail += f',"rtt_ms":{_nonneg("rtt_ms", rtt_ms)}'
+        if deadline is not None:
+            tail += f',"deadline":{_nonneg("deadline", deadline)}'
+        return self.head, f'{tail},"output":{body}}}'.encode()
+
+
+class ResultBuild:
+    """``Pending.build`` for one result: its JSON with the seq and floor the outbox gives it."""
+
+    __slots__ = ("head", "tail")
+
+    def __init__(self, head: bytes, tail: bytes) -> None:
+        self.head, self.tail = head, tail
+
+    def __call__(self, seq: int, floor: int) -> bytes:
+        return b"%s%d,\"floor\":%d%s" % (self.head, seq, floor, self.tail)
+
+
 def as_runner(runner: Any) -> Any:
     """The agent's Runner for *runner* (a bare ModelRunner is wrapped, without slowdown)."""
     from lepton.agent.runners import Runner
@@ -120,6 +200,26 @@ class StreamPlan:
         return self.router.pick()
 
 
+class _Invoker:
+    """A worker's invoke stage: a thread that runs ``runner.infer(tensor)`` jobs in order, nothing else."""
+
+    def __init__(self, name: str) -> None:
+        self.jobs: queue.SimpleQueue[tuple[Any, np.ndarray] | None] = queue.SimpleQueue()  # None: stop
+        self.done: queue.SimpleQueue[Any] = queue.SimpleQueue()  # (outputs, ms) or the exception, per job
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            runner, tensor = job
+            try:
+                self.done.put(runner.infer(tensor))
+            except Exception as exc:  # handed to the worker, which counts it against its frame
+                self.done.put(exc)
+
+
 class StreamPipeline:
     """Workers that turn one source's frames into results for one model."""
 
@@ -128,6 +228,7 @@ class StreamPipeline:
                  stall_s: float = 30.0, window_s: float = 60.0, offload: Any = None) -> None:
         self.cfg, self.device, self.source = cfg, device, source
         self.topic = topics.result(device, cfg.id)
+        self._encoder = ResultEncoder(device, cfg.id)
         self.submit, self.timings = submit, timings
         self.workers, self.stall_s = workers, stall_s
         self.offload = offload  # the OffloadClient, when frames may be routed elsewhere
@@ -183,10 +284,12 @@ class StreamPipeline:
     # --- lifecycle ---------------------------------------------------------------
     def start(self, stop: threading.Event) -> None:
         for index in range(self.workers):
-            thread = threading.Thread(target=self._work, args=(index, stop), name=f"stream-{self.cfg.id}-{index}",
-                                      daemon=True)
+            invoker = _Invoker(f"stream-{self.cfg.id}-{index}-invoke")
+            thread = threading.Thread(target=self._work, args=(index, stop, invoker),
+                                      name=f"stream-{self.cfg.id}-{index}", daemon=True)
+            invoker.thread.start()
             thread.start()
-            self._threads.append(thread)
+            self._threads += [thread, invoker.thread]
 
     def join(self, timeout: float) -> bool:
         """Wait for the workers to finish their frame in hand; False if one did not."""
@@ -203,32 +306,81 @@ class StreamPipeline:
         return all(since is None or now - since < self.stall_s for since in self._busy)
 
     # --- the worker ---------------------------------------------------------------
-    def _next_frame(self) -> tuple[Any, StreamPlan]:
+    def _next_frame(self, timeout: float = TAKE_TIMEOUT_S) -> tuple[Any, StreamPlan]:
         """The next frame and the plan it is processed under, taken together: frames and plans stay in order."""
         with self._take:
-            frame = self.source.latest(self._last_seq, TAKE_TIMEOUT_S)
+            frame = self.source.latest(self._last_seq, timeout)
             if frame is not None:
                 self._last_seq = frame.seq
             return frame, self._plan
 
-    def _work(self, index: int, stop: threading.Event) -> None:
-        while not stop.is_set():
-            frame, plan = self._next_frame()
-            if frame is None:
-                continue
-            self._busy[index] = time.monotonic()
-            try:
-                self._process(frame, plan)
-            except (LeptonError, ValueError, TypeError, ArithmeticError) as exc:
-                self._failed(exc)
-            except Exception as exc:  # a worker must outlive one bad frame
-                log.exception("stream %s: frame %d failed", self.cfg.id, frame.seq)
-                self._failed(exc, logged=True)
-            finally:
-                self._busy[index] = None
+    def _work(self, index: int, stop: threading.Event, invoker: "_Invoker") -> None:
+        """One worker: frames in, results out, with the invokes on its own invoke thread.
 
-    def _process(self, frame, plan: StreamPlan) -> None:
+        While the invoke thread runs frame k, this thread postprocesses k-1 and
+        preprocesses k+1 and queues it, so the model runs back to back when
+        frames keep up. At most two local frames are in hand (one invoking, one
+        queued); results are emitted in the order the frames were taken. On
+        stop, the frames in hand are finished first.
+        """
+        staged: deque[tuple[Any, Any, np.ndarray, float]] = deque()  # (frame, runner, tensor, taken at)
+        try:
+            while True:
+                if len(staged) < 2 and not stop.is_set():
+                    frame, plan = self._next_frame(0.0 if staged else TAKE_TIMEOUT_S)
+                    if frame is not None:
+                        taken = time.monotonic()
+                        self._busy[index] = staged[0][3] if staged else taken
+                        self._guarded(frame, self._stage, frame, plan, staged, invoker, taken)
+                        self._busy[index] = staged[0][3] if staged else None
+                        continue
+                if staged:
+                    self._finish(index, staged, invoker)
+                elif stop.is_set():
+                    return
+        finally:
+            invoker.jobs.put(None)
+
+    def _guarded(self, frame, fn: Callable, *args: Any) -> None:
+        """Run one frame's step; a failure is counted (and logged, rate-limited), never fatal."""
+        try:
+            fn(*args)
+        except (LeptonError, ValueError, TypeError, ArithmeticError) as exc:
+            self._failed(exc)
+        except Exception as exc:  # a worker must outlive one bad frame
+            log.exception("stream %s: frame %d failed", self.cfg.id, frame.seq)
+            self._failed(exc, logged=True)
+
+    def _stage(self, frame, plan: StreamPlan, staged: deque, invoker: "_Invoker", taken: float) -> None:
+        """Route one frame: local frames are preprocessed and queued for the invoke thread."""
         target = plan.pick(self.device)
+        if target != self.device or plan.runner is None:
+            self._process(frame, plan, target)
+            return
+        runner = plan.runner
+        tensor = runner.preprocess(frame.data)
+        invoker.jobs.put((runner, tensor))
+        staged.append((frame, runner, tensor, taken))
+
+    def _finish(self, index: int, staged: deque, invoker: "_Invoker") -> None:
+        """Wait (a little) for the oldest staged frame's invoke; postprocess it and emit its result."""
+        try:
+            done = invoker.done.get(timeout=TAKE_TIMEOUT_S)
+        except queue.Empty:
+            return  # still invoking: healthy() watches how long
+        frame, runner, tensor, _ = staged.popleft()
+        self._busy[index] = staged[0][3] if staged else None
+        self._guarded(frame, self._finished, frame, runner, tensor, done)
+
+    def _finished(self, frame, runner: Any, tensor: np.ndarray, done: Any) -> None:
+        if isinstance(done, BaseException):
+            raise done
+        outputs, infer_ms = done
+        self.timings(runner.name).add(infer_ms)
+        output = runner.postprocess(outputs, tensor)
+        self._emit(frame, getattr(runner, "model_json", None) or runner.model_id, output, infer_ms, self.device, None)
+
+    def _process(self, frame, plan: StreamPlan, target: str | None) -> None:
         if target is None:
             self.unserved += 1
             self._note("no device serves it and its model is not held here")
@@ -252,7 +404,7 @@ class StreamPipeline:
     def _local(self, frame, runner: Any, tensor: np.ndarray | None = None) -> None:
         output, infer_ms = runner.run(frame.data) if tensor is None else runner.run_tensor(tensor)
         self.timings(runner.name).add(infer_ms)
-        self._emit(frame, runner.model_id, output, infer_ms, self.device, None)
+        self._emit(frame, getattr(runner, "model_json", None) or runner.model_id, output, infer_ms, self.device, None)
 
     def _offloaded(self, frame, target: str, reply: m.Reply, rtt_ms: float) -> None:
         model = m.ModelId(name=reply.model, version=reply.version or "0", sha256=reply.sha256)
@@ -271,19 +423,14 @@ class StreamPipeline:
         except Exception as exc:  # the fallback thread must outlive one bad frame
             self._failed(exc)
 
-    def _emit(self, frame, model: m.ModelId, output: dict, infer_ms: float, computed_on: str,
+    def _emit(self, frame, model: m.ModelId | str, output: dict, infer_ms: float, computed_on: str,
               rtt_ms: float | None) -> None:
         # The frame's number lets a consumer see that no frame was lost between the source and the outbox.
         output = {**output, "source": {**plain(frame.meta), "frame": frame.seq}}
         deadline = frame.captured_at + self.cfg.deadline_s if self.cfg.deadline_s else None
-        result = m.Result(device=self.device, stream=self.cfg.id, seq=1, floor=1, model=model,
-                          captured_at=frame.captured_at, inferred_at=time.time(), infer_ms=infer_ms,
-                          computed_on=computed_on, rtt_ms=rtt_ms, deadline=deadline, output=output)
-
-        def build(seq: int, floor: int) -> bytes:
-            return encode(result.model_copy(update={"seq": seq, "floor": floor}))
-
-        self.submit(Pending(self.cfg.id, self.topic, build, deadline))
+        head, tail = self._encoder.parts(model, frame.captured_at, time.time(), infer_ms, computed_on, rtt_ms,
+                                         deadline, output)
+        self.submit(Pending(self.cfg.id, self.topic, ResultBuild(head, tail), deadline))
         self.results.add(infer_ms)
 
     def _failed(self, exc: BaseException, logged: bool = False) -> None:

@@ -63,6 +63,18 @@ class Postprocessor:
             raise ModelError(f"postprocess.output is {spec.output} but the model has {len(self.outputs)} output(s)")
         if spec.kind == "anomaly" and spec.score == "reconstruction":
             self._check_reconstruction()
+        self._table = self._dequantize_table() if spec.kind == "classification" else None
+
+    def _dequantize_table(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """For an 8-bit quantised classification output: its dequantised float32 value per byte pattern
+        (indexed by the tensor viewed as uint8). Top-k then works on the raw bytes, which can hold no
+        NaN and order like the reals (scale > 0), and dequantises only what it reports."""
+        info = self.outputs[self.spec.output]
+        dtype = np.dtype(info.dtype)
+        if not info.quantized or dtype not in (np.dtype(np.uint8), np.dtype(np.int8)) or not info.scale > 0:
+            return None
+        reals = dequantize(np.arange(256, dtype=np.uint8).view(dtype), info)
+        return reals, reals.astype(np.float64)
 
     def _check_reconstruction(self) -> None:
         out = self.outputs[0]
@@ -88,6 +100,9 @@ class Postprocessor:
 
     def _classification(self, raw: list[np.ndarray]) -> dict[str, Any]:
         index = self.spec.output
+        values = raw[index]
+        if self._table is not None and values.dtype == self.outputs[index].dtype and values.size:
+            return self._classification_8bit(values.reshape(-1))
         scores, bad = _finite(dequantize(raw[index], self.outputs[index]).reshape(-1))
         if self.spec.logits:
             scores = softmax(scores.astype(np.float64))
@@ -97,6 +112,26 @@ class Postprocessor:
         best = best[np.argsort(-scores[best], kind="stable")]
         top = [{"label": self._label(int(i)), "index": int(i), "score": float(scores[i])} for i in best]
         return self._with_count({"top": top}, bad)
+
+    def _classification_8bit(self, codes: np.ndarray) -> dict[str, Any]:
+        """``_classification`` for an 8-bit quantised output, with the same scores, in fewer numpy calls."""
+        table, table64 = self._table
+        size, k = codes.size, min(self.spec.top_k, codes.size)
+        best = np.argpartition(codes, size - k)[size - k:] if k < size else np.arange(size)
+        byte = codes.view(np.uint8)
+        reals = table[byte[best]]  # float32, exactly what dequantize() gives
+        order = np.argsort(-reals, kind="stable")
+        best, reals = best[order], reals[order]
+        if self.spec.logits:
+            # The softmax denominator per code (256 exps), not per class: codes above the peak are absent.
+            shifted = np.minimum(table64 - table64[byte[best[0]]], 0.0)
+            weights = np.exp(shifted)
+            scores = weights[byte[best]] / np.bincount(byte, minlength=256).dot(weights)
+        else:
+            scores = reals
+        labels, n = self.labels, len(self.labels)
+        return {"top": [{"label": labels[i] if i < n else str(i), "index": i, "score": score}
+                        for i, score in zip(best.tolist(), scores.tolist())]}
 
     def _label(self, index: int) -> str:
         return self.labels[index] if index < len(self.labels) else str(index)

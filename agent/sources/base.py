@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 # How often a waiting source thread looks at the shared stop event: the
 # bound on how long stopping the daemon waits for an idle source.
 _STOP_POLL_S = 0.1
+# Waits shorter than this (frame pacing above 200 fps) are plain sleeps.
+_SHORT_SLEEP_S = 0.005
 # A connection that lasted this long resets the reconnect backoff.
 _STABLE_S = 10.0
 
@@ -189,6 +191,12 @@ class BaseSource:
 
     def sleep(self, seconds: float) -> bool:
         """Wait *seconds* unless stopping; returns False if the source should stop."""
+        if seconds < _SHORT_SLEEP_S:
+            # A fast source's wait between frames: a plain sleep costs far less than an
+            # event wait, and stopping is noticed as soon after.
+            if seconds > 0:
+                time.sleep(seconds)
+            return self.running()
         deadline = time.monotonic() + seconds
         while self.running():
             left = deadline - time.monotonic()

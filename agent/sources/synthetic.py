@@ -3,7 +3,7 @@
 Pattern ``digits`` shows the held-out handwritten digits of the zoo's
 ``digits`` model (never seen in training), each carrying its true label in
 ``meta["truth"]`` so results can be checked. Pattern ``noise`` is random
-pixels for load tests.
+pixels for load tests (a pool drawn once from the seed and cycled).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
+import cv2
 import numpy as np
 from pydantic import Field
 
@@ -21,6 +22,10 @@ log = logging.getLogger(__name__)
 
 # sklearn digits are 8x8 with ink levels 0..16.
 _DIGIT_LEVELS = 16.0
+# Noise frames are drawn once into a pool this large (bytes, at least 2 frames) and cycled:
+# drawing each frame anew cost more than the model it fed at small sizes.
+_NOISE_POOL_BYTES = 8 * 1024 * 1024
+_NOISE_POOL_MAX = 64
 
 
 class SyntheticConfig(SourceConfig):
@@ -50,17 +55,22 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def digit_gray(images: np.ndarray) -> np.ndarray:
+    """8x8 digits (0..16) as 8x8 gray uint8 images (0..255)."""
+    return np.clip(np.rint(np.asarray(images, np.float32) * (255.0 / _DIGIT_LEVELS)), 0, 255).astype(np.uint8)
+
+
 def render_digit(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """An 8x8 digit (0..16) as a width x height BGR uint8 image, upscaled by nearest neighbour.
+    """An 8x8 digit (0..16, or already gray uint8) as a width x height BGR uint8 image, upscaled by nearest neighbour.
 
     Nearest neighbour keeps each source pixel a solid block, so area
-    downscaling back to 8x8 recovers the original values.
+    downscaling back to 8x8 recovers the original values. Output pixel
+    (y, x) is source pixel (y * 8 // height, x * 8 // width), as cv2's
+    INTER_NEAREST maps it.
     """
-    gray = np.clip(np.rint(np.asarray(image, np.float32) * (255.0 / _DIGIT_LEVELS)), 0, 255).astype(np.uint8)
-    rows = np.arange(height) * gray.shape[0] // height
-    cols = np.arange(width) * gray.shape[1] // width
-    big = gray[rows[:, None], cols[None, :]]
-    return np.repeat(big[:, :, None], 3, axis=2)
+    gray = image if image.dtype == np.uint8 else digit_gray(image)
+    big = cv2.resize(np.ascontiguousarray(gray), (width, height), interpolation=cv2.INTER_NEAREST)
+    return cv2.cvtColor(big, cv2.COLOR_GRAY2BGR)
 
 
 class SyntheticSource(BaseSource):
@@ -72,22 +82,34 @@ class SyntheticSource(BaseSource):
         super().__init__(config)
         # Loaded here so a broken install fails at start-up, not in the thread.
         self._digits = load_digits() if config.pattern == "digits" else None
+        self._gray = digit_gray(self._digits[0]) if self._digits is not None else None
 
     def run(self) -> None:
         cfg = self.config
         rng = np.random.default_rng(cfg.seed)
         pacer = Pacer(cfg.fps)
         self.set_connected(True, "generating %s at %s fps (%dx%d)", cfg.pattern, cfg.fps, cfg.width, cfg.height)
-        order: np.ndarray = np.empty(0, dtype=np.int64)
+        if self._digits is None:
+            self._noise(rng, pacer)
+            return
+        labels = [int(label) for label in self._digits[1]]
+        order: list[int] = []
         position = 0
         while self.sleep(pacer.delay()):
-            if self._digits is None:
-                self.publish(rng.integers(0, 256, (cfg.height, cfg.width, 3), dtype=np.uint8))
-                continue
             if position >= len(order):
                 # Every held-out digit once per pass, in a fresh order each pass.
-                order, position = rng.permutation(len(self._digits[1])), 0
-            index = int(order[position])
+                order, position = rng.permutation(len(labels)).tolist(), 0
+            index = order[position]
             position += 1
-            images, labels = self._digits
-            self.publish(render_digit(images[index], cfg.width, cfg.height), {"truth": int(labels[index])})
+            self.publish(render_digit(self._gray[index], cfg.width, cfg.height), {"truth": labels[index]})
+
+    def _noise(self, rng: np.random.Generator, pacer: Pacer) -> None:
+        """Random frames, drawn once into a pool and cycled (frames are read-only, so they can be shared)."""
+        cfg = self.config
+        size = cfg.height * cfg.width * 3
+        pool = [rng.integers(0, 256, (cfg.height, cfg.width, 3), dtype=np.uint8)
+                for _ in range(max(2, min(_NOISE_POOL_MAX, _NOISE_POOL_BYTES // size)))]
+        position = 0
+        while self.sleep(pacer.delay()):
+            self.publish(pool[position])
+            position = (position + 1) % len(pool)

@@ -1,0 +1,252 @@
+"""The agent's per-result hot path: Result JSON without pydantic, 8-bit top-k, cheap synthetic frames, the invoke stage.
+
+Real parts throughout: the shipped zoo model, a real source thread, a real
+SQLite outbox and Mosquitto. The postprocessing comparison is pure logic.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from lepton.agent.config import StreamConfig
+from lepton.agent.outbox import Outbox
+from lepton.agent.pipeline import ResultBuild, ResultEncoder, StreamPipeline, Window, model_json
+from lepton.agent.sources import build_source
+from lepton.agent.sources.synthetic import load_digits, render_digit
+from lepton.models.metadata import TensorInfo
+from lepton.models.postprocess import Postprocessor
+from lepton.models.registry import default_registry
+from lepton.models.runner import ModelRunner
+from lepton.models.spec import parse_postprocess
+from lepton.protocol import Topics, decode, encode
+from lepton.protocol import messages as m
+
+MODEL = m.ModelId(name="mobilenet96", version="1.0.0", sha256="ab" * 32)
+OUTPUT = {"top": [{"label": "tabby, tabby cat", "index": 281, "score": 0.004238802166487373},
+                  {"label": "é/\"\\\n", "index": 7, "score": 1.0}], "nonfinite": 2,
+          "source": {"truth": 3, "frame": 5, "none": None, "flag": True, "list": [1, 2.5, -3]}}
+
+
+# -- Result JSON -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rtt_ms, deadline", [(None, None), (3.25, 1795751193.5), (0.0, None)])
+def test_result_bytes_are_what_encode_gives(rtt_ms, deadline):
+    encoder = ResultEncoder("cam-1", "door")
+    for model in (MODEL, model_json(MODEL)):
+        head, tail = encoder.parts(model, 1795751192.9226363, 1795751192.95, 0.3, "cam-2", rtt_ms, deadline, OUTPUT)
+        payload = ResultBuild(head, tail)(17, 4)
+        expected = encode(m.Result(device="cam-1", stream="door", seq=17, floor=4, model=MODEL,
+                                   captured_at=1795751192.9226363, inferred_at=1795751192.95, infer_ms=0.3,
+                                   computed_on="cam-2", rtt_ms=rtt_ms, deadline=deadline, output=OUTPUT))
+        assert payload == expected
+        assert decode("results", payload) == decode("results", expected)
+
+
+def test_result_values_spelt_differently_still_decode_the_same():
+    encoder = ResultEncoder("d", "s")
+    head, tail = encoder.parts(MODEL, 1e-05, 1e16, 0, "d", 2.5e-7, None, {"x": [1e-300, 12345678901234567890]})
+    payload = ResultBuild(head, tail)(1, 1)
+    expected = encode(m.Result(device="d", stream="s", seq=1, floor=1, model=MODEL, captured_at=1e-05,
+                               inferred_at=1e16, infer_ms=0, computed_on="d", rtt_ms=2.5e-7,
+                               output={"x": [1e-300, 12345678901234567890]}))
+    assert json.loads(payload) == json.loads(expected)
+    assert decode("results", payload) == decode("results", expected)
+
+
+@pytest.mark.parametrize("bad", [
+    {"output": {"score": float("nan")}}, {"output": {"x": [float("inf")]}}, {"infer_ms": -0.1},
+    {"captured_at": float("nan")}, {"rtt_ms": float("inf")}, {"deadline": -1.0},
+    {"output": {"deep": [[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]}},
+])
+def test_result_refuses_what_result_validation_refuses(bad):
+    args = {"model": MODEL, "captured_at": 1.0, "inferred_at": 1.0, "infer_ms": 1.0, "computed_on": "d",
+            "rtt_ms": None, "deadline": None, "output": {"ok": 1}}
+    args.update(bad)
+    with pytest.raises(ValueError):
+        m.Result(device="d", stream="s", seq=1, **args)
+    with pytest.raises(ValueError):
+        ResultEncoder("d", "s").parts(**args)
+
+
+def test_result_refuses_what_json_cannot_hold():
+    with pytest.raises(TypeError):
+        ResultEncoder("d", "s").parts(MODEL, 1.0, 1.0, 1.0, "d", None, None, {"x": object()})
+
+
+# -- 8-bit classification ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, zero_point", [("uint8", 125), ("int8", -3)])
+@pytest.mark.parametrize("logits", [True, False])
+@pytest.mark.parametrize("top_k", [1, 5, 999, 1000, 2000])
+def test_8bit_top_k_matches_the_general_path(dtype, zero_point, logits, top_k):
+    info = TensorInfo(index=0, name="out", shape=(1, 1000), dtype=dtype, scale=0.0167, zero_point=zero_point)
+    spec = parse_postprocess({"kind": "classification", "logits": logits, "top_k": top_k})
+    fast = Postprocessor(spec, (info,), labels=[f"l{i}" for i in range(10)])
+    general = Postprocessor(spec, (info,), labels=[f"l{i}" for i in range(10)])
+    general._table = None  # the dequantise-everything path
+    assert fast._table is not None
+    rng = np.random.default_rng(top_k)
+    limits = np.iinfo(dtype)
+    for _ in range(30):
+        raw = rng.integers(limits.min, limits.max + 1, (1, 1000)).astype(dtype)
+        got, want = fast([raw])["top"], general([raw])["top"]
+        assert [t["score"] for t in got] == pytest.approx([t["score"] for t in want], rel=1e-12)
+        assert all(got[i]["score"] >= got[i + 1]["score"] for i in range(len(got) - 1))
+        # Indices agree wherever scores do not tie at the cut (ties may come in either order).
+        cut = got[-1]["score"] + 1e-9 * max(1.0, abs(got[-1]["score"]))
+        assert ({(t["index"], t["label"]) for t in got if t["score"] > cut}
+                == {(t["index"], t["label"]) for t in want if t["score"] > cut})
+
+
+# -- synthetic frames ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width, height", [(96, 96), (96, 80), (33, 17), (8, 8), (640, 480), (100, 37)])
+def test_rendered_digits_are_nearest_neighbour_blocks(width, height):
+    images, _ = load_digits()
+    gray = np.clip(np.rint(images.astype(np.float64) * 255 / 16), 0, 255).astype(np.uint8)
+    rows, cols = np.arange(height) * 8 // height, np.arange(width) * 8 // width
+    for index in range(0, len(images), 37):
+        frame = render_digit(images[index], width, height)
+        expected = np.repeat(gray[index][rows[:, None], cols[None, :]][:, :, None], 3, axis=2)
+        assert frame.shape == (height, width, 3) and frame.dtype == np.uint8
+        assert np.array_equal(frame, expected)
+        assert np.array_equal(render_digit(gray[index], width, height), expected)
+
+
+def test_noise_frames_repeat_for_a_seed():
+    stop = threading.Event()
+    sequences = []
+    for _ in range(2):
+        source = build_source({"id": "n", "type": "synthetic", "pattern": "noise", "fps": 500, "width": 16,
+                               "height": 8, "seed": 7})
+        source.start(stop)
+        frames, seq = [], 0
+        while len(frames) < 5:
+            frame = source.latest(seq, 2.0)
+            assert frame is not None
+            assert not frame.data.flags.writeable
+            frames.append((frame.seq, frame.data.copy()))
+            seq = frame.seq
+        source.close()
+        sequences.append(frames)
+    first, second = (dict(s) for s in sequences)
+    common = set(first) & set(second)
+    assert common and all(np.array_equal(first[k], second[k]) for k in common)
+    assert len({f.tobytes() for f in first.values()}) > 1
+
+
+# -- the invoke stage ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    registry = default_registry()
+    entry = registry.get("mobilenet96")
+    registry.verify(entry)
+    runner = ModelRunner.from_entry(entry)
+    runner.warmup(3)
+    return runner
+
+
+def run_pipeline(runner, outbox: Outbox, fps: float = 2000, workers: int = 1):
+    stop = threading.Event()
+    source = build_source({"id": "cam0", "type": "synthetic", "pattern": "digits", "fps": fps,
+                           "width": 96, "height": 96})
+    submitted = []
+
+    def submit(item):
+        submitted.append(item)
+        outbox.enqueue([item])
+
+    pipeline = StreamPipeline(StreamConfig(id="s1", source="cam0", model="bench"), "dev1", Topics(), source, runner,
+                              submit, lambda name: Window(60), workers=workers)
+    source.start(stop)
+    pipeline.start(stop)
+    return stop, source, pipeline, submitted
+
+
+def test_staged_worker_emits_every_taken_frame_in_order_and_finishes_on_stop(tmp_path, mobilenet):
+    outbox = Outbox(tmp_path / "outbox.db")
+    stop, source, pipeline, _ = run_pipeline(mobilenet, outbox)
+    try:
+        time.sleep(1.0)
+        assert pipeline.healthy()
+        assert {t.name for t in pipeline._threads} == {"stream-s1-0", "stream-s1-0-invoke"}
+    finally:
+        stop.set()
+        assert pipeline.join(5), "workers finish their frames in hand and exit"
+        source.close()
+    rows = outbox.pending(0, 100000)
+    outbox.close()
+    assert len(rows) > 50 and pipeline.errors == 0
+    results = [decode("results", r.payload) for r in rows]
+    frames = [r.output["source"]["frame"] for r in results]
+    assert frames == sorted(frames) and len(set(frames)) == len(frames), "one result per frame, in frame order"
+    assert [r.seq for r in results] == list(range(1, len(results) + 1))
+    assert all(r.model.name == "mobilenet96" and r.computed_on == "dev1" and r.infer_ms > 0 for r in results)
+    assert all(len(r.output["top"]) == 5 and r.output["source"]["truth"] in range(10) for r in results)
+    # Every frame taken from the source became a result: none was left in the invoke stage.
+    assert frames[-1] == pipeline._last_seq
+    assert not any(t.is_alive() for t in pipeline._threads)
+
+
+def test_staged_worker_counts_a_failing_invoke_and_carries_on(tmp_path, mobilenet):
+    class Flaky:
+        """The real runner, failing every third invoke."""
+
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def _invoke_timed(self, tensor):
+            self.calls += 1
+            if self.calls % 3 == 0:
+                raise ArithmeticError("flaky invoke")
+            return self.inner._invoke_timed(tensor)
+
+    outbox = Outbox(tmp_path / "outbox.db")
+    stop, source, pipeline, _ = run_pipeline(Flaky(mobilenet), outbox, fps=200)
+    try:
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        assert pipeline.join(5)
+        source.close()
+    held = outbox.stats()["depth"]
+    outbox.close()
+    assert pipeline.errors > 5 and held > 10
+    assert abs(pipeline.errors - held / 2) <= max(3, held * 0.2)
+
+
+def test_swap_mid_run_never_mixes_models(tmp_path, mobilenet):
+    registry = default_registry()
+    entry = registry.get("mobilenet224")
+    other = ModelRunner.from_entry(entry)
+    outbox = Outbox(tmp_path / "outbox.db")
+    stop, source, pipeline, _ = run_pipeline(mobilenet, outbox, fps=500)
+    try:
+        time.sleep(0.5)
+        pipeline.swap_model(other)
+        time.sleep(0.7)
+    finally:
+        stop.set()
+        assert pipeline.join(5)
+        source.close()
+    results = [decode("results", r.payload) for r in outbox.pending(0, 100000)]
+    outbox.close()
+    names = [r.model.name for r in results]
+    switch = names.index("mobilenet224")
+    assert switch > 0 and set(names[:switch]) == {"mobilenet96"} and set(names[switch:]) == {"mobilenet224"}
+    frames = [r.output["source"]["frame"] for r in results]
+    assert frames == sorted(frames)
+    assert pipeline.errors == 0
