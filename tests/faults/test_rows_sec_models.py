@@ -132,7 +132,7 @@ def bad_cases(rig: Rig) -> list[tuple[str, object, str]]:
         ("sha256 other than placed", lying, "manifest check failed"),
         ("bad signature", store.serve(bad_signature(rig.version("2.3.0"))), "signature check failed"),
         ("wrong key", store.serve(rig.version("2.4.0", signer=stranger)), "signature check failed"),
-        ("truncated", store.serve(truncated(rig.version("2.5.0"))), "download failed"),
+        ("truncated", store.serve(truncated(rig.version("2.5.0"))), "size check failed"),
         ("older version", store.serve(rig.version("1.5.0")), "version check failed"),
         ("valid, fails to load",
          store.serve(unloadable_version(rig.fleet.root / "store", "digits", "2.6.0", rig.private)), "load check failed"),
