@@ -75,6 +75,9 @@ def check_references(cfg: AgentConfig, registry: Any = None, fetcher: Any = None
         if kind != wants:
             raise ConfigError(f"streams[{index}]: model {stream.model!r} takes {kind} input but source "
                               f"{stream.source!r} ({source_type}) gives {wants}s")
+        if stream.offload_jpeg_quality and kind != "image":
+            raise ConfigError(f"streams[{index}].offload_jpeg_quality: model {stream.model!r} takes {kind} input; "
+                              "only image inputs can travel as JPEG")
 
 
 class Agent:
@@ -93,6 +96,7 @@ class Agent:
         self.sources: dict[str, Any] = {}
         self.pipelines: dict[str, StreamPipeline] = {}
         self.desired: m.Desired | None = None
+        self._announced: dict[str, int] = {}  # stream -> payload bytes in the last birth
         self.on_desired: Callable[[m.Desired], None] = self._log_desired
         self.fetcher: Any = None
         self.links: Any = None
@@ -338,8 +342,28 @@ class Agent:
             runtime=runtime, runtime_version=version, threads=self.cfg.runtime.threads,
             cpu_share=self.cfg.runtime.cpu_share or float(cpus), models=sorted(self.runners),
             link={k: v for k, v in self.cfg.link.model_dump().items() if v is not None})
+        streams = [self.stream_info(s) for s in self.cfg.streams]
+        self._announced = {s.id: s.payload_bytes for s in streams}
         return m.Status(device=self.device, state="online", ts=time.time(), agent_version=__version__,
-                        capabilities=caps, streams=[self.stream_info(s) for s in self.cfg.streams])
+                        capabilities=caps, streams=streams)
+
+    def announce_if_changed(self) -> bool:
+        """Publish the birth again when a JPEG-offloading stream's payload size, learnt from the frames sent,
+        moved more than 25% from the one announced: the planner prices transfers with it."""
+        if self.session is None or not self.session.connected.is_set():
+            return False
+        for stream in self.cfg.streams:
+            pipeline = self.pipelines.get(stream.id)
+            announced = self._announced.get(stream.id)
+            if not stream.offload_jpeg_quality or pipeline is None or not announced:
+                continue
+            size = pipeline.payload_bytes()
+            if abs(size - announced) > 0.25 * announced:
+                log.info("stream %s: offloaded frames take %d bytes as JPEG (announced %d): birth published again",
+                         stream.id, size, announced)
+                self.session.publish(Outgoing(self.topics.status(self.device), encode(self.birth()), 1, True))
+                return True
+        return False
 
     def stream_info(self, stream) -> m.StreamInfo:
         pipeline = self.pipelines.get(stream.id)
@@ -348,7 +372,8 @@ class Agent:
         if not rate:
             typed = source_config(self.cfg, stream.source)
             rate = float(typed.get("fps") or 0.0) or 10.0
-        return m.StreamInfo(id=stream.id, model=stream.model, rate_hz=rate, payload_bytes=_nbytes(tensor),
+        size = pipeline.payload_bytes() if pipeline else _nbytes(tensor)
+        return m.StreamInfo(id=stream.id, model=stream.model, rate_hz=rate, payload_bytes=size,
                             slo_ms=stream.slo_ms)
 
     def reported(self) -> m.Reported:

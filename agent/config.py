@@ -135,6 +135,7 @@ class StreamConfig(_Section):
     version: str = Field("", description="model version; empty: the newest")
     deadline_s: float = Field(0.0, ge=0, description="a result not sent this long after capture is expired (counted, not sent); 0: never")
     slo_ms: float | None = Field(None, gt=0, description="latency objective the planner is told about")
+    offload_jpeg_quality: int = Field(0, ge=0, le=100, description="image models only: frames offloaded to another device travel as a JPEG of this quality (1-100) at the model's input size, instead of the exact tensor bytes; 0: exact tensor")
 
     @field_validator("id", "source", "model")
     @classmethod

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 
 from lepton.agent.config import StreamConfig
@@ -176,6 +177,12 @@ class ResultBuild:
         return b"%s%d,\"floor\":%d%s" % (self.head, seq, floor, self.tail)
 
 
+def _fitter(runner: Any) -> Callable[[np.ndarray], np.ndarray] | None:
+    """*runner*'s frame -> input-size image step, where its model takes images (else None)."""
+    pre = getattr(runner, "preprocessor", None)
+    return pre.fit if pre is not None and getattr(pre.spec, "kind", "") == "image" else None
+
+
 def as_runner(runner: Any) -> Any:
     """The agent's Runner for *runner* (a bare ModelRunner is wrapped, without slowdown)."""
     from lepton.agent.runners import Runner
@@ -192,6 +199,7 @@ class StreamPlan:
     input: Any  # the model's input TensorInfo (payload size)
     version: str  # the model version the preprocessing comes from
     router: Any | None = None  # None: every frame here
+    fit: Callable[[np.ndarray], np.ndarray] | None = None  # frame -> 8-bit BGR at the input size (image models)
 
     def pick(self, device: str) -> str | None:
         """Where the next frame goes: this device, another one, or None (nowhere)."""
@@ -238,7 +246,9 @@ class StreamPipeline:
         self.offload_failed = 0  # frames neither computed elsewhere nor here
         self.unserved = 0  # frames skipped: routed nowhere and the model is not held here
         runner = as_runner(runner)
-        self._plan = StreamPlan(runner, runner.preprocess, runner.input, runner.version)
+        self._plan = StreamPlan(runner, runner.preprocess, runner.input, runner.version, fit=_fitter(runner))
+        self.jpeg_quality = getattr(cfg, "offload_jpeg_quality", 0)
+        self._jpeg_bytes: float | None = None  # running mean size of the JPEGs sent
         self._routes: list[tuple[str, float]] | None = None
         self._take = threading.Lock()
         self._last_seq = 0
@@ -272,11 +282,12 @@ class StreamPipeline:
         runner = as_runner(runner)
         old = self._plan
         pre, info, version = (runner.preprocess, runner.input, runner.version) if runner else (old.pre, old.input, old.version)
+        fit = _fitter(runner) if runner else old.fit
         usable = [(d, s) for d, s in routes or []
                   if (runner is not None if d == self.device else self.offload is not None)]
         router = Router(usable) if any(d != self.device for d, _ in usable) else None
         self._routes = routes
-        self._plan = StreamPlan(runner, pre, info, version, router)  # one assignment: the switch
+        self._plan = StreamPlan(runner, pre, info, version, router, fit)  # one assignment: the switch
         where = ", ".join(f"{d} {s:.2f}" for d, s in routes) if routes else ("here" if runner else "nowhere")
         log.info("stream %s: %s %s, served %s", self.cfg.id, self.cfg.model,
                  runner.version if runner else "not held here", where)
@@ -388,7 +399,11 @@ class StreamPipeline:
         if target == self.device:
             self._local(frame, plan.runner)
             return
-        tensor = plan.pre(frame.data)
+        tensor, jpeg = None, None
+        if self.jpeg_quality and plan.fit is not None:
+            jpeg = self._jpeg(plan.fit(frame.data))
+        else:
+            tensor = plan.pre(frame.data)
 
         def answered(reply: m.Reply | None, error: str, rtt_ms: float) -> None:
             if reply is not None:
@@ -397,9 +412,25 @@ class StreamPipeline:
                 self._fallback(frame, plan, tensor, error)
 
         why = self.offload.request(target, self.cfg.id, self.cfg.model, plan.version, tensor, frame.captured_at,
-                                   answered)
+                                   answered, jpeg=jpeg)
         if why:
             self._fallback(frame, plan, tensor, why)
+
+    def _jpeg(self, image: np.ndarray) -> bytes:
+        """*image* (8-bit BGR at the input size) as JPEG; the running mean size is what the planner is told."""
+        ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])
+        if not ok:
+            raise ValueError(f"stream {self.cfg.id}: the frame did not encode as JPEG")
+        size = float(data.size)
+        self._jpeg_bytes = size if self._jpeg_bytes is None else 0.9 * self._jpeg_bytes + 0.1 * size
+        return data.tobytes()
+
+    def payload_bytes(self) -> int:
+        """Bytes one offloaded frame takes: the mean JPEG sent so far, else the exact tensor's size."""
+        if self.jpeg_quality and self._jpeg_bytes is not None:
+            return int(round(self._jpeg_bytes))
+        info = self._plan.input
+        return int(np.prod(info.shape)) * np.dtype(info.dtype).itemsize
 
     def _local(self, frame, runner: Any, tensor: np.ndarray | None = None) -> None:
         output, infer_ms = runner.run(frame.data) if tensor is None else runner.run_tensor(tensor)
@@ -411,10 +442,13 @@ class StreamPipeline:
         self.offloaded += 1
         self._emit(frame, model, reply.output, reply.infer_ms, target, rtt_ms)
 
-    def _fallback(self, frame, plan: StreamPlan, tensor: np.ndarray, why: str) -> None:
-        """An offload failed: compute here if the model is held (now or when it was sent), else count it."""
+    def _fallback(self, frame, plan: StreamPlan, tensor: np.ndarray | None, why: str) -> None:
+        """An offload failed: compute here if the model is held (now or when it was sent), else count it.
+
+        *tensor*: the preprocessed input that was sent (None when a JPEG was: the frame is preprocessed here).
+        """
         runner = plan.runner or self._plan.runner
-        if runner is None or tensor.shape != tuple(runner.input.shape):
+        if runner is None or (tensor is not None and tensor.shape != tuple(runner.input.shape)):
             self.offload_failed += 1
             self._note(f"offload failed: {why}")
             return

@@ -127,6 +127,7 @@ class TelemetryLoop:
             try:
                 telemetry = self.collector.collect()
                 agent.session.publish(Outgoing(topic, encode(telemetry), 0))
+                agent.announce_if_changed()  # a JPEG stream's payload size, once the frames tell it
                 agent.notifier.status(agent.status_line())  # `systemctl status` shows it; no-op elsewhere
             except Exception:  # one bad reading must not end telemetry
                 log.exception("telemetry failed")

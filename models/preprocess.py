@@ -141,6 +141,14 @@ class _ImagePreprocessor:
             return frame
         raise ModelError(f"frame of shape {frame.shape} is not an image (expected HxW, HxWx3 BGR or HxWx4 BGRA)")
 
+    def fit(self, frame: np.ndarray) -> np.ndarray:
+        """The frame as 8-bit BGR at the tensor's height and width (stretched or letterboxed as the spec
+        says): all of preprocessing before colour and values, so ``self(self.fit(f))`` equals ``self(f)``."""
+        frame = self._as_bgr(np.asarray(frame))
+        if frame.dtype != np.uint8:
+            raise ModelError(f"frame of dtype {frame.dtype}: only 8-bit images can be sent as JPEG")
+        return self._resize(frame)
+
     def _resize(self, frame: np.ndarray) -> np.ndarray:
         h, w = frame.shape[:2]
         if (h, w) == (self.height, self.width):
@@ -260,6 +268,13 @@ class Preprocessor:
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         return self._impl(frame)
+
+    def fit(self, frame: np.ndarray) -> np.ndarray:
+        """An image model's frame as 8-bit BGR at the input's size, before colour and values (what an
+        offloaded JPEG carries); ModelError for a window model or a frame that is not 8-bit."""
+        if not isinstance(self._impl, _ImagePreprocessor):
+            raise ModelError(f"input '{self.input.name}' is fed {self.spec.kind}s, not images")
+        return self._impl.fit(frame)
 
     def letterbox(self, frame_hw: tuple[int, int]) -> Letterbox | None:
         """Where a frame of this (height, width) lands in the tensor (image + letterbox only)."""

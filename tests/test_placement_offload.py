@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 
+import numpy as np
 import pytest
 from test_agent_standins import AgentProcess, Consumer, agent_config, wait_for
 from test_placement_kit import Placer
@@ -135,3 +136,64 @@ def test_without_the_model_here_failures_are_counted_and_nothing_blocks(pair, br
                if r.captured_at >= since), "a forged reply became a result"
     failed = [t for t in consumer.telemetry if t.device == "cam"][-1].offload_failed
     print(f"\nno model here, target silent: {failed} frames counted as offload_failed; results resumed after SIGCONT")
+
+
+def test_jpeg_offload_carries_the_fitted_frame_and_the_planner_is_told_its_size(broker, prefix, tmp_path):
+    """offload_jpeg_quality: the wire carries a JPEG of the frame at the model's input size, the worker's output
+    is what the model gives on that JPEG, and the birth is re-published with the JPEG's size."""
+    import cv2
+
+    from lepton.models.runner import ModelRunner
+    from lepton.protocol.offload import decode_frame
+
+    topics = Topics(prefix)
+    consumer = Consumer(broker.port, topics, tmp_path / "results.db").start()
+    placer = Placer(broker.port, topics)
+    sources = [{"id": "cam0", "type": "synthetic", "pattern": "digits", "fps": 10.0, "width": 160, "height": 120}]
+    cam = AgentProcess(agent_config(tmp_path, broker.port, prefix, device="cam", sources=sources,
+                                    streams=[{"id": "door", "source": "cam0", "model": "mobilenet96",
+                                              "offload_jpeg_quality": 85}]), tmp_path).start()
+    worker = AgentProcess(agent_config(tmp_path, broker.port, prefix, device="w", sources=[], streams=[]),
+                          tmp_path).start()
+    frames: list[tuple] = []
+    spy = Placer(broker.port, topics)  # a second plain client, used only to watch the offload topic
+    wire = topics.offload("cam", "w", "mobilenet96")
+    spy.client.on_message = lambda c, u, msg: frames.append(decode_frame(msg.payload)) if msg.topic == wire else None
+    spy.client.subscribe(wire, 1)
+    try:
+        raw = 96 * 96 * 3
+        wait_for(lambda: alive(cam, worker) and consumer.seqs("cam"), 30, "first local results")
+        born = [s for _, s in consumer.statuses if s.device == "cam" and s.state == "online"]
+        assert born[-1].streams[0].payload_bytes == raw, "before any JPEG is sent: the exact tensor's size"
+        ref = zoo_ref("mobilenet96")
+        place(placer, (cam, worker), "w", models=[ref], serve={"cam": ["door"]})
+        place(placer, (cam, worker), "cam", models=[ref], routes={"door": [("w", 1.0)]})
+        since = time.time()
+        wait_for(lambda: sum(r.computed_on == "w" for r in results_since(consumer, since)) >= 10 and len(frames) >= 10,
+                 20, "10 results computed on w from frames seen on the wire")
+        assert {h.encoding for h, _ in frames} == {"jpeg"}
+        sizes = [len(body) for _, body in frames]
+        assert max(sizes) < raw / 4, f"JPEG bodies of {sizes} bytes against {raw} raw"
+
+        local = ModelRunner.from_entry(Registry(zoo_dir()).get("mobilenet96"))
+        by_capture = {r.captured_at: r for r in consumer.outputs("cam") if r.computed_on == "w"}
+        checked = 0
+        for header, body in frames:
+            result = by_capture.get(header.captured_at)
+            if result is None:
+                continue
+            image = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+            assert image.shape == (96, 96, 3), "the frame fitted to the model's input before encoding"
+            mine = local.postprocess(local.invoke(local.preprocess(image)), None)
+            assert [t["index"] for t in result.output["top"]] == [t["index"] for t in mine["top"]]
+            checked += 1
+        assert checked >= 5, "offloaded results matched to the frames seen on the wire"
+
+        wait_for(lambda: [s for _, s in consumer.statuses if s.device == "cam" and s.state == "online"
+                          and s.streams[0].payload_bytes < raw / 4], 10, "the birth re-published with the JPEG size")
+    finally:
+        spy.close()
+        for agent in (cam, worker):
+            agent.stop()
+        placer.close()
+        consumer.close()

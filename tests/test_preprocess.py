@@ -163,6 +163,20 @@ def test_gray_and_bgra_frames_are_accepted():
         pre(np.zeros((2, 8, 8, 3), np.uint8))
 
 
+@pytest.mark.parametrize("resize,color", [("stretch", "rgb"), ("letterbox", "bgr"), ("stretch", "gray")])
+def test_fit_is_preprocessing_up_to_colour_so_an_offloaded_jpeg_needs_no_other_geometry(resize, color):
+    info = tensor((1, 96, 96, 1 if color == "gray" else 3), "int8", 2 / 255, 0)
+    pre = Preprocessor(image_spec(resize=resize, color=color, normalize="symmetric"), info)
+    frame = bgr(480, 640, seed=3)
+    fitted = pre.fit(frame)
+    assert fitted.shape == (96, 96, 3) and fitted.dtype == np.uint8, "8-bit BGR at the input size: JPEG-able"
+    np.testing.assert_array_equal(pre(fitted), pre(frame))
+    with pytest.raises(ModelError, match="only 8-bit images"):
+        pre.fit(frame.astype(np.float32))
+    with pytest.raises(ModelError, match="fed windows, not images"):
+        window_pre(tensor((1, 64, 3)), length=64, channels=3).fit(frame)
+
+
 def window_pre(info, **window) -> Preprocessor:
     return Preprocessor(parse_preprocess({"kind": "window", "window": window}), info)
 
