@@ -294,7 +294,10 @@ def test_check_config_exit_codes(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert not (tmp_path / "dev1-outbox.db").exists()  # checking changes nothing
     for change, named in (({"broker": {"port": 1883, "hots": "x"}}, "broker.hots"),
-                          ({"streams": [{"id": "s", "source": "cam0", "model": "no-such-model"}]}, "no-such-model")):
+                          ({"streams": [{"id": "s", "source": "cam0", "model": "no-such-model"}]}, "no-such-model"),
+                          ({"sources": [{"id": "acc", "type": "sensor"}],
+                            "streams": [{"id": "s", "source": "acc", "model": "vibration", "offload_jpeg_quality": 80}]},
+                           "streams[0].offload_jpeg_quality: model 'vibration' takes window input")):
         path.write_text(tomli_w.dumps({**good, **change}))
         bad = run_cli("agent", "--check-config", str(path))
         lines = bad.stderr.strip().splitlines()
