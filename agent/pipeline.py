@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 TAKE_TIMEOUT_S = 0.25  # how long a worker waits for a frame before looking at the stop event
 ERROR_LOG_EVERY_S = 30.0
+JPEG_SAMPLE_S = 5.0  # a JPEG stream served here encodes one frame this often: its offload size stays known
 
 
 class Window:
@@ -248,7 +249,8 @@ class StreamPipeline:
         runner = as_runner(runner)
         self._plan = StreamPlan(runner, runner.preprocess, runner.input, runner.version, fit=_fitter(runner))
         self.jpeg_quality = getattr(cfg, "offload_jpeg_quality", 0)
-        self._jpeg_bytes: float | None = None  # running mean size of the JPEGs sent
+        self._jpeg_bytes: float | None = None  # running mean size of the JPEGs sent (or sampled, when local)
+        self._jpeg_sample_at = 0.0
         self._routes: list[tuple[str, float]] | None = None
         self._take = threading.Lock()
         self._last_seq = 0
@@ -372,6 +374,10 @@ class StreamPipeline:
         tensor = runner.preprocess(frame.data)
         invoker.jobs.put((runner, tensor))
         staged.append((frame, runner, tensor, taken))
+        if self.jpeg_quality and plan.fit is not None and taken >= self._jpeg_sample_at:
+            # What an offloaded frame would weigh, before any is offloaded: the planner prices offloading by it.
+            self._jpeg_sample_at = taken + JPEG_SAMPLE_S
+            self._jpeg(plan.fit(frame.data))
 
     def _finish(self, index: int, staged: deque, invoker: "_Invoker") -> None:
         """Wait (a little) for the oldest staged frame's invoke; postprocess it and emit its result."""
@@ -426,7 +432,8 @@ class StreamPipeline:
         return data.tobytes()
 
     def payload_bytes(self) -> int:
-        """Bytes one offloaded frame takes: the mean JPEG sent so far, else the exact tensor's size."""
+        """Bytes one offloaded frame takes: the mean JPEG (sent, or sampled while served here), else the
+        exact tensor's size."""
         if self.jpeg_quality and self._jpeg_bytes is not None:
             return int(round(self._jpeg_bytes))
         info = self._plan.input

@@ -140,7 +140,8 @@ def test_without_the_model_here_failures_are_counted_and_nothing_blocks(pair, br
 
 def test_jpeg_offload_carries_the_fitted_frame_and_the_planner_is_told_its_size(broker, prefix, tmp_path):
     """offload_jpeg_quality: the wire carries a JPEG of the frame at the model's input size, the worker's output
-    is what the model gives on that JPEG, and the birth is re-published with the JPEG's size."""
+    is what the model gives on that JPEG, and the birth is re-published with the JPEG's size (sampled while the
+    stream is still served locally, so the planner can price offloading it)."""
     import cv2
 
     from lepton.models.runner import ModelRunner
@@ -164,7 +165,10 @@ def test_jpeg_offload_carries_the_fitted_frame_and_the_planner_is_told_its_size(
         raw = 96 * 96 * 3
         wait_for(lambda: alive(cam, worker) and consumer.seqs("cam"), 30, "first local results")
         born = [s for _, s in consumer.statuses if s.device == "cam" and s.state == "online"]
-        assert born[-1].streams[0].payload_bytes == raw, "before any JPEG is sent: the exact tensor's size"
+        assert born[0].streams[0].payload_bytes == raw, "before any frame: the exact tensor's size"
+        # Served here, the stream still samples what a frame weighs as JPEG: the planner can price offloading.
+        wait_for(lambda: [s for _, s in consumer.statuses if s.device == "cam" and s.state == "online"
+                          and s.streams[0].payload_bytes < raw / 4], 10, "the birth re-published with the JPEG size")
         ref = zoo_ref("mobilenet96")
         place(placer, (cam, worker), "w", models=[ref], serve={"cam": ["door"]})
         place(placer, (cam, worker), "cam", models=[ref], routes={"door": [("w", 1.0)]})
@@ -188,9 +192,6 @@ def test_jpeg_offload_carries_the_fitted_frame_and_the_planner_is_told_its_size(
             assert [t["index"] for t in result.output["top"]] == [t["index"] for t in mine["top"]]
             checked += 1
         assert checked >= 5, "offloaded results matched to the frames seen on the wire"
-
-        wait_for(lambda: [s for _, s in consumer.statuses if s.device == "cam" and s.state == "online"
-                          and s.streams[0].payload_bytes < raw / 4], 10, "the birth re-published with the JPEG size")
     finally:
         spy.close()
         for agent in (cam, worker):
