@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 MIN_SAMPLE_BYTES = 16 * 1024  # below this a transfer time is mostly latency
 MIN_TRANSFER_S = 0.0002  # timer resolution floor: a faster transfer is reported at the cap
+# The probe's way down is a difference of two timings (the echo's round trip less the sink's way up):
+# below this it is jitter, so it is reported as this (a fast link, e.g. 32 KB -> 262 Mbit/s at least).
+PROBE_DOWN_FLOOR_S = 0.001
 MAX_MBPS = 10000.0
 PROBE_MODEL = "probe"
 PROBE_STREAM = "link-probe"
@@ -186,12 +189,10 @@ class Prober:
         """Send one probe pair and record what it measured; False if nothing was measured."""
         base = self.links.base_rtt_ms() / 1000.0
         up_s = self._time_up(stop)
+        if up_s is None:
+            return False  # without the way up, the echo's round trip cannot be split
         back = self._round_trip(stop)
-        down_s = None
-        if back is not None and up_s is not None and back - base - up_s > 0:
-            down_s = back - base - up_s
-        if up_s is None and down_s is None:
-            return False
+        down_s = None if back is None else max(back - base - up_s, PROBE_DOWN_FLOOR_S)
         self.links.add_probe(self.nbytes, up_s, down_s)
         self.probes += 1
         log.debug("link probe: %d bytes up %s ms, down %s ms", self.nbytes, _ms(up_s), _ms(down_s))

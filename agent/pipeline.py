@@ -54,6 +54,11 @@ from lepton.protocol.messages import MAX_DEPTH, SCHEMA_VERSION
 log = logging.getLogger(__name__)
 
 TAKE_TIMEOUT_S = 0.25  # how long a worker waits for a frame before looking at the stop event
+POLL_S = 0.002  # with a frame invoking, a worker looks for the next frame this often
+# A worker takes the next frame while the model runs only for models faster than this: there the
+# per-frame Python work is a large share of the time, and the frame is at most this much older when
+# it reaches the model. A slower model takes the newest frame once it is free (fresher results).
+OVERLAP_BELOW_MS = 5.0
 ERROR_LOG_EVERY_S = 30.0
 JPEG_SAMPLE_S = 5.0  # a JPEG stream served here encodes one frame this often: its offload size stays known
 
@@ -131,7 +136,7 @@ class ResultEncoder:
 
     ``parts(...)`` returns (head, tail) with payload = head + b'<seq>,"floor":<floor>' + tail:
     the bytes ``encode(Result(...))`` gives (same keys, order and values; a
-    float may be spelt differently, e.g. 1e-05 for 1e-5), built without a
+    float may be spelt differently, e.g. 1e-05 for 0.00001), built without a
     pydantic model per result. The ids come from the validated config, model
     and placement; the values are checked here as Result checks them (numbers
     finite and >= 0, output finite and not nested past MAX_DEPTH), so what
@@ -251,6 +256,7 @@ class StreamPipeline:
         self.jpeg_quality = getattr(cfg, "offload_jpeg_quality", 0)
         self._jpeg_bytes: float | None = None  # running mean size of the JPEGs sent (or sampled, when local)
         self._jpeg_sample_at = 0.0
+        self._invoke_ms = 0.0  # moving average of the local invoke time (decides whether workers overlap)
         self._routes: list[tuple[str, float]] | None = None
         self._take = threading.Lock()
         self._last_seq = 0
@@ -320,35 +326,47 @@ class StreamPipeline:
 
     # --- the worker ---------------------------------------------------------------
     def _next_frame(self, timeout: float = TAKE_TIMEOUT_S) -> tuple[Any, StreamPlan]:
-        """The next frame and the plan it is processed under, taken together: frames and plans stay in order."""
-        with self._take:
+        """The next frame and the plan it is processed under, taken together: frames and plans stay in order.
+
+        *timeout* 0: only a frame that is there now, and only if no other worker is taking one (a worker
+        with a frame in hand must not wait behind an idle one)."""
+        if not self._take.acquire(blocking=timeout > 0):
+            return None, self._plan
+        try:
             frame = self.source.latest(self._last_seq, timeout)
             if frame is not None:
                 self._last_seq = frame.seq
             return frame, self._plan
+        finally:
+            self._take.release()
 
     def _work(self, index: int, stop: threading.Event, invoker: "_Invoker") -> None:
         """One worker: frames in, results out, with the invokes on its own invoke thread.
 
-        While the invoke thread runs frame k, this thread postprocesses k-1 and
-        preprocesses k+1 and queues it, so the model runs back to back when
-        frames keep up. At most two local frames are in hand (one invoking, one
-        queued); results are emitted in the order the frames were taken. On
-        stop, the frames in hand are finished first.
+        For a model faster than OVERLAP_BELOW_MS, while the invoke thread runs
+        frame k this thread postprocesses k-1 and preprocesses k+1 and queues
+        it, so the model runs back to back when frames keep up (at most two
+        local frames in hand). A slower model gets the newest frame once it is
+        free. A frame going elsewhere waits for the local ones before it;
+        results leave in the order frames were taken. On stop, the frames in
+        hand are finished first.
         """
         staged: deque[tuple[Any, Any, np.ndarray, float]] = deque()  # (frame, runner, tensor, taken at)
         try:
             while True:
-                if len(staged) < 2 and not stop.is_set():
+                room = 2 if self._invoke_ms < OVERLAP_BELOW_MS else 1
+                if len(staged) < room and not stop.is_set():
                     frame, plan = self._next_frame(0.0 if staged else TAKE_TIMEOUT_S)
                     if frame is not None:
                         taken = time.monotonic()
                         self._busy[index] = staged[0][3] if staged else taken
-                        self._guarded(frame, self._stage, frame, plan, staged, invoker, taken)
+                        self._guarded(frame, self._stage, index, frame, plan, staged, invoker, taken)
                         self._busy[index] = staged[0][3] if staged else None
                         continue
                 if staged:
-                    self._finish(index, staged, invoker)
+                    # Room for one more frame: look for it again soon; else wait for the invoke.
+                    self._finish(index, staged, invoker, POLL_S if len(staged) < room and not stop.is_set()
+                                 else TAKE_TIMEOUT_S)
                 elif stop.is_set():
                     return
         finally:
@@ -364,10 +382,13 @@ class StreamPipeline:
             log.exception("stream %s: frame %d failed", self.cfg.id, frame.seq)
             self._failed(exc, logged=True)
 
-    def _stage(self, frame, plan: StreamPlan, staged: deque, invoker: "_Invoker", taken: float) -> None:
-        """Route one frame: local frames are preprocessed and queued for the invoke thread."""
+    def _stage(self, index: int, frame, plan: StreamPlan, staged: deque, invoker: "_Invoker", taken: float) -> None:
+        """Route one frame: local frames are preprocessed and queued for the invoke thread; a frame going
+        elsewhere waits for the local ones before it, so results keep the order frames were taken in."""
         target = plan.pick(self.device)
         if target != self.device or plan.runner is None:
+            while staged:
+                self._finish(index, staged, invoker, TAKE_TIMEOUT_S)
             self._process(frame, plan, target)
             return
         runner = plan.runner
@@ -377,12 +398,15 @@ class StreamPipeline:
         if self.jpeg_quality and plan.fit is not None and taken >= self._jpeg_sample_at:
             # What an offloaded frame would weigh, before any is offloaded: the planner prices offloading by it.
             self._jpeg_sample_at = taken + JPEG_SAMPLE_S
-            self._jpeg(plan.fit(frame.data))
+            try:
+                self._jpeg(plan.fit(frame.data))
+            except (LeptonError, ValueError) as exc:  # the frame itself is served; only the size sample is lost
+                self._warn(f"the JPEG size of its frames could not be sampled: {exc}")
 
-    def _finish(self, index: int, staged: deque, invoker: "_Invoker") -> None:
-        """Wait (a little) for the oldest staged frame's invoke; postprocess it and emit its result."""
+    def _finish(self, index: int, staged: deque, invoker: "_Invoker", wait_s: float) -> None:
+        """Wait up to *wait_s* for the oldest staged frame's invoke; postprocess it and emit its result."""
         try:
-            done = invoker.done.get(timeout=TAKE_TIMEOUT_S)
+            done = invoker.done.get(timeout=wait_s)
         except queue.Empty:
             return  # still invoking: healthy() watches how long
         frame, runner, tensor, _ = staged.popleft()
@@ -393,6 +417,7 @@ class StreamPipeline:
         if isinstance(done, BaseException):
             raise done
         outputs, infer_ms = done
+        self._invoke_ms = 0.8 * self._invoke_ms + 0.2 * infer_ms
         self.timings(runner.name).add(infer_ms)
         output = runner.postprocess(outputs, tensor)
         self._emit(frame, getattr(runner, "model_json", None) or runner.model_id, output, infer_ms, self.device, None)
@@ -407,8 +432,11 @@ class StreamPipeline:
             return
         tensor, jpeg = None, None
         if self.jpeg_quality and plan.fit is not None:
-            jpeg = self._jpeg(plan.fit(frame.data))
-        else:
+            try:
+                jpeg = self._jpeg(plan.fit(frame.data))
+            except (LeptonError, ValueError) as exc:  # e.g. a 16-bit frame: the exact tensor goes instead
+                self._warn(f"a frame offloaded as a tensor, not JPEG: {exc}")
+        if jpeg is None:
             tensor = plan.pre(frame.data)
 
         def answered(reply: m.Reply | None, error: str, rtt_ms: float) -> None:
@@ -485,11 +513,15 @@ class StreamPipeline:
 
     def _note(self, reason: str) -> None:
         """A frame without a result, logged once per reason per ERROR_LOG_EVERY_S."""
-        now = time.monotonic()
-        if now - self._error_logged.get(reason, -ERROR_LOG_EVERY_S) >= ERROR_LOG_EVERY_S:
-            self._error_logged[reason] = now
-            log.warning("stream %s: a frame has no result: %s (offload failed %d, unserved %d so far)",
-                        self.cfg.id, reason, self.offload_failed, self.unserved)
+        self._warn(f"a frame has no result: {reason} (offload failed {self.offload_failed}, "
+                   f"unserved {self.unserved} so far)", reason)
+
+    def _warn(self, message: str, key: str = "") -> None:
+        """A warning about this stream, logged once per *key* (default: the message) per ERROR_LOG_EVERY_S."""
+        key, now = key or message, time.monotonic()
+        if now - self._error_logged.get(key, -ERROR_LOG_EVERY_S) >= ERROR_LOG_EVERY_S:
+            self._error_logged[key] = now
+            log.warning("stream %s: %s", self.cfg.id, message)
 
     def stats(self) -> dict:
         """Results, failures and the measured rate (Hz)."""

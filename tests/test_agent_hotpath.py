@@ -250,3 +250,71 @@ def test_swap_mid_run_never_mixes_models(tmp_path, mobilenet):
     frames = [r.output["source"]["frame"] for r in results]
     assert frames == sorted(frames)
     assert pipeline.errors == 0
+
+
+def timed_run(runner, fps: float, workers: int, seconds: float, offload=None, routes=None) -> tuple[list, StreamPipeline]:
+    """Run a real synthetic camera through *runner*: [(frame, s from capture to result beyond the invoke)]."""
+    stop = threading.Event()
+    source = build_source({"id": "cam0", "type": "synthetic", "pattern": "digits", "fps": fps,
+                           "width": 96, "height": 96})
+    out = []
+
+    def submit(item):
+        payload = json.loads(item.build(1, 1))
+        waited = time.time() - payload["captured_at"] - payload["infer_ms"] / 1000
+        out.append((payload["output"]["source"]["frame"], waited))
+
+    pipeline = StreamPipeline(StreamConfig(id="s1", source="cam0", model="bench"), "dev1", Topics(), source, runner,
+                              submit, lambda name: Window(60), workers=workers, offload=offload)
+    if routes:
+        pipeline.set_plan(pipeline.runner, routes)
+    source.start(stop)
+    pipeline.start(stop)
+    try:
+        time.sleep(seconds)
+    finally:
+        stop.set()
+        assert pipeline.join(5)
+        source.close()
+    return out, pipeline
+
+
+def slowed(runner, ms: float):
+    """*runner* emulating a model of about *ms* an invoke (agent Runner's slowdown)."""
+    from lepton.agent.runners import Runner
+
+    return Runner(runner, slowdown=ms / max(runner.warmup(5), 0.01))
+
+
+def test_two_workers_never_hold_a_finished_frame_behind_an_idle_one(mobilenet):
+    """A worker with a frame in hand does not wait for the next frame while another worker waits for one."""
+    out, _ = timed_run(slowed(mobilenet, 20), fps=10, workers=2, seconds=3.0)
+    waited = [w for _, w in out]
+    assert len(out) >= 20
+    # At 10 fps a free worker takes each frame at once: beyond its invoke a result waits for
+    # pre/postprocessing only (before the fix: 80-230 ms behind the idle worker's 0.25 s wait).
+    assert np.percentile(waited, 95) < 0.04, f"capture to result beyond the invoke, p95 {np.percentile(waited, 95):.3f} s"
+    assert [f for f, _ in out] == sorted(f for f, _ in out)
+
+
+def test_a_slow_model_takes_the_newest_frame_when_it_is_free(mobilenet):
+    """Above OVERLAP_BELOW_MS no frame is taken ahead: it would reach the model a whole invoke older."""
+    out, _ = timed_run(slowed(mobilenet, 50), fps=30, workers=1, seconds=3.0)
+    waited = [w for _, w in out[3:]]
+    # Taken when the model is free, a frame is at most 1/30 s old; taken ahead it would wait ~50 ms more.
+    assert np.median(waited) < 1 / 30 + 0.01, f"capture to result beyond the invoke, p50 {np.median(waited):.3f} s"
+class Refusing:
+    """An offload client whose target never takes anything (suspect, not connected, queue full)."""
+
+    def request(self, *args, **kwargs) -> str:
+        return "other is not answering"
+
+
+def test_a_frame_routed_elsewhere_never_overtakes_a_local_one(mobilenet):
+    """Half the frames go to a target that refuses at once; each falls back here after the local frames
+    taken before it, so results still leave in frame order."""
+    out, pipeline = timed_run(mobilenet, fps=5000, workers=1, seconds=1.5, offload=Refusing(),
+                              routes=[("dev1", 0.5), ("other", 0.5)])
+    frames = [f for f, _ in out]
+    assert len(frames) > 100 and pipeline.errors == 0
+    assert frames == sorted(frames), [(a, b) for a, b in zip(frames, frames[1:]) if b < a][:5]
