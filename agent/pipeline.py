@@ -49,7 +49,7 @@ from lepton.agent.outbox import Pending
 from lepton.errors import LeptonError
 from lepton.protocol import Topics, encode
 from lepton.protocol import messages as m
-from lepton.protocol.messages import MAX_DEPTH, SCHEMA_VERSION
+from lepton.protocol.messages import MAX_DEPTH, SCHEMA_VERSION, too_deep
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +152,8 @@ class ResultEncoder:
               computed_on: str, rtt_ms: float | None, deadline: float | None, output: dict) -> tuple[bytes, bytes]:
         """*model*: a ModelId or its ``model_json``."""
         body = _dumps(output)  # ValueError on NaN or infinity, TypeError on what JSON cannot hold
-        if body.count("[") + body.count("{") > MAX_DEPTH:  # could nest too deep: let Result judge
-            m.Result(device=self.device, stream=self.stream, seq=1, model=m.ModelId(name="x", version="", sha256=""),
-                     captured_at=0, inferred_at=0, infer_ms=0, computed_on=computed_on, output=output)
+        if body.count("[") + body.count("{") >= MAX_DEPTH and too_deep(b'{"output":%s}' % body.encode()):
+            raise ValueError(f"result output nested deeper than {MAX_DEPTH} (the coordinator would refuse it)")
         on = self._on.get(computed_on)
         if on is None:
             on = _dumps(computed_on)

@@ -242,7 +242,8 @@ def _check_finite(value: Any, depth: int = 0) -> None:
 _STRUCTURAL = re.compile(rb'["\\\[\]{}]')  # the only bytes that matter for nesting depth
 
 
-def _too_deep(raw: bytes) -> bool:
+def too_deep(raw: bytes) -> bool:
+    """*raw* JSON nests deeper than MAX_DEPTH (decode refuses it before parsing)."""
     # Fewer opening brackets in all than the limit cannot nest past it: most payloads stop here.
     if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
         return False
@@ -285,7 +286,7 @@ def decode(kind: str, payload: bytes | str) -> AnyMessage:
         raise ProtocolError(f"{kind}: payload of {len(raw)} bytes exceeds {MAX_JSON_BYTES}")
     if not raw:
         raise ProtocolError(f"{kind}: empty payload")
-    if _too_deep(raw):
+    if too_deep(raw):
         raise ProtocolError(f"{kind}: JSON nested deeper than {MAX_DEPTH}")
     try:
         return cls.model_validate_json(raw)

@@ -23,6 +23,7 @@ from lepton.models.postprocess import Postprocessor
 from lepton.models.registry import default_registry
 from lepton.models.runner import ModelRunner
 from lepton.models.spec import parse_postprocess
+from lepton.errors import ProtocolError
 from lepton.protocol import Topics, decode, encode
 from lepton.protocol import messages as m
 
@@ -72,6 +73,27 @@ def test_result_refuses_what_result_validation_refuses(bad):
         m.Result(device="d", stream="s", seq=1, **args)
     with pytest.raises(ValueError):
         ResultEncoder("d", "s").parts(**args)
+
+
+@pytest.mark.parametrize("levels", range(12, 18))
+def test_result_nesting_is_refused_exactly_where_decode_would_refuse_it(levels):
+    """Lists nested *levels* deep in the output: the encoder refuses what the coordinator's decode would."""
+    deep: object = 1
+    for _ in range(levels):
+        deep = [deep]
+    args = (MODEL, 1.0, 1.0, 1.0, "d", None, None, {"deep": deep})
+    try:  # the old path: a Result model, encoded, then the coordinator's decode
+        decode("results", encode(m.Result(device="d", stream="s", seq=1, model=MODEL, captured_at=1.0,
+                                          inferred_at=1.0, infer_ms=1.0, computed_on="d", output={"deep": deep})))
+        accepted = True
+    except (ValueError, ProtocolError):
+        accepted = False
+    if accepted:
+        head, tail = ResultEncoder("d", "s").parts(*args)
+        assert decode("results", ResultBuild(head, tail)(1, 1)).output == {"deep": deep}
+    else:
+        with pytest.raises(ValueError, match="nested deeper"):
+            ResultEncoder("d", "s").parts(*args)
 
 
 def test_result_refuses_what_json_cannot_hold():
