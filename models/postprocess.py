@@ -36,6 +36,18 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / np.sum(exp, axis=-1, keepdims=True)
 
 
+def top_k(values: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the *k* largest of *values* (1-D, no NaN), largest first; equal values by lowest index,
+    so the same output always ranks the same (ties are common in an 8-bit output). O(n) plus k log k."""
+    n = values.size
+    if k >= n:
+        return np.argsort(-values, kind="stable")
+    kth = np.partition(values, n - k)[n - k]  # the k-th largest value
+    above = np.flatnonzero(values > kth)
+    best = np.concatenate([above, np.flatnonzero(values == kth)[: k - above.size]])
+    return best[np.argsort(-values[best], kind="stable")]
+
+
 class Postprocessor:
     """Turns output tensors into ``{"top": ...}``, ``{"score": ...}`` or ``{"outputs": ...}``.
 
@@ -106,22 +118,16 @@ class Postprocessor:
         scores, bad = _finite(dequantize(raw[index], self.outputs[index]).reshape(-1))
         if self.spec.logits:
             scores = softmax(scores.astype(np.float64))
-        k = min(self.spec.top_k, scores.size)
-        # argpartition keeps this O(n) for models with thousands of classes.
-        best = np.argpartition(-scores, k - 1)[:k] if k < scores.size else np.arange(scores.size)
-        best = best[np.argsort(-scores[best], kind="stable")]
+        best = top_k(scores, min(self.spec.top_k, scores.size))
         top = [{"label": self._label(int(i)), "index": int(i), "score": float(scores[i])} for i in best]
         return self._with_count({"top": top}, bad)
 
     def _classification_8bit(self, codes: np.ndarray) -> dict[str, Any]:
         """``_classification`` for an 8-bit quantised output, with the same scores, in fewer numpy calls."""
         table, table64 = self._table
-        size, k = codes.size, min(self.spec.top_k, codes.size)
-        best = np.argpartition(codes, size - k)[size - k:] if k < size else np.arange(size)
+        best = top_k(codes.astype(np.int16), min(self.spec.top_k, codes.size))  # codes order like the reals
         byte = codes.view(np.uint8)
         reals = table[byte[best]]  # float32, exactly what dequantize() gives
-        order = np.argsort(-reals, kind="stable")
-        best, reals = best[order], reals[order]
         if self.spec.logits:
             # The softmax denominator per code (256 exps), not per class: codes above the peak are absent.
             shifted = np.minimum(table64 - table64[byte[best[0]]], 0.0)
