@@ -422,12 +422,10 @@ class StreamPipeline:
         self._emit(frame, getattr(runner, "model_json", None) or runner.model_id, output, infer_ms, self.device, None)
 
     def _process(self, frame, plan: StreamPlan, target: str | None) -> None:
+        """A frame routed to another device, or nowhere (frames for this device are staged)."""
         if target is None:
             self.unserved += 1
             self._note("no device serves it and its model is not held here")
-            return
-        if target == self.device:
-            self._local(frame, plan.runner)
             return
         tensor, jpeg = None, None
         if self.jpeg_quality and plan.fit is not None:

@@ -8,13 +8,13 @@ the slow one it stands for. The pause happens outside the interpreter lock.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from typing import Any
 
 import numpy as np
 
+from lepton.agent.pipeline import model_json
 from lepton.protocol import messages as m
 
 
@@ -26,7 +26,7 @@ class Runner:
         self.name, self.version, self.sha256 = inner.name, inner.version, inner.sha256
         self.input = inner.input
         self.model_id = m.ModelId(name=self.name, version=self.version or "0", sha256=self.sha256)
-        self.model_json = json.dumps(self.model_id.model_dump(), separators=(",", ":"), ensure_ascii=False)
+        self.model_json = model_json(self.model_id)  # spliced into every result's JSON
 
     @property
     def preprocessor(self) -> Any:
