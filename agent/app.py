@@ -24,7 +24,7 @@ from lepton.agent.delivery import Delivery
 from lepton.agent.inbound import Inbound
 from lepton.agent.notify import Notifier, Watchdog
 from lepton.agent.outbox import Outbox
-from lepton.agent.pipeline import StreamPipeline, Window
+from lepton.agent.pipeline import StreamPipeline, Window, tensor_bytes
 from lepton.agent.placement import Placement, local_versions, make_fetcher
 from lepton.agent.session import Outgoing, Session
 from lepton.agent.telemetry import Collector, TelemetryLoop
@@ -367,12 +367,11 @@ class Agent:
 
     def stream_info(self, stream) -> m.StreamInfo:
         pipeline = self.pipelines.get(stream.id)
-        tensor = pipeline.plan.input if pipeline else self.runners[stream.model].input
         rate = pipeline.results.rate() if pipeline else 0.0
         if not rate:
             typed = source_config(self.cfg, stream.source)
             rate = float(typed.get("fps") or 0.0) or 10.0
-        size = pipeline.payload_bytes() if pipeline else _nbytes(tensor)
+        size = pipeline.payload_bytes() if pipeline else tensor_bytes(self.runners[stream.model].input)
         return m.StreamInfo(id=stream.id, model=stream.model, rate_hz=rate, payload_bytes=size,
                             slo_ms=stream.slo_ms)
 
@@ -401,11 +400,6 @@ class Agent:
         depth = self.outbox.depth if self.outbox else 0
         return f"{len(self.pipelines)} stream(s), {rate:.1f} results/s, outbox {depth}, {link}"
 
-
-def _nbytes(tensor: Any) -> int:
-    import numpy as np
-
-    return int(np.prod(tensor.shape)) * np.dtype(tensor.dtype).itemsize
 
 
 def run(cfg: AgentConfig, stop: threading.Event) -> int:

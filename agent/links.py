@@ -187,19 +187,19 @@ class Prober:
 
     def probe_once(self, stop: threading.Event | None = None) -> bool:
         """Send one probe pair and record what it measured; False if nothing was measured."""
-        base = self.links.base_rtt_ms() / 1000.0
-        up_s = self._time_up(stop)
-        if up_s is None:
+        to_ack = self._time_to_ack(stop)
+        if to_ack is None:
             return False  # without the way up, the echo's round trip cannot be split
-        back = self._round_trip(stop)
-        down_s = None if back is None else max(back - base - up_s, PROBE_DOWN_FLOOR_S)
+        up_s = max(to_ack - self.links.base_rtt_ms() / 1000.0, 0.0)
+        back = self._round_trip(stop)  # base RTT + up + down, so less the sink's time to PUBACK it is the way down
+        down_s = None if back is None else max(back - to_ack, PROBE_DOWN_FLOOR_S)
         self.links.add_probe(self.nbytes, up_s, down_s)
         self.probes += 1
         log.debug("link probe: %d bytes up %s ms, down %s ms", self.nbytes, _ms(up_s), _ms(down_s))
         return True
 
-    def _time_up(self, stop: threading.Event | None) -> float | None:
-        """The sink message: seconds from publish to its PUBACK, less the base RTT."""
+    def _time_to_ack(self, stop: threading.Event | None) -> float | None:
+        """The sink message: seconds from publish to its PUBACK (base RTT + the way up)."""
         sent = self.send(self._next(), self.nbytes, False)
         if sent is None:
             return None
@@ -212,7 +212,7 @@ class Prober:
         if acked is None:
             log.debug("link probe: no PUBACK within %.1f s", self.timeout_s)
             return None
-        return max(acked - t0 - self.links.base_rtt_ms() / 1000.0, 0.0)
+        return acked - t0
 
     def _round_trip(self, stop: threading.Event | None) -> float | None:
         """The echo message: seconds from publish until its copy came back."""

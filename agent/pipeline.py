@@ -4,9 +4,10 @@ Each stream runs ``workers`` named workers. A worker takes the newest frame
 its stream has not taken yet (a slow model drops frames at the source, never
 builds a backlog), preprocesses it and queues it for its own invoke thread
 (``stream-<id>-<n>-invoke``, which does nothing but invoke, releasing the
-GIL); while that runs, the worker postprocesses the frame before it and
-takes and preprocesses the one after, so the model runs back to back. At most
-two frames are in hand per worker and results leave in the order frames were
+GIL). For a model under OVERLAP_BELOW_MS the worker meanwhile postprocesses
+the frame before it and takes and preprocesses the one after, so the model
+runs back to back (at most two frames in hand); a slower model gets the
+newest frame once it is free. Results leave in the order frames were
 taken. The Result's JSON is built here (``ResultEncoder``: the bytes
 ``encode(Result)`` gives, checked as Result checks them, without a pydantic
 model per result) and handed to delivery, which numbers, commits and
@@ -180,6 +181,11 @@ class ResultBuild:
 
     def __call__(self, seq: int, floor: int) -> bytes:
         return b"%s%d,\"floor\":%d%s" % (self.head, seq, floor, self.tail)
+
+
+def tensor_bytes(info: Any) -> int:
+    """Bytes of a tensor described by *info* (shape, dtype): what an exact offloaded input weighs."""
+    return int(np.prod(info.shape)) * np.dtype(info.dtype).itemsize
 
 
 def _fitter(runner: Any) -> Callable[[np.ndarray], np.ndarray] | None:
@@ -461,8 +467,7 @@ class StreamPipeline:
         exact tensor's size."""
         if self.jpeg_quality and self._jpeg_bytes is not None:
             return int(round(self._jpeg_bytes))
-        info = self._plan.input
-        return int(np.prod(info.shape)) * np.dtype(info.dtype).itemsize
+        return tensor_bytes(self._plan.input)
 
     def _local(self, frame, runner: Any, tensor: np.ndarray | None = None) -> None:
         output, infer_ms = runner.run(frame.data) if tensor is None else runner.run_tensor(tensor)
