@@ -221,8 +221,7 @@ class Fetcher:
                     total = _total_from_range(exc.headers.get("Content-Range", "") if exc.headers else "")
                     if total is not None and total != ref.size:
                         self.progress.pop(ref.name, None)
-                        raise ModelError(f"model {ref.name} {ref.version}: size check failed: the server's file "
-                                         f"is {total} bytes, placement named {ref.size}") from None
+                        raise _wrong_size(ref, total) from None
                     last = "HTTP 416: range not satisfiable"
                     continue
                 raise ModelError(f"model {ref.name} {ref.version}: download failed: {ref.url}: "
@@ -258,8 +257,7 @@ class Fetcher:
                 have = 0
             total = _offered_size(response)
             if total is not None and total != ref.size:  # no use downloading (or resuming) what cannot match
-                raise ModelError(f"model {ref.name} {ref.version}: size check failed: the server's file is "
-                                 f"{total} bytes, placement named {ref.size}")
+                raise _wrong_size(ref, total)
             got = self._copy(ref, response, part, have)
         seconds = time.monotonic() - started
         log.info("downloaded %s %s: %d bytes in %.2f s%s", ref.name, ref.version, got, seconds,
@@ -308,6 +306,11 @@ class Fetcher:
         if problem:
             part.unlink(missing_ok=True)  # a bad prefix must not be resumed from
             raise ModelError(f"model {ref.name} {ref.version}: {problem}")
+
+
+def _wrong_size(ref: m.ModelRef, total: int) -> ModelError:
+    return ModelError(f"model {ref.name} {ref.version}: size check failed: the server's file is {total} bytes, "
+                      f"placement named {ref.size}")
 
 
 def _total_from_range(content_range: str) -> int | None:
