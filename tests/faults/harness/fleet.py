@@ -319,22 +319,27 @@ class Fleet:
 
         In a namespace this is nftables on the device's eth0; without one, the
         device's proxy resets its connections and refuses new ones (both modes).
+        The mark is taken before the cut is applied: a device can see a reset
+        while the command that applies it is still returning, and a detection
+        must never appear to precede its fault (times are upper bounds).
         """
+        if device not in self.hosts and device not in self.proxies:
+            raise RuntimeError(f"cannot cut {device}: no namespace and no proxy (Fleet(netns=True) or proxy=True)")
+        at = self.mark(f"cut {device} {mode}")
         if device in self.hosts:
             self.hosts[device].cut(mode)
-        elif device in self.proxies:
-            self.proxies[device].cut("reset")
         else:
-            raise RuntimeError(f"cannot cut {device}: no namespace and no proxy (Fleet(netns=True) or proxy=True)")
-        return self.mark(f"cut {device} {mode}")
+            self.proxies[device].cut("reset")
+        return at
 
     def restore(self, device: str) -> float:
-        """Undo ``cut``; returns the mark time."""
+        """Undo ``cut``; returns the mark time, taken before the link is back (as for ``cut``)."""
+        at = self.mark(f"restore {device}")
         if device in self.hosts:
             self.hosts[device].restore()
         if device in self.proxies:
             self.proxies[device].restore()
-        return self.mark(f"restore {device}")
+        return at
 
     def shape(self, device: str, up_mbps: float | None = None, down_mbps: float | None = None,
               burst_bytes: int | None = None) -> None:
