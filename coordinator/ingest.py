@@ -165,6 +165,18 @@ class Ingest:
                 if stop.wait(delay):
                     return  # not PUBACKed: the broker re-delivers to the next run
                 delay = min(delay * 2, 5.0)
+            except Exception:  # a message the checks let through that the database cannot take
+                self._reload({self._device_of(i) for i in items})
+                if len(items) > 1:  # find it: the others are stored, one at a time
+                    for item in items:
+                        self._commit([item], stop)
+                    return
+                log.exception("refusing the payload on %s: it cannot be stored", items[0].topic)
+                if self.metrics:
+                    self.metrics.invalid.labels(kind=_kind(items[0].topic, self.topics)).inc()
+                if items[0].qos:  # PUBACKed, so the broker does not re-deliver it forever; nothing changed
+                    self.sink.puback(items[0].mid, items[0].qos, items[0].conn)
+                return
         if self.metrics:
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
             self.metrics.results_stored.inc(new_rows)

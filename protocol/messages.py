@@ -25,6 +25,9 @@ MAX_DEPTH = 16  # nesting deeper than this is refused before parsing
 Id = Annotated[str, Field(pattern=ID_PATTERN.pattern)]
 NonNeg = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+MAX_INT = 2**63 - 1  # SQLite's INTEGER: every count and sequence number is stored there
+Count = Annotated[int, Field(ge=0, le=MAX_INT)]
+Positive = Annotated[int, Field(ge=1, le=MAX_INT)]
 
 
 class Message(BaseModel):
@@ -44,19 +47,19 @@ class StreamInfo(BaseModel):
     id: Id
     model: Id
     rate_hz: NonNeg
-    payload_bytes: Annotated[int, Field(ge=0)]
-    reply_bytes: Annotated[int, Field(ge=0)] = 256
+    payload_bytes: Count
+    reply_bytes: Count = 256
     slo_ms: NonNeg | None = None
 
 
 class Capabilities(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    cpu_count: Annotated[int, Field(ge=1)]
+    cpu_count: Positive
     memory_mb: NonNeg
     arch: str
     runtime: str
     runtime_version: str
-    threads: Annotated[int, Field(ge=1)] = 1
+    threads: Positive = 1
     cpu_share: Annotated[float, Field(gt=0, le=1024)] = 1.0  # usable cores for inference
     models: list[Id] = []
     link: dict[str, NonNeg] = {}  # configured link hints: up_mbps, down_mbps, rtt_ms
@@ -79,7 +82,7 @@ class ModelTiming(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     p50_ms: NonNeg
     p95_ms: NonNeg
-    count: Annotated[int, Field(ge=0)]
+    count: Count
 
 
 class Link(BaseModel):
@@ -98,13 +101,13 @@ class Telemetry(Message):
     memory_total_mb: NonNeg = 0.0
     temperature_c: Finite | None = None
     models: dict[Id, ModelTiming] = {}
-    frames_in: Annotated[int, Field(ge=0)] = 0
-    frames_dropped: Annotated[int, Field(ge=0)] = 0
-    results: Annotated[int, Field(ge=0)] = 0
-    outbox_depth: Annotated[int, Field(ge=0)] = 0
-    outbox_dropped: Annotated[int, Field(ge=0)] = 0
-    outbox_expired: Annotated[int, Field(ge=0)] = 0
-    offload_failed: Annotated[int, Field(ge=0)] = 0
+    frames_in: Count = 0
+    frames_dropped: Count = 0
+    results: Count = 0
+    outbox_depth: Count = 0
+    outbox_dropped: Count = 0
+    outbox_expired: Count = 0
+    offload_failed: Count = 0
     link: Link = Link()
     streams: dict[Id, NonNeg] = {}  # measured rate per stream (Hz)
     downloads: dict[Id, Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]] = {}  # model -> share fetched
@@ -120,7 +123,7 @@ class ModelRef(BaseModel):
     name: Id
     version: Annotated[str, Field(min_length=1, max_length=64)]
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-    size: Annotated[int, Field(ge=0)]
+    size: Count
     url: Annotated[str, Field(min_length=1, max_length=2048)]
     manifest_url: str = ""
 
@@ -133,7 +136,7 @@ class Route(BaseModel):
 
 class Desired(Message):
     device: Id
-    generation: Annotated[int, Field(ge=0)]
+    generation: Count
     ts: NonNeg
     models: list[ModelRef] = []
     routes: dict[Id, list[Route]] = {}  # own stream id -> where it is served
@@ -151,7 +154,7 @@ class ModelState(BaseModel):
 
 class Reported(Message):
     device: Id
-    generation: Annotated[int, Field(ge=0)]
+    generation: Count
     ts: NonNeg
     models: dict[Id, ModelState] = {}
 
@@ -169,8 +172,8 @@ class ModelId(BaseModel):
 class Result(Message):
     device: Id
     stream: Id
-    seq: Annotated[int, Field(ge=1)]
-    floor: Annotated[int, Field(ge=1)] = 1  # every seq below is acked or counted dropped
+    seq: Positive
+    floor: Positive = 1  # every seq below is acked or counted dropped
     model: ModelId
     captured_at: NonNeg
     inferred_at: NonNeg
@@ -189,7 +192,7 @@ class Result(Message):
 
 class Ack(Message):
     device: Id
-    seq: Annotated[int, Field(ge=0)]  # highest contiguous committed
+    seq: Count  # highest contiguous committed
 
 
 class CoordinatorStatus(Message):
@@ -203,7 +206,7 @@ class Reply(Message):
 
     server: Id
     origin: Id
-    request: Annotated[int, Field(ge=0)]
+    request: Count
     model: Id
     version: str = ""  # the model version that ran it (results name it)
     sha256: str = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -10,8 +11,8 @@ from test_coordinator_standins import MODEL, StandIn, db_rows, wait_for
 from lepton.coordinator.acks import AckTracker
 from lepton.coordinator.bus import Bus
 from lepton.coordinator.config import load_config
-from lepton.coordinator.ingest import Ingest
-from lepton.protocol import Topics, encode
+from lepton.coordinator.ingest import Inbound, Ingest
+from lepton.protocol import Topics, decode, encode
 from lepton.protocol import messages as m
 
 CAM = {"id": "cam", "model": "digits", "rate_hz": 5, "payload_bytes": 192}
@@ -108,6 +109,64 @@ def test_payload_naming_another_device_is_refused(ingest, broker):
         assert db_rows(db, "SELECT device, seq FROM results") == [("dev-3", 1)]
     finally:
         dev.close()
+
+
+def test_sequence_number_beyond_sqlite_is_refused_and_ingest_goes_on(ingest, broker):
+    """seq 2**63 does not fit SQLite's INTEGER: refused as invalid (it once killed the ingest thread, and again
+    after every restart as the broker re-delivered it)."""
+    ing, topics, db = ingest
+    dev = StandIn(broker.port, topics, "dev-5", streams=[CAM]).connect()
+    try:
+        good = m.Result(device="dev-5", stream="cam", seq=1, model=MODEL, captured_at=1, inferred_at=1, infer_ms=1,
+                        computed_on="dev-5", output={})
+        huge = good.model_dump(mode="json") | {"seq": 2**63}
+        dev.client.publish(topics.result("dev-5", "cam"), json.dumps(huge), qos=1).wait_for_publish(5)
+        dev.result(1)
+        wait_for(lambda: dev.last_ack() == 1, 5, what="ack of the result after the oversized one")
+        assert ing._thread.is_alive()
+        assert db_rows(db, "SELECT device, seq FROM results") == [("dev-5", 1)]
+    finally:
+        dev.close()
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.pubacks: list[int] = []
+        self.published: list[tuple[str, bytes]] = []
+
+    def puback(self, mid, qos, conn) -> None:
+        self.pubacks.append(mid)
+
+    def publish(self, topic, payload, qos, retain=False) -> None:
+        self.published.append((topic, payload))
+
+
+class _Unstorable(Ingest):
+    """Ingest whose database refuses one result the schema accepted (what the seq bound once let through)."""
+
+    def _one(self, item, batch, now):
+        super()._one(item, batch, now)
+        if b'"seq":2,' in bytes(item.payload):
+            raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+
+def test_a_result_the_database_refuses_is_isolated_from_its_batch(tmp_path):
+    topics, sink, stop = Topics("t/v1"), _Sink(), threading.Event()
+    ing = _Unstorable(str(tmp_path / "c.db"), topics, sink)
+    try:
+        for mid, seq in enumerate((1, 2, 3), start=10):
+            r = m.Result(device="d", stream="cam", seq=seq, model=MODEL, captured_at=1, inferred_at=1, infer_ms=1,
+                         computed_on="d", output={})
+            ing.submit(Inbound(topics.result("d", "cam"), encode(r), 1, mid))
+        ing.start(stop)  # queued before the thread starts: the three commit as one batch
+        wait_for(lambda: len(sink.pubacks) == 3, 5, what="all three PUBACKed")
+        assert ing._thread.is_alive()
+        assert db_rows(tmp_path / "c.db", "SELECT seq FROM results ORDER BY seq") == [(1,), (3,)]
+        acks = [decode("acks", p).seq for t, p in sink.published]
+        assert acks and acks[-1] == 1, acks  # 2 never stored: the ack stops below it
+    finally:
+        stop.set()
+        ing.join()
 
 
 @pytest.mark.parametrize("version", ["3.1.1", "5"])
