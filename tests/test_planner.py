@@ -150,6 +150,22 @@ def test_an_slo_no_device_can_meet_leaves_the_stream_unserved():
     assert why == {"a": "static latency 30.0 ms exceeds the SLO 5 ms", "b": "static latency 12.2 ms exceeds the SLO 5 ms"}
 
 
+@pytest.mark.parametrize("pump_rate", [1 / 60, 0.0])
+def test_a_low_rate_stream_that_needs_a_model_load_is_still_served(pump_rate):
+    """A once-a-minute sensor among 30 Hz cameras weighs 0.0004 of an average stream: its weighted penalty alone
+    (4 ms) is less than one load (20 ms), yet leaving it out is never the cheaper plan."""
+    snap = {"devices": [dev("cam1", cpu=4), dev("cam2", cpu=4), dev("pump", cpu=1, mem=500, up=1, down=1)],
+            "models": [{"name": "det", "memory_mb": 20, "default_compute_ms": 10},
+                       {"name": "vib", "memory_mb": 2, "default_compute_ms": 1}],
+            "streams": [stream("door", "cam1", "det", rate=30, payload=50_000),
+                        stream("yard", "cam2", "det", rate=30, payload=50_000),
+                        stream("pump", "pump", "vib", rate=pump_rate, payload=400)],
+            "current": {}, "params": {"migration_penalty_ms": 20.0}}
+    for p in (plan(load_snapshot(snap)), greedy(load_snapshot(snap))):
+        assert p.unserved == {}, p.unserved
+        assert [(r.device, r.share) for r in p.routes["pump"]] == [("pump", 1.0)]
+
+
 def test_offline_device_serves_nothing_and_its_streams_are_not_planned():
     models = [{"name": "m", "memory_mb": 10, "compute_ms": {"cam": 200.0, "big": 5.0, "mid": 50.0}}]
     snap = snapshot([dev("cam"), dev("big", cpu=16, online=False), dev("mid", cpu=4)], models,
@@ -253,7 +269,7 @@ def brute_force(snap: dict) -> float:
     from scipy.optimize import linprog
 
     devs, models, streams = snap["devices"], snap["models"], snap["streams"]
-    prm = {"utilization_cap": 0.8, "unserved_penalty_ms": 10000.0, **snap["params"]}
+    prm = {"utilization_cap": 0.8, "unserved_penalty_ms": 10000.0, "migration_penalty_ms": 20.0, **snap["params"]}
     cap = prm["utilization_cap"]
     rates = np.array([s["rate_hz"] for s in streams])
     w = rates / rates.mean()
@@ -285,7 +301,7 @@ def brute_force(snap: dict) -> float:
                     down[j, v] += a
                     up[j, v] += b
                     down[o, v] += b
-            cost[S * D + i] = w[i] * prm["unserved_penalty_ms"]
+            cost[S * D + i] = w[i] * prm["unserved_penalty_ms"] + prm["migration_penalty_ms"]  # + one load
             ub[S * D + i] = 1.0
         rows = np.vstack([cpu, up, down])
         rhs = np.concatenate([[1000 * d["cpu"] * cap for d in devs], [cap * d["uplink_mbps"] for d in devs],
