@@ -41,11 +41,21 @@ class FleetView:
 
 
 def stream_keys(pairs: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
-    """Snapshot ids for (origin, stream): the bare stream id where it is unique in the fleet."""
+    """Snapshot ids for (origin, stream): the bare stream id where it is unique in the fleet, else
+    ``origin.stream``, made unique again where that equals another stream's own id."""
     counts: dict[str, int] = {}
     for _, sid in pairs:
         counts[sid] = counts.get(sid, 0) + 1
-    return {(o, s): s if counts[s] == 1 else _qualified(o, s) for o, s in pairs}
+    keys = {(o, s): s for o, s in pairs if counts[s] == 1}
+    used = set(keys.values())
+    for o, s in sorted(p for p in pairs if counts[p[1]] > 1):
+        key, salt = _qualified(o, s), 0
+        while key in used:  # e.g. device "cam" stream "door" beside device "gate" stream "cam.door"
+            salt += 1
+            key = f"{s[:55]}.{hashlib.sha1(f'{o}/{s}/{salt}'.encode()).hexdigest()[:8]}"
+        used.add(key)
+        keys[(o, s)] = key
+    return keys
 
 
 def _qualified(origin: str, stream: str) -> str:
@@ -65,8 +75,8 @@ def build(registry: FleetRegistry, params: dict, default_compute_ms: float = 50.
     links = registry.links()
     view = FleetView(snapshot={})
     snap_devices = [_device(d, links.get(d["id"]), d["id"] in online) for d in devices if d["capabilities"]]
-    snap_streams = _streams(registry, view, online, known)
     ids = [d["id"] for d in snap_devices]
+    snap_streams = _streams(registry, view, online, set(ids), known)
     view.excluded = [(f["model"], f["device"]) for f in registry.failures(since=now - exclude_failed_s)
                      if f["device"] in ids]
     used = sorted({s["model"] for s in snap_streams})
@@ -84,11 +94,16 @@ def build(registry: FleetRegistry, params: dict, default_compute_ms: float = 50.
     return view
 
 
-def _streams(registry: FleetRegistry, view: FleetView, online: set[str], known: dict) -> list[dict]:
-    """Streams of online devices whose model the registry has; fills ``view.streams`` and ``view.skipped``."""
+def _streams(registry: FleetRegistry, view: FleetView, online: set[str], planned: set[str],
+             known: dict) -> list[dict]:
+    """Streams of online devices in the snapshot whose model the registry has; fills ``view.streams``
+    and ``view.skipped``."""
     streams = []
     for row in registry.streams():
         if row["device"] not in online:
+            continue
+        if row["device"] not in planned:  # a birth without capabilities: the device is not in the snapshot
+            view.skipped.append(f"{row['device']}/{row['stream']}: the device announced no capabilities")
             continue
         if row["model"] not in known:
             view.skipped.append(f"{row['device']}/{row['stream']}: model {row['model']} is not in the registry")

@@ -49,7 +49,7 @@ class StreamInfo(BaseModel):
     rate_hz: NonNeg
     payload_bytes: Count
     reply_bytes: Count = 256
-    slo_ms: NonNeg | None = None
+    slo_ms: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None  # as the planner's snapshot
 
 
 class Capabilities(BaseModel):

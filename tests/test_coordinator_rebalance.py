@@ -191,3 +191,42 @@ def test_load_spike_in_measured_stream_rate_replans(fleet):
     assert json.loads(row["snapshot"])["streams"][0]["rate_hz"] == 30.0
     # one core at 80% holds 10 inputs/s of 80 ms: two thirds of 30/s cannot be served
     assert json.loads(row["plan"])["unserved"]["cam"] > 0.6
+
+
+def test_a_birth_without_capabilities_does_not_stop_planning_for_the_fleet(fleet):
+    """The protocol lets a birth omit capabilities; that device is left out of the snapshot, and so are its
+    streams (with the reason), instead of a snapshot that names an unknown origin and fails every plan."""
+    reg, reb, rec, _ = fleet
+    door = {"id": "door", "model": "digits", "rate_hz": 1, "payload_bytes": 256}
+    msg = m.Status(device="bare", state="online", ts=time.time(), streams=[m.StreamInfo(**door)])
+    with reg.db.atomic():
+        reg.apply_status(msg, time.time())
+    from lepton.coordinator import fleetview
+
+    view = fleetview.build(reg, reb.params)
+    assert "bare/door: the device announced no capabilities" in view.skipped
+    assert reb.plan_once("test") is not None
+    assert set(rec.take()) == {"weak", "strong"}
+    assert not list(reg.db.query("SELECT * FROM events WHERE kind = 'plan-failed'"))
+
+
+def test_stream_ids_stay_distinct_when_a_qualified_id_is_another_stream_s_own():
+    from lepton.coordinator.fleetview import stream_keys
+
+    pairs = [("cam", "door"), ("cam2", "door"), ("gate", "cam.door"), ("cam2", "yard")]
+    keys = stream_keys(pairs)
+    assert len(set(keys.values())) == 4, keys
+    assert keys[("gate", "cam.door")] == "cam.door" and keys[("cam2", "door")] == "cam2.door"
+    assert keys[("cam2", "yard")] == "yard"
+    assert keys[("cam", "door")].startswith("door.")  # "cam.door" was taken
+
+
+def test_a_zero_slo_is_refused_by_the_protocol_as_by_the_snapshot():
+    from lepton.errors import ProtocolError
+    from lepton.protocol import encode
+
+    bad = m.StreamInfo.model_construct(id="cam", model="digits", rate_hz=1.0, payload_bytes=1, reply_bytes=256, slo_ms=0)
+    body = encode(m.Status.model_construct(v=1, device="d", state="online", ts=1.0, reason="", agent_version="",
+                                           capabilities=None, streams=[bad]))
+    with pytest.raises(ProtocolError, match="slo_ms"):
+        decode("status", body)
