@@ -365,9 +365,19 @@ class Agent:
                 return True
         return False
 
+    def stream_rates(self) -> dict[str, float]:
+        """Each running stream's demand (Hz): the rate its source delivers frames, served or not. (Results per
+        second would read 0 for a stream nobody serves, and the planner would never place it again.)"""
+        rates = {}
+        for sid, pipeline in list(self.pipelines.items()):
+            rate = getattr(pipeline.source, "rate", None)
+            if rate is not None and (hz := rate()) > 0:
+                rates[sid] = hz
+        return rates
+
     def stream_info(self, stream) -> m.StreamInfo:
         pipeline = self.pipelines.get(stream.id)
-        rate = pipeline.results.rate() if pipeline else 0.0
+        rate = self.stream_rates().get(stream.id, 0.0) if pipeline else 0.0
         if not rate:
             typed = source_config(self.cfg, stream.source)
             rate = float(typed.get("fps") or 0.0) or 10.0

@@ -67,7 +67,7 @@ def _per_model_and_stream(t: Any) -> Iterator[Any]:
         for model, timing in t.models.items():
             g.add_metric([t.device, model], getattr(timing, attr) / 1000)
         yield g
-    g = GaugeMetricFamily("lepton_agent_stream_rate_hz", "results per second per stream", labels=["device", "stream"])
+    g = GaugeMetricFamily("lepton_agent_stream_rate_hz", "frames per second each stream is asked to serve (its source's rate)", labels=["device", "stream"])
     for stream, rate in t.streams.items():
         g.add_metric([t.device, stream], rate)
     yield g

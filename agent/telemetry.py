@@ -89,7 +89,7 @@ class Collector:
             results=sum(p.results.total for p in agent.pipelines.values()),
             outbox_depth=box["depth"], outbox_dropped=box["dropped"], outbox_expired=box["expired"],
             offload_failed=sum(p.offload_failed for p in agent.pipelines.values()),
-            link=self.link(), streams={sid: p.results.rate() for sid, p in agent.pipelines.items()},
+            link=self.link(), streams=agent.stream_rates(),
             downloads=self.downloads(),
         )
         self.extra = {

@@ -97,6 +97,7 @@ def test_digits_stream_publishes_correct_labels_then_stops_cleanly(broker, consu
     assert seqs == sorted(seqs) and seqs[0] == 1
     telemetry = consumer.telemetry[-1]
     assert telemetry.models["digits-int8"].p50_ms > 0 and telemetry.frames_in > 0 and telemetry.link.rtt_ms is not None
+    assert telemetry.streams["digits-cam"] == pytest.approx(20.0, rel=0.25)  # the source's 20 fps: the demand
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     assert 'lepton_agent_results_total{device="dev1"}' in metrics
     assert 'lepton_agent_invoke_p95_seconds{device="dev1",model="digits-int8"}' in metrics

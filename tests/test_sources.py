@@ -222,6 +222,16 @@ def test_slow_consumer_gets_latest_frames_and_drops_are_counted(started):
     assert stats["frames_dropped"] > 30
 
 
+def test_rate_is_frames_delivered_taken_or_dropped(started):
+    """rate() is the stream's demand the coordinator plans for: every frame delivered counts, even when
+    no consumer takes any (a stream nobody serves still asks for its rate)."""
+    source = started({"id": "rated", "type": "synthetic", "pattern": "noise", "fps": 40, "width": 16, "height": 16})
+    assert source.rate() == 0.0  # one look: no span yet
+    time.sleep(1.5)
+    assert source.rate() == pytest.approx(40, rel=0.2)
+    assert source.stats()["frames_dropped"] > 30  # nothing was taken, all of it counted
+
+
 def test_close_and_stop_end_the_thread(stop, tmp_path):
     a = build_source({"id": "a", "type": "synthetic", "pattern": "noise", "fps": 50})
     b = build_source({"id": "b", "type": "synthetic", "pattern": "noise", "fps": 50})

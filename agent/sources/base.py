@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, runtime_checkable
 
@@ -28,6 +29,8 @@ _STOP_POLL_S = 0.1
 _SHORT_SLEEP_S = 0.005
 # A connection that lasted this long resets the reconnect backoff.
 _STABLE_S = 10.0
+# rate(): frames per second over about this long (the stream's demand the coordinator plans for)
+RATE_WINDOW_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,7 @@ class BaseSource:
         self._seq = 0
         self._taken = 0  # highest seq handed to any consumer
         self._frames_in = 0
+        self._rate_marks: deque[tuple[float, int]] = deque()  # (monotonic time, frames_in) at each rate()
         self._dropped = 0
         self._connected = False
         self.reconnects = 0  # times a lost device came back
@@ -324,6 +328,18 @@ class BaseSource:
             out = {"frames_in": self._frames_in, "frames_dropped": self._dropped, "connected": self._connected}
         out.update(self.extra_stats())
         return out
+
+    def rate(self) -> float:
+        """Frames per second delivered, over about the last RATE_WINDOW_S (from the first call on; 0 until a
+        second call). All frames count, taken or dropped: this is what the streams it feeds are asked to serve."""
+        now = time.monotonic()
+        with self._cond:
+            marks = self._rate_marks
+            marks.append((now, self._frames_in))
+            while len(marks) > 2 and now - marks[1][0] >= RATE_WINDOW_S:
+                marks.popleft()
+            (t0, n0), (t1, n1) = marks[0], marks[-1]
+        return (n1 - n0) / (t1 - t0) if t1 - t0 > 0.5 else 0.0
 
     def extra_stats(self) -> dict:
         """Per-type counters (subclasses)."""
