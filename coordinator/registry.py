@@ -22,6 +22,9 @@ from sqlite_utils import Database
 from lepton.protocol import messages as m
 
 WINDOW = 8  # compute samples kept per (device, model): the median of the last 8 reports
+# A failure reported again this long after the last report of it is a new attempt that failed (the model was
+# placed there again): a new event and a replan. Sooner, it is the same failure in a later report.
+REFAILED_AFTER_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,9 @@ class FleetRegistry:
                 self.db.execute("DELETE FROM failures WHERE device = ? AND model = ?", [msg.device, model])
                 if state.invoke_ms is not None:
                     self._add_compute(msg.device, model, state.invoke_ms, now)
-        failed = [r["model"] for r in self.db.query("SELECT model FROM failures WHERE device = ?", [msg.device])]
+        # Degraded: what this report says failed. (The failures rows outlive it: they keep the model away from
+        # the device for exclude_failed_s after the plan moved it elsewhere and the report stopped naming it.)
+        failed = [name for name, state in msg.models.items() if state.state == "failed"]
         reason = ", ".join(sorted(failed))
         dev = self.device(msg.device)
         if bool(dev["degraded"]) != bool(failed) or (failed and dev["degraded_reason"] != reason):
@@ -198,13 +203,17 @@ class FleetRegistry:
         return changes
 
     def _model_failed(self, device: str, model: str, state: m.ModelState, now: float) -> list[Change]:
-        old = list(self.db.query("SELECT reason, version FROM failures WHERE device = ? AND model = ?", [device, model]))
-        if old and old[0]["reason"] == state.reason and old[0]["version"] == state.version:
-            return []
+        """Record a failed model; every report of it restarts its exclusion window, so a model placed again once
+        the window passed, that fails again, is kept away again."""
+        old = list(self.db.query("SELECT reason, version, at FROM failures WHERE device = ? AND model = ?",
+                                 [device, model]))
         self.db["failures"].upsert(
             {"device": device, "model": model, "version": state.version, "reason": state.reason, "at": now},
             pk=("device", "model"),
         )
+        if old and (old[0]["reason"], old[0]["version"]) == (state.reason, state.version) \
+                and now - old[0]["at"] < REFAILED_AFTER_S:
+            return []  # the same failure in a later report (another model's state changed)
         self.event("model-failed", device, f"{model} {state.version}: {state.reason}", now=now)
         return [Change("failed", device, model)]
 

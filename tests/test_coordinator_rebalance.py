@@ -111,6 +111,36 @@ def test_failed_load_degrades_and_is_excluded_next_time(fleet):
     assert detail == ["digits 1.0.0: sha256 mismatch"]
 
 
+def test_degraded_clears_when_the_report_names_no_failure_and_a_repeat_failure_is_excluded_again(fleet):
+    reg, reb, rec, _ = fleet
+    fail = {"digits": m.ModelState(state="failed", version="1.0.0", reason="sha256 mismatch")}
+
+    def report(generation, models):
+        with reg.db.atomic():
+            return reg.apply_reported(m.Reported(device="strong", generation=generation, ts=time.time(), models=models),
+                                      time.time())
+
+    def routes():
+        reb.plan_once("test")
+        row = list(reg.db.query("SELECT plan FROM plans ORDER BY id DESC LIMIT 1"))[0]
+        return [(r["device"], r["share"]) for r in json.loads(row["plan"])["routes"]["cam"]]
+
+    assert routes() == [("strong", 1.0)]
+    report(1, fail)
+    assert routes() == [("weak", 1.0)]
+    report(2, {})  # the plan took digits away: the report no longer names it
+    assert reg.device("strong")["degraded"] == 0
+    assert routes() == [("weak", 1.0)], "still excluded within exclude_failed_s"
+    with reg.db.atomic():  # the exclusion window (600 s) has passed
+        reg.db.execute("UPDATE failures SET at = at - 700")
+    assert routes() == [("strong", 1.0)]
+    assert [c.kind for c in report(3, fail)] == ["failed"], "the same failure on a new attempt is news"
+    assert reg.device("strong")["degraded"] == 1
+    assert routes() == [("weak", 1.0)], "excluded again"
+    events = [r["kind"] for r in reg.db.query("SELECT kind FROM events WHERE device = 'strong' ORDER BY rowid")]
+    assert events.count("model-failed") == 2 and "recovered" in events
+
+
 def test_offline_device_is_planned_around_and_not_told(fleet):
     reg, reb, rec, _ = fleet
     reb.plan_once("test")
