@@ -123,6 +123,7 @@ class Coordinator:
     def _connect(self) -> None:
         self.bus = Bus(self.cfg.broker, self.topics, self.ingest.submit, http_url=self.base_url)
         self.bus.on_connected = self.rebalancer.republish
+        self.rebalancer.bus_connected = self.bus.connected.is_set
         self.bus.start()
 
     def _start_metrics(self) -> None:

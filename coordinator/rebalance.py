@@ -18,6 +18,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from lepton.coordinator import fleetview, placement
 from lepton.coordinator.db import open_db, write_tx
@@ -56,6 +57,9 @@ class Rebalancer:
         self._swept = 0.0
         self._thread: threading.Thread | None = None
         self.plans = 0
+        # Is the coordinator's own broker session up? While it is not, no device can be heard, so none is
+        # called stale (the app wires it to the bus; alone, e.g. in tests, it is always up).
+        self.bus_connected: Callable[[], bool] = lambda: True
 
     # --- from other threads -------------------------------------------------
     def notify(self, changes: list[Change]) -> None:
@@ -75,9 +79,11 @@ class Rebalancer:
         self._wake.set()
 
     def republish(self) -> None:
-        """Send every stored desired placement again (after a reconnect: a crash may have lost one)."""
+        """After each (re)connect: send every stored desired placement again (a crash may have lost one), and
+        give devices one liveness period to be heard before any is called stale (the outage silenced them all)."""
         with self._lock:
             self._republish = True
+            self.started = time.time()
         self._wake.set()
 
     # --- the thread -------------------------------------------------------------
@@ -126,8 +132,9 @@ class Rebalancer:
         sweep = now - self._swept >= 1.0  # telemetry wakes this thread often: sweep and check drift once a second
         if sweep:
             self._swept = now
-        # Give devices one period to report after a restart before calling any of them stale.
-        if sweep and now - self.started >= self.stale_after_s and self.registry.silent(now, self.stale_after_s):
+        # Give devices one period to report after a (re)start or reconnect before calling any of them stale.
+        if (sweep and self.bus_connected() and now - self.started >= self.stale_after_s
+                and self.registry.silent(now, self.stale_after_s)):
             with write_tx(self.db):
                 stale = self.registry.mark_stale(now, self.stale_after_s)
             if stale:

@@ -168,6 +168,28 @@ def test_stale_telemetry_makes_a_device_offline_for_planning(fleet):
     assert [c.kind for c in telemetry(reg, "strong", 2.0)] == ["measured", "online"]
 
 
+def test_no_device_is_called_stale_while_the_coordinator_itself_is_cut_off(fleet):
+    """A broker outage silences every device at once: the sweep waits while the coordinator's own session is
+    down, and gives devices one liveness period after it reconnects, instead of marking the fleet stale."""
+    reg, reb, rec, _ = fleet
+
+    def sweep() -> list[str]:
+        reb._swept = 0.0
+        reb._due(False)
+        return sorted(d["id"] for d in reg.devices() if d["liveness"] == "stale")
+
+    reb.started = time.time() - 100  # long past start-up
+    with reg.db.atomic():
+        reg.db.execute("UPDATE devices SET status_at = status_at - 60, telemetry_at = telemetry_at - 60")
+    reb.bus_connected = lambda: False
+    assert sweep() == []
+    reb.bus_connected = lambda: True
+    reb.republish()  # what the bus calls on reconnect
+    assert sweep() == [], "one period of grace after the reconnect"
+    reb.started -= 16  # stale_after_s (15 s) passed since the reconnect and still nothing heard
+    assert sweep() == ["strong", "weak"]
+
+
 def test_drift_in_measured_compute_triggers_a_replan(fleet):
     reg, reb, rec, _ = fleet
     reb.plan_once("test")
