@@ -42,6 +42,7 @@ from lepton.agent.session import Outgoing, Session
 log = logging.getLogger(__name__)
 
 TICK_S = 0.5  # how often timers (expiry, re-send) are looked at when idle
+FAILURE_LOG_S = 30.0  # a step that keeps failing the same way is logged this often
 
 
 class Delivery:
@@ -63,6 +64,11 @@ class Delivery:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._next_tick = 0.0
+        self._uncommitted: deque[Pending] = deque()  # handed over, not yet committed (a commit failed: retried)
+        self._ack_due = 0  # highest ack not yet applied to the outbox
+        self._stop_request: tuple | None = None
+        self.lost_uncommitted = 0  # dropped before they could be committed (the outbox refused writes that long)
+        self._failure, self._failure_logged = "", 0.0
 
     # --- from other threads -----------------------------------------------------
     def submit(self, item: Pending) -> None:
@@ -91,7 +97,6 @@ class Delivery:
 
     # --- the thread -------------------------------------------------------------
     def _run(self) -> None:
-        stop: tuple | None = None
         while True:
             try:
                 items = [self.queue.get(timeout=TICK_S)]
@@ -103,15 +108,21 @@ class Delivery:
                 except queue.Empty:
                     break
             try:
-                stop = self._handle(items) or stop
+                self._handle(items)
                 self._timers()
                 self._send()
-            except Exception:  # the outbox thread must outlive any one bad moment
-                log.exception("delivery step failed; retrying")
-                time.sleep(TICK_S)
+            except Exception as exc:  # the outbox thread must outlive any one bad moment (e.g. a full disk)
+                self._failed(exc)
+                self._bound_uncommitted()
+                if self._stop_request is None:
+                    time.sleep(TICK_S)
+            stop = self._stop_request
             if stop is not None:
                 self._drain_pubacks()
                 if not self._inflight or time.monotonic() >= stop[2] or not self.session.connected.is_set():
+                    if self._uncommitted:
+                        log.error("stopping with %d result(s) the outbox would not take: they are lost",
+                                  len(self._uncommitted))
                     stop[1].set()
                     return
                 self.session.wake_on_puback = True
@@ -126,28 +137,52 @@ class Delivery:
                 any_ = True
         return any_
 
-    def _handle(self, items: list[tuple]) -> tuple | None:
+    def _handle(self, items: list[tuple]) -> None:
+        """Take in *items*, then commit and apply acks. Nothing taken in is lost when a write fails: results
+        and the latest ack wait here for the next round (control items are applied first, in any case)."""
         self._drain_pubacks()
-        results: list[Pending] = []
-        ack = 0
-        stop = None
         for item in items:
             kind = item[0]
             if kind == "result":
-                results.append(item[1])
+                self._uncommitted.append(item[1])
             elif kind == "ack":
-                ack = max(ack, item[1])
+                self._ack_due = max(self._ack_due, item[1])
             elif kind == "connected":
                 self._new_connection(item[1])
             elif kind == "coordinator":
                 self._coordinator(item[1], item[2])
             elif kind == "stop":
-                stop = item
-        for start in range(0, len(results), self.cfg.batch_max):
-            self._commit(results[start:start + self.cfg.batch_max])
-        if ack:
-            self._ack(ack)
-        return stop
+                self._stop_request = item
+        while self._uncommitted:
+            batch = [self._uncommitted[i] for i in range(min(self.cfg.batch_max, len(self._uncommitted)))]
+            self._commit(batch)  # raises if the outbox refuses: the batch stays for the next round
+            for _ in batch:
+                self._uncommitted.popleft()
+        if self._ack_due:
+            self._ack(self._ack_due)
+            self._ack_due = 0
+
+    def _failed(self, exc: Exception) -> None:
+        """Log a failed step: in full the first time, then one line every FAILURE_LOG_S while it repeats."""
+        now, what = time.monotonic(), f"{type(exc).__name__}: {exc}"
+        if what != self._failure:
+            log.exception("delivery step failed (%d result(s) wait to be committed); retrying", len(self._uncommitted))
+        elif now - self._failure_logged >= FAILURE_LOG_S:
+            log.error("delivery still failing (%d result(s) wait to be committed): %s", len(self._uncommitted), what)
+        else:
+            return
+        self._failure, self._failure_logged = what, now
+
+    def _bound_uncommitted(self) -> None:
+        """While the outbox refuses writes, results wait in memory, at most ``max_rows`` of them: past that the
+        oldest are dropped (before they were numbered, so no seq is missing), counted and logged."""
+        over = len(self._uncommitted) - self.cfg.max_rows
+        if over > 0:
+            for _ in range(over):
+                self._uncommitted.popleft()
+            self.lost_uncommitted += over
+            log.error("the outbox refuses writes: dropped the %d oldest uncommitted result(s) (%d in all)",
+                      over, self.lost_uncommitted)
 
     def _commit(self, batch: list[Pending]) -> None:
         rows = self.outbox.enqueue(batch)
@@ -239,12 +274,12 @@ class Delivery:
         if row.expired(now):
             self._cursor = row.seq  # expire() deletes and counts it; it is never sent
             return True
-        sent = self.session.publish(Outgoing(row.topic, payload, 1))
+        # Only on the connection whose "connected" event was handled here (its re-send starts at the floor);
+        # on a newer one, nothing goes out until that event resets the cursor: results stay in seq order.
+        sent = self.session.publish(Outgoing(row.topic, payload, 1), generation=self._generation)
         if sent is None:
             return False
-        generation, mid = sent
-        if generation != self._generation:
-            return False  # a connection newer than we know of: its "connected" event resets the cursor
+        mid = sent[1]
         self._inflight[mid] = row.seq
         if row.seq <= self._high:
             self.resent += 1

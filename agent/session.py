@@ -205,12 +205,15 @@ class Session:
             self._thread.join(timeout + 2)
 
     # --- publishing ---------------------------------------------------------------
-    def publish(self, msg: Outgoing) -> tuple[int, int] | None:
-        """Queue *msg* on the live connection: (generation, mid), or None when not connected."""
-        with self._lock:
-            client, generation = self._client, self.generation
-        if client is None or not self.connected.is_set():
+    def publish(self, msg: Outgoing, generation: int | None = None) -> tuple[int, int] | None:
+        """Queue *msg* on the live connection: (generation, mid), or None when not connected, or (with
+        *generation*) when the live connection is not that one: an ordered sender (delivery) sends nothing on
+        a new connection before it has handled its ``connected`` event."""
+        with self._lock:  # client, generation and connected change together in _on_connect
+            client, live, up = self._client, self.generation, self.connected.is_set()
+        if client is None or not up or (generation is not None and generation != live):
             return None
+        generation = live
         t0 = time.monotonic()
         info = client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
@@ -302,6 +305,7 @@ class Session:
             with self._lock:
                 self.generation += 1
                 generation = self.generation
+                self.connected.set()
             self.connects += 1
             self._up_since = time.monotonic()
             if self.last_error:
@@ -309,7 +313,6 @@ class Session:
             else:
                 log.info("connected to broker %s:%s", self.cfg.host, self.cfg.port)
             self.last_error = ""
-            self.connected.set()
             self.events.put(("connected", generation))
         except Exception:
             log.exception("on_connect failed")

@@ -87,7 +87,7 @@ class Collector:
             memory_used_mb=(memory.total - memory.available) / 2**20, memory_total_mb=memory.total / 2**20,
             temperature_c=read_temperature(), models=models, frames_in=frames_in, frames_dropped=frames_dropped,
             results=sum(p.results.total for p in agent.pipelines.values()),
-            outbox_depth=box["depth"], outbox_dropped=box["dropped"], outbox_expired=box["expired"],
+            outbox_depth=box["depth"], outbox_dropped=box["dropped"] + agent.delivery.lost_uncommitted, outbox_expired=box["expired"],
             offload_failed=sum(p.offload_failed for p in agent.pipelines.values()),
             link=self.link(), streams=agent.stream_rates(),
             downloads=self.downloads(),

@@ -135,6 +135,85 @@ def test_unacked_results_are_resent_after_resend_after_s_until_acked(setup, mqtt
     assert len(wire.seqs()) == sent and delivery.resent >= 3
 
 
+def test_after_each_reconnect_results_go_out_in_seq_order(setup, broker):
+    """A new connection carries nothing before the re-send from the floor: results produced while delivery
+    has not yet seen the reconnect wait for it (they once went out first, ahead of older unacknowledged ones)."""
+    make, wire, topics = setup
+    delivery, outbox = make(coordinator="online")
+    wait_for(lambda: delivery.coordinator == "online", 5, "the coordinator's status")
+    stop = threading.Event()
+
+    def produce() -> None:
+        while not stop.is_set():
+            delivery.submit(result(topics))
+            time.sleep(0.001)
+
+    done = threading.Event()
+
+    def acknowledge() -> None:  # as the coordinator does: the highest contiguous seq, so the outbox stays short
+        while not done.is_set():
+            seen, top = set(wire.seqs()), 0
+            while top + 1 in seen:
+                top += 1
+            if top:
+                wire.client.publish(topics.acks("dev1"), encode(m.Ack(device="dev1", seq=top)), qos=1)
+            time.sleep(0.05)
+
+    producer = threading.Thread(target=produce, daemon=True)
+    acks = threading.Thread(target=acknowledge, daemon=True)
+    producer.start()
+    acks.start()
+    session = delivery.session
+    try:
+        for _ in range(25):  # take the session over (same client id): the broker drops ours, the agent reconnects
+            generation = session.generation
+            intruder = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev1")
+            intruder.connect("127.0.0.1", broker.port)
+            intruder.disconnect()
+            wait_for(lambda: session.generation > generation, 5, "the reconnect")
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        producer.join()
+    try:
+        wait_for(lambda: outbox.depth == 0, 20, "every result on the wire and acknowledged")
+    finally:
+        done.set()
+        acks.join()
+    first, seen = [], set()
+    for seq in wire.seqs():
+        if seq not in seen:
+            seen.add(seq)
+            first.append(seq)
+    assert first == sorted(first), [(a, b) for a, b in zip(first, first[1:]) if b < a][:5]
+
+
+def test_results_wait_in_memory_while_the_outbox_refuses_writes_and_none_is_lost(setup, tmp_path):
+    """A commit that fails (here: another process holds the outbox's write lock past busy_timeout, as a full
+    disk would fail it) keeps its results and the acks that came with them, and commits them when it can."""
+    import sqlite3
+
+    make, wire, topics = setup
+    delivery, outbox = make()
+    for _ in range(5):
+        delivery.submit(result(topics))
+    wait_for(lambda: wire.seqs() == [1, 2, 3, 4, 5], 5, "the first five")
+    holder = sqlite3.connect(tmp_path / "o.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        for _ in range(5):
+            delivery.submit(result(topics))
+        delivery.ack(3)
+        time.sleep(6.0)  # past the outbox's busy_timeout (5 s): at least one commit failed
+        assert wire.seqs() == [1, 2, 3, 4, 5] and outbox.next_seq == 6
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    wait_for(lambda: wire.seqs()[5:] == [6, 7, 8, 9, 10], 10, "the five held in memory, in order")
+    wait_for(lambda: outbox.floor == 4, 5, "the ack that arrived meanwhile")
+    assert delivery.lost_uncommitted == 0
+
+
 def test_a_result_past_its_deadline_is_never_sent(setup):
     make, wire, topics = setup
     delivery, outbox = make()
