@@ -16,6 +16,9 @@ from lepton.coordinator.http import model_url
 from lepton.protocol import messages as m
 
 MIN_SHARE = 1e-4  # shares below this are solver noise, not routing decisions
+# A placement whose shares all moved less than this is not published again: a stream split by CPU moves its
+# shares with every rate measurement, and a new generation each time would only make devices re-apply it.
+SHARE_TOLERANCE = 0.02
 
 
 def contents(plan, view: FleetView, known: dict[str, dict], base_url: str) -> dict[str, dict]:
@@ -49,7 +52,18 @@ def same(stored_json: str | None, content: dict) -> bool:
         return False
     old = json.loads(stored_json)
     new = json.loads(m.Desired(device="x", generation=0, ts=0, **content).model_dump_json())
-    return all(old.get(k) == new[k] for k in ("models", "routes", "serve"))
+    if old.get("models") != new["models"] or old.get("serve") != new["serve"]:
+        return False
+    before, after = old.get("routes") or {}, new["routes"]
+    if set(before) != set(after):
+        return False
+    for sid, routes in after.items():
+        was = before[sid]
+        if [r["device"] for r in was] != [r["device"] for r in routes]:
+            return False
+        if any(abs(a["share"] - b["share"]) >= SHARE_TOLERANCE for a, b in zip(was, routes)):
+            return False
+    return True
 
 
 def describe(old_json: str | None, msg: m.Desired) -> str:

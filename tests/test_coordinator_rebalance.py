@@ -141,6 +141,28 @@ def test_degraded_clears_when_the_report_names_no_failure_and_a_repeat_failure_i
     assert events.count("model-failed") == 2 and "recovered" in events
 
 
+def test_a_share_that_moves_by_measurement_noise_is_not_published_again(fleet):
+    """One core at 80% holds 10 inputs/s of 80 ms: a stream measured at 10.1-10.2 Hz is split (~99% served),
+    and its share moves a little with each measurement. Only a real move makes a new generation."""
+    reg, reb, rec, _ = fleet
+    with reg.db.atomic():
+        reg.apply_status(m.Status(device="strong", state="offline", ts=time.time()), time.time())
+
+    def timer_plan(rate_hz: float) -> dict:
+        with reg.db.atomic():
+            reg.apply_telemetry(m.Telemetry(device="weak", ts=time.time(), streams={"cam": rate_hz}), time.time())
+        reb.plan_once("timer")
+        return rec.take()
+
+    first = timer_plan(10.1)
+    assert [r.share for r in first["weak"].routes["cam"]] == [pytest.approx(10 / 10.1, abs=1e-3)]
+    for rate in (10.15, 10.05, 10.2):
+        assert timer_plan(rate) == {}, f"re-published at {rate} Hz"
+    moved = timer_plan(15.0)
+    assert [r.share for r in moved["weak"].routes["cam"]] == [pytest.approx(10 / 15, abs=1e-3)]
+    assert moved["weak"].generation == first["weak"].generation + 1
+
+
 def test_offline_device_is_planned_around_and_not_told(fleet):
     reg, reb, rec, _ = fleet
     reb.plan_once("test")
