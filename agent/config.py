@@ -40,7 +40,9 @@ def default_device_id() -> str:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Every float is finite: inf passes a "> 0" bound, then fails where the value is used (the birth
+    # message the protocol refuses, a deadline every frame misses).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class BrokerConfig(_Section):

@@ -73,3 +73,60 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path, text, named):
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "absent.toml")
+
+
+def _float_fields(model, where=""):
+    """(dotted path, section model, field name) of every float field of the config, nested sections included."""
+    from pydantic import BaseModel
+
+    section = AgentConfig.__mro__[1]
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, section):
+            yield from _float_fields(annotation, f"{where}{name}.")
+        elif annotation in (float, float | None):
+            yield f"{where}{name}", name
+        elif getattr(annotation, "__args__", None) and isinstance(annotation.__args__[0], type) \
+                and issubclass(annotation.__args__[0], BaseModel):  # list[StreamConfig]
+            yield from _float_fields(annotation.__args__[0], f"{where}{name}.0.")
+
+
+FLOAT_FIELDS = sorted(path for path, _ in _float_fields(AgentConfig))
+
+
+def test_the_float_fields_are_found():
+    # The walk must see the fields the protocol refuses non-finite values in, and the stream fields.
+    assert {"link.up_mbps", "link.down_mbps", "link.rtt_ms", "streams.0.deadline_s", "streams.0.slo_ms",
+            "offload.expected_ms", "runtime.stall_s"} <= set(FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+@pytest.mark.parametrize("path", FLOAT_FIELDS)
+def test_no_float_field_takes_inf_or_nan(tmp_path, path, value):
+    """inf passed every "> 0" bound: --check-config said ok, then the birth message (the protocol refuses inf)
+    failed on every connect and the agent never went online; deadline_s = inf failed every frame."""
+    import tomli_w
+    import tomllib
+
+    data = tomllib.loads(GOOD)
+    *parents, key = [int(p) if p.isdigit() else p for p in path.split(".")]
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {}) if isinstance(part, str) else node[part]
+    node[key] = float(value)
+    text = tomli_w.dumps(data)
+    assert f"{key} = {value}" in text  # the file says it as an operator would write it
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    message = str(err.value)
+    assert f"{path}: Input should be a finite number" in message and value in message, message
+    assert err.value.exit_code == 2
+
+
+def test_check_config_refuses_inf_with_exit_2(tmp_path, capsys):
+    from lepton.cli import main
+
+    path = write(tmp_path, GOOD.replace("[broker]", "[link]\nup_mbps = inf\n[broker]"))
+    assert main(["agent", "--check-config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "link.up_mbps" in err and "finite" in err, err
