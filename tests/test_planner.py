@@ -469,6 +469,16 @@ def test_cli_prints_the_plan_as_json_and_for_humans(tmp_path, capsys):
     assert info["devices"][0]["verdict"] == "serves 100%"
 
 
+def test_cli_explain_json_of_a_device_planned_to_100_percent_is_valid_json(tmp_path, capsys):
+    """At utilization_cap 1 a full device queues without bound: the figure is null, not a crash mid-document."""
+    path = tmp_path / "full.json"
+    path.write_text(json.dumps(snapshot([dev("a", mem=100)], [{"name": "m", "memory_mb": 4, "compute_ms": {"a": 100}}],
+                                        [stream("s", "a", "m", rate=20, payload=100)], utilization_cap=1.0)))
+    assert run_cli(["plan", "--snapshot", str(path), "--explain", "s", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["routes"][0]["utilization"] == 1.0 and info["routes"][0]["queueing_ms"] is None
+
+
 def test_cli_bad_snapshot_or_stream_is_one_clear_error(tmp_path):
     path = tmp_path / "fleet.json"
     path.write_text(json.dumps(crossover_fleet(10.0)))

@@ -61,8 +61,10 @@ def run(args) -> int:
 
 
 def _dump(obj) -> None:
-    try:
-        json.dump(obj, sys.stdout, indent=2, sort_keys=False, allow_nan=False)
+    from lepton.coordinator.planner.result import _finite
+
+    try:  # an infinite figure (a device planned to exactly 100%: unbounded queueing) is null, as in Plan.to_json
+        json.dump(_finite(obj), sys.stdout, indent=2, sort_keys=False, allow_nan=False)
         sys.stdout.write("\n")
         sys.stdout.flush()
     except BrokenPipeError:  # `lepton plan --json | head`: the reader had enough
