@@ -178,6 +178,7 @@ class Rebalancer:
         view = fleetview.build(self.registry, self.params, self.cfg.default_compute_ms, self.cfg.exclude_failed_s, now)
         if not any(d["online"] for d in view.snapshot["devices"]):
             self._last = view.snapshot
+            self._observe_devices()  # nothing to plan, but the fleet's liveness changed
             return None
         try:
             result = solve(load_snapshot(view.snapshot))
@@ -238,6 +239,11 @@ class Rebalancer:
         self.metrics.plan_seconds.observe(result.solve_s or 0.0)
         self.metrics.placements_published.inc(len(changed))
         self.metrics.unserved.set(sum(1 for v in (result.unserved or {}).values() if v > placement.MIN_SHARE))
+        self._observe_devices()
+
+    def _observe_devices(self) -> None:
+        if not self.metrics:
+            return
         counts: dict[str, int] = {"online": 0, "stale": 0, "offline": 0}
         for d in self.registry.devices():
             counts[d["liveness"]] = counts.get(d["liveness"], 0) + 1

@@ -16,7 +16,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from test_coordinator_standins import CoordinatorProcess, StandIn, coordinator_config, db_rows, wait_for
 
 from lepton.broker import free_port
-from lepton.protocol import Topics, decode
+from lepton.protocol import Topics, decode, encode
+from lepton.protocol import messages as m
 
 CAM = {"id": "cam", "model": "digits", "rate_hz": 10, "payload_bytes": 256}
 
@@ -190,6 +191,12 @@ def test_metrics_then_clean_stop_says_offline(broker, prefix, tmp_path):
         wait_for(lambda: 'lepton_invalid_payloads_total{kind="telemetry"} 1.0' in metrics(), 5, what="invalid counted")
         text = metrics()
         assert "lepton_results_stored_total 2.0" in text and "lepton_results_duplicate_total 1.0" in text
+        wait_for(lambda: 'lepton_devices{liveness="online"} 1.0' in metrics(), 10, what="the device counted online")
+        bye = m.Status(device="dev-1", state="offline", ts=time.time(), reason="stopped")
+        dev.client.publish(topics.status("dev-1"), encode(bye), qos=1, retain=True)
+        # the last device gone: no plan is made, and the gauges still follow
+        wait_for(lambda: 'lepton_devices{liveness="online"} 0.0' in metrics()
+                 and 'lepton_devices{liveness="offline"} 1.0' in metrics(), 10, what="the device counted offline")
         assert coord.stop() == 0
         wait_for(lambda: watch.states[-1] == "offline", 5, what="retained offline")
     finally:
