@@ -258,9 +258,10 @@ class Delivery:
                     continue
                 return
             last = min(self.outbox.next_seq - 1, self._last_sendable())
-            if self._cursor >= last:
+            start = max(self._cursor, self.outbox.floor - 1)  # after a re-send the cursor is 0: rows begin at the floor
+            if start >= last:
                 return  # caught up, or the ack window is full (an ack opens it): nothing to look up
-            rows = self.outbox.pending(self._cursor, min(room, 500, last - self._cursor))
+            rows = self.outbox.pending(self._cursor, min(room, 500, last - start))
             if not rows:
                 return
             now, floor, lost = time.time(), self.outbox.floor, self.outbox.lost_upto

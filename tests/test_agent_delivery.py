@@ -214,6 +214,23 @@ def test_results_wait_in_memory_while_the_outbox_refuses_writes_and_none_is_lost
     assert delivery.lost_uncommitted == 0
 
 
+def test_a_resend_keeps_to_the_ack_window_past_the_floor(setup):
+    """After acks moved the floor, a re-send goes out from the floor and no further than ack_window past it (it
+    once sent as many rows as the floor's seq number past it: with three devices, more than the broker queues for
+    the coordinator, which dropped the oldest of every re-send and the coordinator's ack never moved again)."""
+    make, wire, topics = setup
+    delivery, outbox = make(coordinator="online", resend_after_s=1.0, ack_window=50)
+    wait_for(lambda: delivery.coordinator == "online", 5, "the coordinator's status")
+    for _ in range(150):
+        delivery.submit(result(topics))
+    wait_for(lambda: wire.seqs() == list(range(1, 51)), 5, "the first window")
+    wire.client.publish(topics.acks("dev1"), encode(m.Ack(device="dev1", seq=30)), qos=1)
+    wait_for(lambda: outbox.floor == 31, 5, "the ack")
+    wait_for(lambda: 31 in wire.seqs()[50:], 5, "a re-send from the floor")
+    time.sleep(1.5)  # at least one more re-send
+    assert max(wire.seqs()) == 80, f"sent up to {max(wire.seqs())}, the window ends at 80"
+
+
 def test_a_result_past_its_deadline_is_never_sent(setup):
     make, wire, topics = setup
     delivery, outbox = make()
