@@ -129,11 +129,19 @@ class OffloadClient:
             return len(self._pending)
 
     def join(self, timeout: float = 2.0) -> None:
-        self._fallbacks.put(None)
+        """After the *stop* given to ``start`` is set: fail what is still pending, run every fallback queued
+        (requests unanswered at shutdown are computed here, or counted as failed), then end both threads;
+        at most *timeout* in all."""
+        deadline = time.monotonic() + timeout
         with self._cond:
             self._cond.notify_all()
+        for thread in self._threads:  # the timeouts thread first: its last expire() queues fallbacks
+            if thread.name == "offload-timeouts":
+                thread.join(max(0.0, deadline - time.monotonic()))
+        self.expire(float("inf"))  # whatever is still pending is failed now, before the stop marker
+        self._fallbacks.put(None)
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     # --- timeouts -------------------------------------------------------------------
     def timeout_s(self, target: str) -> float:

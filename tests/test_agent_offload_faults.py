@@ -1,0 +1,85 @@
+"""Offload faults on the origin side: inputs still out at shutdown.
+
+A real agent in this process (the real digits model) against a real Mosquitto; the target is a real
+paho client that receives the offloaded frames and never answers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from test_agent_standins import Consumer, agent_config, wait_for
+from test_placement_kit import Placer
+from test_placement_offload import zoo_ref
+
+from lepton.agent.app import Agent
+from lepton.agent.config import load_config
+from lepton.protocol import Topics
+from lepton.protocol.offload import decode_frame
+
+STREAM = "digits-cam"
+
+
+class SilentTarget:
+    """Device "w" as the broker sees it: it receives what is offloaded to it and never answers."""
+
+    def __init__(self, port: int, topics: Topics, origin: str) -> None:
+        self.captured: list[float] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="silent-w")
+        topic = topics.offload(origin, "w", "digits-int8")
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, 1)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, msg) -> None:
+        header, _ = decode_frame(msg.payload)
+        with self.lock:
+            self.captured.append(header.captured_at)
+
+    def frames(self) -> list[float]:
+        with self.lock:
+            return list(self.captured)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def placed(placer: Placer, device: str, **kw):
+    gen = placer.place(device, **kw)
+    return wait_for(lambda: placer.report(device, gen), 20, f"{device} generation {gen}")
+
+
+def test_inputs_unanswered_at_shutdown_are_computed_here(broker, prefix, tmp_path):
+    """Placement.stop() says so; the fallback thread used to end before the last timeouts queued them,
+    and those frames had no result and no offload_failed count."""
+    topics = Topics(prefix)
+    consumer = Consumer(broker.port, topics, tmp_path / "results.db").start()
+    placer = Placer(broker.port, topics)
+    target = SilentTarget(broker.port, topics, "dev1")
+    # A long timeout and a wide window: at the stop, every offloaded frame is still waiting for its answer.
+    agent = Agent(load_config(data=agent_config(tmp_path, broker.port, prefix,
+                                                offload={"timeout_s": 60.0, "max_inflight": 256})))
+    try:
+        agent.start()
+        placed(placer, "dev1", models=[zoo_ref()], routes={STREAM: [("w", 1.0)]})
+        wait_for(lambda: len(target.frames()) >= 5, 20, "frames offloaded to w")
+        agent.stop()
+        sent = target.frames()
+        stats = agent.pipelines[STREAM].stats()
+        wait_for(lambda: {r.captured_at for r in consumer.outputs("dev1")} >= set(sent), 10,
+                 f"results for the {len(sent)} frames w never answered")
+        fallback = [r for r in consumer.outputs("dev1") if r.captured_at in set(sent)]
+        assert {r.computed_on for r in fallback} == {"dev1"} and stats["offloaded"] == 0
+        assert stats["offload_failed"] == 0, "the model is held here: computed, not failed"
+        assert agent.offload_client.stats()["w"]["inflight"] == 0
+    finally:
+        agent.stop()
+        target.close()
+        placer.close()
+        consumer.close()
