@@ -174,8 +174,14 @@ class OffloadClient:
             self._request += 1
             request = self._request
             state.inflight += 1
-        body, header = self._frame(stream, request, model, version, tensor, captured_at, jpeg)
-        payload = encode_frame(header, body)
+        try:
+            body, header = self._frame(stream, request, model, version, tensor, captured_at, jpeg)
+            payload = encode_frame(header, body)
+        except (LeptonError, ValueError, TypeError) as exc:  # e.g. a dtype or a dimension the frame cannot carry
+            with self._cond:
+                state.inflight -= 1  # nothing went out: the slot is free again
+                self._cond.notify_all()
+            return f"the input cannot be offloaded: {_one_line(exc)}"
         now = time.monotonic()
         with self._cond:
             self._pending[(target, request)] = Pending(target, request, len(payload), now, now + timeout, done)
@@ -269,6 +275,17 @@ class OffloadClient:
         """Per target: sent, replied, timeouts, errors, in flight, round trip."""
         with self._cond:
             return {t: {**s.stats, "inflight": s.inflight, "rtt_ms": s.rtt_ms} for t, s in self._targets.items()}
+
+
+def _one_line(exc: Exception) -> str:
+    """*exc* as one line; a pydantic ValidationError as "field: message"."""
+    from pydantic import ValidationError
+
+    from lepton.errors import describe_validation
+
+    if isinstance(exc, ValidationError):
+        return describe_validation(exc, "offload frame")
+    return (str(exc) or type(exc).__name__).splitlines()[0]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""Offload faults on the origin side: inputs still out at shutdown.
+"""Offload faults on the origin side: inputs still out at shutdown, inputs that cannot be sent.
 
-A real agent in this process (the real digits model) against a real Mosquitto; the target is a real
-paho client that receives the offloaded frames and never answers.
+A real agent in this process (the real digits model) against a real Mosquitto; the target is either a
+real paho client that receives the offloaded frames and never answers, or a real ``lepton agent``
+process serving the model.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
-from test_agent_standins import Consumer, agent_config, wait_for
+from test_agent_standins import AgentProcess, Consumer, agent_config, wait_for
 from test_placement_kit import Placer
 from test_placement_offload import zoo_ref
 
@@ -83,3 +86,49 @@ def test_inputs_unanswered_at_shutdown_are_computed_here(broker, prefix, tmp_pat
         target.close()
         placer.close()
         consumer.close()
+
+
+@pytest.fixture
+def served(broker, prefix, tmp_path):
+    """This device's stream served by a real worker process "w"; the agent runs in this process."""
+    topics = Topics(prefix)
+    consumer = Consumer(broker.port, topics, tmp_path / "results.db").start()
+    placer = Placer(broker.port, topics)
+    worker = AgentProcess(agent_config(tmp_path, broker.port, prefix, device="w", sources=[], streams=[]),
+                          tmp_path).start()
+    agent = Agent(load_config(data=agent_config(tmp_path, broker.port, prefix,
+                                                offload={"timeout_s": 3.0, "max_inflight": 4})))
+    try:
+        agent.start()
+        placed(placer, "w", models=[zoo_ref()], serve={"dev1": [STREAM]})
+        placed(placer, "dev1", models=[zoo_ref()], routes={STREAM: [("w", 1.0)]})
+        since = time.time()
+        wait_for(lambda: sum(r.computed_on == "w" and r.captured_at >= since for r in consumer.outputs("dev1")) >= 3,
+                 20, "results computed on w")
+        yield agent, consumer
+    finally:
+        agent.stop()
+        worker.stop()
+        placer.close()
+        consumer.close()
+
+
+def test_an_input_that_cannot_be_sent_frees_its_slot_and_says_why(served):
+    """A slot was taken before the frame was built; a frame the offload format cannot carry (a dtype it
+    does not know, a dimension over 65536) kept it for good, and after max_inflight of them every
+    request to that target waited its whole timeout and fell back."""
+    agent, consumer = served
+    client = agent.offload_client
+    bad = [np.zeros((1, 8), np.int64), np.zeros((1, 70000), np.uint8)]  # token ids; a long 1-D signal
+    for i in range(2 * agent.cfg.offload.max_inflight):
+        why = client.request("w", STREAM, "digits-int8", "1.0.0", bad[i % 2], time.time(),
+                             lambda *a: pytest.fail("done() called for an input never sent"))
+        assert why.startswith("the input cannot be offloaded: ")
+        assert ("dtype" if i % 2 == 0 else "shape.1") in why, why
+    assert client.stats()["w"]["inflight"] <= agent.cfg.offload.max_inflight
+    # The stream goes on being served by w, not by the local fallback after each timeout.
+    since = time.time()
+    wait_for(lambda: len([r for r in consumer.outputs("dev1") if r.captured_at >= since]) >= 10, 20,
+             "10 results after the refused inputs")
+    after = sorted((r for r in consumer.outputs("dev1") if r.captured_at >= since), key=lambda r: r.captured_at)
+    assert {r.computed_on for r in after[:10]} == {"w"}, [r.computed_on for r in after[:10]]
