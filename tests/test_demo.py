@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -26,3 +30,67 @@ def test_demo_headless_summary_shows_failover_and_every_stream(tmp_path):
     digits = summary["streams"]["cam-1/door-digits"]
     assert digits["accuracy"] >= 0.9  # labels checked against the rendered digits
     assert summary["plans"] >= 2 and summary["placements_published"] >= 2
+
+
+def _proc_stat(pid: int) -> tuple[int, str, str] | None:
+    """(parent pid, state, start time) of a live process, None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return int(fields[1]), fields[0], fields[19]
+
+
+def _children(pid: int) -> dict[int, tuple[str, str]]:
+    """pid -> (start time, command line) of every live child of *pid*."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) and stat[0] == pid:
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            out[int(entry.name)] = (stat[2], cmdline)
+    return out
+
+
+def _survivors(seen: dict[int, tuple[str, str]]) -> list[str]:
+    """The processes in *seen* still running (same pid and start time, not a zombie)."""
+    return [cmd for pid, (started, cmd) in seen.items()
+            if (stat := _proc_stat(pid)) and stat[2] == started and stat[1] != "Z"]
+
+
+@pytest.mark.timeout(150)
+def test_demo_stopped_by_sigterm_stops_every_process_it_started_and_removes_its_temp_dir(tmp_path):
+    sig = signal.SIGTERM
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # the demo's temp dir goes here
+    demo = subprocess.Popen([sys.executable, "-m", "lepton.cli", "demo", "--duration", "300", "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen: dict[int, tuple[str, str]] = {}
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and demo.poll() is None:
+            seen.update(_children(demo.pid))
+            agents = [cmd for _, cmd in _children(demo.pid).values() if " agent --config " in cmd]
+            if len(agents) == 5:
+                break
+            time.sleep(0.2)
+        assert demo.poll() is None, demo.stderr.read()
+        assert len(agents) == 5, f"the fleet did not start: {sorted(cmd for _, cmd in seen.values())}"
+        assert list(tmp_path.glob("lepton-demo-*")), "no temp dir"
+        demo.send_signal(sig)
+        out, err = demo.communicate(timeout=60)
+        assert _survivors(seen) == [], "still running after the demo exited"
+        assert not list(tmp_path.glob("lepton-demo-*")), "the temp dir was left behind"
+        summary = json.loads(out)  # the summary is printed, as after Ctrl-C
+        assert summary["stopped_by"] == sig.name
+        assert demo.returncode == (0 if summary["ok"] else 1), err
+        assert "Traceback" not in err
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        for pid, (started, _) in seen.items():
+            if (stat := _proc_stat(pid)) and stat[2] == started and stat[1] != "Z":
+                os.kill(pid, signal.SIGKILL)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import signal
 import tempfile
-import time
+import threading
 from pathlib import Path
 
 from lepton.protocol import DEFAULT_PREFIX
@@ -26,7 +27,8 @@ def register(subparsers) -> None:
         description="Start a private MQTT broker (Mosquitto when installed, else a built-in one), a coordinator "
         "and five agents with different capacities running the zoo models on synthetic camera and vibration "
         "streams. Shows devices, placement, the latency breakdown per stream and results live; kills a worker "
-        "(failover) and adds a camera (load spike) on the way. Ctrl-C stops everything.",
+        "(failover) and adds a camera (load spike) on the way. Ctrl-C, SIGTERM or SIGHUP stops everything: "
+        "every process it started is stopped, the temp dir is removed and the summary is printed.",
     )
     p.add_argument("--duration", type=float, default=0, metavar="S",
                    help="stop after S seconds (default: run until Ctrl-C); the failover and the spike happen "
@@ -38,20 +40,61 @@ def register(subparsers) -> None:
     p.set_defaults(func=_run)
 
 
+class StopSignals:
+    """Ctrl-C (SIGINT), SIGTERM and SIGHUP all ask the demo to stop the same way.
+
+    The first one sets ``event``: the timeline ends at its next step, then every
+    process the demo started is stopped, the temp dir removed and the summary
+    printed. A second one before clean-up interrupts what is running (a slow
+    start); once clean-up has begun, further ones are ignored so it can finish.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.received: str | None = None
+        self.cleaning = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.cleaning:
+            return
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        self.event.set()
+
+
 def _run(args) -> int:
     from lepton.demo.scenario import Scenario
 
     if args.json and not args.duration:
         args.duration = 60.0
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="lepton-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    scenario = Scenario(workdir, prefix=DEFAULT_PREFIX, duration=args.duration, broker=args.broker)
-    try:
-        summary = scenario.run(live=not args.json)
-    finally:
-        scenario.stop()
-        if not args.workdir:
-            shutil.rmtree(workdir, ignore_errors=True)
+    with StopSignals() as stop:
+        workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="lepton-demo-"))
+        scenario = None
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            scenario = Scenario(workdir, prefix=DEFAULT_PREFIX, duration=args.duration, broker=args.broker,
+                                stop=stop.event)
+            summary = scenario.run(live=not args.json)
+        finally:
+            stop.cleaning = True
+            if scenario is not None:
+                scenario.stop()
+            if not args.workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+        summary["stopped_by"] = stop.received
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -60,7 +103,8 @@ def _run(args) -> int:
 
 
 def _print_summary(summary: dict) -> None:
-    print(f"\nlepton demo: {summary['duration_s']:.0f}s, {summary['results']} results, "
+    stopped = f" (stopped by {summary['stopped_by']})" if summary.get("stopped_by") else ""
+    print(f"\nlepton demo: {summary['duration_s']:.0f}s{stopped}, {summary['results']} results, "
           f"{summary['plans']} plans, {summary['placements_published']} placements published")
     for name, s in summary["streams"].items():
         acc = "" if s["accuracy"] is None else f", accuracy {s['accuracy']:.0%}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -19,8 +20,11 @@ FIRST_EVENT_S = 25.0  # interactive runs: kill a worker after this long, add the
 class Scenario:
     """One demo run; stop() ends every process whatever happened."""
 
-    def __init__(self, workdir: Path, prefix: str, duration: float = 0.0, broker: str = "auto"):
+    def __init__(self, workdir: Path, prefix: str, duration: float = 0.0, broker: str = "auto",
+                 stop: threading.Event | None = None):
         self.workdir, self.prefix, self.duration = workdir, prefix, duration
+        self.stop_requested = stop or threading.Event()  # set (by a signal): end the timeline now
+        self.started = time.time()
         self.broker = private_broker(workdir / "broker", prefer=broker)
         self.fleet: Fleet | None = None
         self.obs: Observer | None = None
@@ -40,6 +44,8 @@ class Scenario:
         self.fleet.start_coordinator()
         self.obs = Observer(self.broker.host, self.broker.port, self.prefix, self.fleet.coordinator_db)
         for spec in self.specs:
+            if self.stop_requested.is_set():
+                break  # asked to stop while starting: start no more
             self.fleet.start_agent(spec)
         self.started = time.time()
         self.obs.note(f"fleet started on a private {type(self.broker).__name__} at {self.broker.host}:{self.broker.port}")
@@ -52,15 +58,16 @@ class Scenario:
         self.broker.stop()
 
     def run(self, live: bool) -> dict:
-        self.start()
+        """Run the timeline until the duration is up or a stop is requested; the summary."""
         kill_s, spike_s = self._schedule()
         try:
+            self.start()
             if live:
                 self._live(kill_s, spike_s)
             else:
                 while not self._finished():
                     self._step(kill_s, spike_s)
-                    time.sleep(0.5)
+                    self.stop_requested.wait(0.5)
         except KeyboardInterrupt:
             pass
         return self.summary()
@@ -71,6 +78,8 @@ class Scenario:
         return FIRST_EVENT_S, FIRST_EVENT_S + 20
 
     def _finished(self) -> bool:
+        if self.stop_requested.is_set():
+            return True
         return bool(self.duration) and time.time() - self.started >= self.duration
 
     def _live(self, kill_s: float, spike_s: float) -> None:
@@ -83,7 +92,7 @@ class Scenario:
             while not self._finished():
                 self._step(kill_s, spike_s)
                 view.update(render(self.obs, self.roles, self.started, self.duration))
-                time.sleep(0.5)
+                self.stop_requested.wait(0.5)
 
     # --- the timeline ------------------------------------------------------
     def _step(self, kill_s: float, spike_s: float) -> None:
@@ -138,7 +147,11 @@ class Scenario:
 
     # --- the summary -------------------------------------------------------
     def summary(self) -> dict:
-        assert self.obs
+        if self.obs is None:  # stopped before the fleet was up
+            return {"ok": False, "duration_s": round(time.time() - self.started, 1), "broker": type(self.broker).__name__,
+                    "results": 0, "streams": {}, "devices": {}, "killed": None, "failovers": [], "spike": None,
+                    "plans": 0, "placements_published": 0, "events": [],
+                    "problems": ["stopped before the fleet had started"]}
         plan = self.obs.last_plan() or {"count": 0}
         with self.obs.lock:
             streams = {
@@ -155,8 +168,11 @@ class Scenario:
         silent = sorted(name for name in expected if not streams.get(name, {}).get("results"))
         problems = [f"no results from stream {name}" for name in silent]
         if self.duration and not self.failovers:
-            problems.append("no failover observed" + ("" if self.at_risk else
-                            f": {self.killed} served no other device's stream when it was killed"))
+            if self.killed is None:
+                problems.append("no failover observed: stopped before a worker was killed")
+            else:
+                problems.append("no failover observed" + ("" if self.at_risk else
+                                f": {self.killed} served no other device's stream when it was killed"))
         return {
             "ok": not problems,
             "duration_s": round(time.time() - self.started, 1),
