@@ -34,7 +34,15 @@ from lepton.protocol import messages as m
 
 log = logging.getLogger(__name__)
 
-STOP_BUDGET_S = 8.0  # SIGTERM to exit, inside systemd's and the brief's 10 s
+# SIGTERM to exit: every stop step shares this one budget, so the agent exits within 10 s (the unit's
+# TimeoutStopSec is 20 s) with room for the interpreter's own exit. Whatever the steps before took, the
+# last ones keep (of what is left):
+STOP_BUDGET_S = 8.0
+KEEP_FOR_SESSION_S = 2.5  # the offline status: Session.close may take 2 s past its timeout (its thread's join)
+KEEP_FOR_FLUSH_S = 1.5  # delivery: commit what the pipelines gave, publish it, wait for PUBACKs
+KEEP_FOR_PLACEMENT_S = 1.0  # offloaded inputs still out: their answers, or computed here
+AFTER_PLACEMENT_S = KEEP_FOR_FLUSH_S + KEEP_FOR_SESSION_S
+AFTER_PIPELINES_S = KEEP_FOR_PLACEMENT_S + AFTER_PLACEMENT_S
 
 
 def open_registry(cfg: AgentConfig) -> Any:
@@ -112,6 +120,7 @@ class Agent:
         self.session: Session | None = None
         self.delivery: Delivery | None = None
         self._steps: list[Callable[[], None]] = []  # undo steps, run in reverse by stop()
+        self._stop_by = float("inf")  # monotonic deadline of stop(), once it runs
 
     # --- start: the daemon in one screen -----------------------------------------------
     def start(self) -> None:
@@ -170,7 +179,7 @@ class Agent:
     def init_delivery(self) -> None:
         self.delivery = Delivery(self.outbox, self.session, self.cfg.outbox)
         self.delivery.start()
-        self._steps.append(lambda: self.delivery.stop(timeout=3.0))
+        self._steps.append(self._stop_delivery)
 
     def init_placement(self) -> None:
         self.placement = Placement(self)
@@ -179,7 +188,7 @@ class Agent:
         self.reconciler, self.prober = p.reconciler, p.prober
         self.on_desired = self.reconciler.submit
         p.start()
-        self._steps.append(p.stop)
+        self._steps.append(self._stop_placement)
 
     def init_pipelines(self) -> None:
         rt = self.cfg.runtime
@@ -205,7 +214,7 @@ class Agent:
         self.collector = Collector(self)
         self.telemetry = TelemetryLoop(self.collector, self.cfg.telemetry.interval_s)
         self.telemetry.start(self.stop_event)
-        self._steps.append(self.telemetry.join)
+        self._steps.append(lambda: self.telemetry.join(min(1.0, self._left(AFTER_PIPELINES_S))))
 
     def init_metrics(self) -> None:
         if not self.cfg.metrics.port:
@@ -220,7 +229,7 @@ class Agent:
     def init_watchdog(self) -> None:
         self.watchdog = Watchdog(self.notifier, self.health)
         self.watchdog.start(self.stop_event)
-        self._steps.append(self.watchdog.join)
+        self._steps.append(lambda: self.watchdog.join(min(1.0, self._left(AFTER_PIPELINES_S))))
 
     def report_ready(self) -> None:
         """READY=1 once the broker session is up (or, without a broker, after ready_timeout_s)."""
@@ -233,7 +242,9 @@ class Agent:
 
     # --- stop: the init steps undone ------------------------------------------------------
     def stop(self) -> None:
-        """Stop sources, finish in-flight inferences, flush the outbox, say offline. Idempotent."""
+        """Stop sources, finish in-flight inferences, flush the outbox, say offline; within STOP_BUDGET_S
+        (each step gets what the ones before left, less what the last ones keep). Idempotent."""
+        self._stop_by = min(self._stop_by, time.monotonic() + STOP_BUDGET_S)
         self.notifier.stopping("stopping: finishing in-flight results")
         self.stop_event.set()
         while self._steps:
@@ -244,10 +255,21 @@ class Agent:
                 log.exception("while stopping: %s failed", getattr(step, "__name__", step))
         self.notifier.close()
 
+    def _left(self, keep: float = 0.0) -> float:
+        """Seconds of the stop budget this step may take, keeping *keep* for the steps after it."""
+        return max(0.0, self._stop_by - keep - time.monotonic())
+
     def _stop_pipelines(self) -> None:
+        # One deadline for all: a stuck invoke in one stream must not take the time of the others' joins.
         for pipeline in self.pipelines.values():
-            if not pipeline.join(timeout=3.0):
+            if not pipeline.join(timeout=self._left(AFTER_PIPELINES_S)):
                 log.warning("stream %s: a frame was still being processed at shutdown", pipeline.cfg.id)
+
+    def _stop_placement(self) -> None:
+        self.placement.stop(timeout=self._left(AFTER_PLACEMENT_S))
+
+    def _stop_delivery(self) -> None:
+        self.delivery.stop(timeout=self._left(KEEP_FOR_SESSION_S))
 
     def _close_sources(self) -> None:
         for source in self.sources.values():
@@ -256,7 +278,9 @@ class Agent:
     def _close_session(self) -> None:
         offline = m.Status(device=self.device, state="offline", ts=time.time(), reason="stopped",
                            agent_version=__version__)
-        self.session.close([Outgoing(self.topics.status(self.device), encode(offline), 1, True)])
+        # close() joins its thread for up to 2 s past its timeout (when it is connecting): keep that inside the budget.
+        self.session.close([Outgoing(self.topics.status(self.device), encode(offline), 1, True)],
+                           timeout=max(0.0, self._left() - 2.0))
 
     # --- models and placement -------------------------------------------------------------
     def load_model(self, name: str, version: str | None = None) -> Any:

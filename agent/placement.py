@@ -81,16 +81,23 @@ class Placement:
         if agent.cfg.link.measure:
             self.prober.start(agent.stop_event)
 
-    def stop(self) -> None:
-        """After the pipelines: let answers arrive, fall back for the rest, then stop the threads."""
-        left = self.offload_client.drain(DRAIN_S)
-        if left:
-            log.warning("%d offloaded input(s) unanswered at shutdown: computed here where the model is held", left)
+    def stop(self, timeout: float = 2 * DRAIN_S) -> None:
+        """After the pipelines: let answers arrive, fall back for the rest, then stop the threads; within
+        *timeout* in all (answers get up to half of it, the fallbacks computed here the rest)."""
+        deadline = time.monotonic() + timeout
+
+        def left(most: float) -> float:
+            return max(0.0, min(most, deadline - time.monotonic()))
+
+        unanswered = self.offload_client.drain(left(min(DRAIN_S, timeout / 2)))
+        if unanswered:
+            log.warning("%d offloaded input(s) unanswered at shutdown: computed here where the model is held",
+                        unanswered)
         self.agent.inbound_stop.set()
-        self.offload_client.join()
-        self.reconciler.join(2.0)
-        self.offload_server.join(1.0)
-        self.prober.join(0.5)
+        self.offload_client.join(left(timeout))
+        self.reconciler.join(left(2.0))
+        self.offload_server.join(left(1.0))
+        self.prober.join(left(0.5))
 
     def downloaded(self, nbytes: int, seconds: float) -> None:
         self.links.add_download(nbytes, seconds)
