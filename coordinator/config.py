@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lepton.errors import ConfigError, describe_validation
+from lepton.errors import ConfigError, validation_field, validation_message
 from lepton.protocol import DEFAULT_PREFIX, Topics
 
 if sys.version_info >= (3, 11):
@@ -116,13 +116,25 @@ def load_config(path: str | Path | None = None, data: dict | None = None) -> Coo
         try:
             data = tomllib.loads(Path(path).read_text())
         except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config {path} is not valid TOML: {exc}") from None
     name = f"config {path}" if path is not None else "config"
     try:
         return CoordinatorConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{name}: {describe_validation(exc, 'config', first_only=True)}") from None
+        raise ConfigError(f"{name}: {_describe(exc)}") from None
     except Exception as exc:  # the prefix check raises ProtocolError
         raise ConfigError(f"{name}: {exc}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    """The first pydantic error in the agent's words: ``unknown key 'broker.prot'``, ``db.batch_max: ... (got 0)``."""
+    err = exc.errors()[0]
+    loc = validation_field(err)
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {loc!r}"
+    if err["type"] == "missing":
+        return f"missing key {loc!r}"
+    got = f" (got {err['input']!r})" if not isinstance(err.get("input"), (dict, list)) else ""
+    return f"{loc or 'config'}: {validation_message(err)}{got}"
