@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from lepton.coordinator.status import EVENT_KINDS
 from lepton.errors import ConfigError
 
 
@@ -63,7 +64,7 @@ def _add_events(subparsers) -> None:
     )
     ev.add_argument("--limit", type=int, default=50, help="newest N events (default 50)")
     ev.add_argument("--device", default="", help="only this device")
-    ev.add_argument("--kind", default="", help="only this kind (e.g. placement, device-offline)")
+    ev.add_argument("--kind", default="", help="only this kind: " + ", ".join(EVENT_KINDS))
     ev.add_argument("--json", action="store_true", help="print JSON")
 
 

@@ -8,8 +8,18 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
-from sqlite_utils import Database
+from lepton.errors import ConfigError
+
+if TYPE_CHECKING:  # the CLI imports EVENT_KINDS at every start: keep sqlite_utils out of that
+    from sqlite_utils import Database
+
+# Every kind of event the coordinator records (``FleetRegistry.event``), for ``lepton events --kind``.
+EVENT_KINDS = (
+    "coordinator-start", "device-new", "device-online", "device-capabilities", "device-offline", "device-stale",
+    "streams", "degraded", "recovered", "model-failed", "placement", "stream-skipped", "unserved", "plan-failed",
+)
 
 
 def fleet_status(db: Database, now: float | None = None) -> dict:
@@ -54,12 +64,16 @@ def last_plan(db: Database, now: float) -> dict | None:
 
 
 def events(db: Database, limit: int = 50, device: str = "", kind: str = "") -> list[dict]:
-    """The newest events (oldest first), optionally for one device or kind."""
+    """The newest events (oldest first), optionally for one device or kind (ConfigError for a kind that
+    does not exist, so a typo is not mistaken for a quiet fleet)."""
     where, args = [], []
     if device:
         where.append("device = ?")
         args.append(device)
     if kind:
+        known = set(EVENT_KINDS) | {r["kind"] for r in db.query("SELECT DISTINCT kind FROM events")}
+        if kind not in known:
+            raise ConfigError(f"--kind {kind!r}: no such event kind (kinds: {', '.join(EVENT_KINDS)})")
         where.append("kind = ?")
         args.append(kind)
     sql = "SELECT id, ts, kind, device, detail FROM events"

@@ -46,3 +46,36 @@ def test_config_errors_use_the_agents_words(tmp_path, prefix):
     res = lepton("coordinator", "--check-config", str(cfg))
     assert res.returncode == 2
     assert error_line(res).startswith(f"lepton: error: config {cfg} is not valid TOML: ")
+
+
+# --- lepton events --kind ------------------------------------------------------------------------
+
+def test_events_refuses_a_kind_that_does_not_exist(tmp_path):
+    from lepton.coordinator.db import open_db
+    from lepton.coordinator.registry import FleetRegistry
+
+    path = tmp_path / "c.db"
+    db = open_db(path)
+    FleetRegistry(db).event("placement", "cam-1", "models: digits")
+    db.conn.commit()
+    db.close()
+    res = lepton("events", "--db", str(path), "--kind", "placment")
+    assert res.returncode == 2
+    line = error_line(res)
+    assert "--kind 'placment': no such event kind" in line
+    assert all(kind in line for kind in ("placement", "device-offline", "device-stale", "model-failed", "plan-failed"))
+    res = lepton("events", "--db", str(path), "--kind", "placement")
+    assert res.returncode == 0 and "cam-1" in res.stdout and "models: digits" in res.stdout
+
+
+def test_every_event_kind_the_coordinator_records_is_listed():
+    """``--kind`` accepts what the coordinator writes: a kind added to the code without EVENT_KINDS fails here."""
+    from lepton.coordinator.status import EVENT_KINDS
+
+    recorded = set()
+    for path in (ROOT / "coordinator").rglob("*.py"):
+        text = path.read_text()
+        recorded |= set(re.findall(r'\.event\(\s*"([a-z-]+)"', text))
+        recorded |= set(re.findall(r'\.event\(\s*"[a-z-]+" if [^,]+ else "([a-z-]+)"', text))
+    assert recorded, "found no events: the pattern no longer matches how events are recorded"
+    assert recorded <= set(EVENT_KINDS), recorded - set(EVENT_KINDS)
