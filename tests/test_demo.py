@@ -94,3 +94,21 @@ def test_demo_stopped_by_sigterm_stops_every_process_it_started_and_removes_its_
         for pid, (started, _) in seen.items():
             if (stat := _proc_stat(pid)) and stat[2] == started and stat[1] != "Z":
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--duration", "-5", "--json"], "--duration"),
+    (["--duration", "inf"], "--duration"),
+    (["--workdir", "{file}"], "is not a directory"),
+])
+def test_bad_demo_arguments_are_refused_with_one_line(tmp_path, argv, named):
+    regular = tmp_path / "a-file"
+    regular.write_text("")
+    argv = [a.replace("{file}", str(regular)) for a in argv]
+    out = subprocess.run([sys.executable, "-m", "lepton.cli", "demo", *argv], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2
+    assert out.stdout == "" and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("lepton demo: error: ") and named in last, out.stderr
+    assert not list(tmp_path.glob("*/broker"))  # nothing started

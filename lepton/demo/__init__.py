@@ -8,14 +8,18 @@ stream (a load spike); the coordinator replans each time.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import math
+import os
 import shutil
 import signal
 import tempfile
 import threading
 from pathlib import Path
 
+from lepton.errors import ConfigError
 from lepton.protocol import DEFAULT_PREFIX
 
 log = logging.getLogger(__name__)
@@ -30,14 +34,38 @@ def register(subparsers) -> None:
         "(failover) and adds a camera (load spike) on the way. Ctrl-C, SIGTERM or SIGHUP stops everything: "
         "every process it started is stopped, the temp dir is removed and the summary is printed.",
     )
-    p.add_argument("--duration", type=float, default=0, metavar="S",
+    p.add_argument("--duration", type=_duration, default=0, metavar="S",
                    help="stop after S seconds (default: run until Ctrl-C); the failover and the spike happen "
                    "at about 35%% and 60%% of it")
     p.add_argument("--json", action="store_true", help="no live view; print a JSON summary at the end")
-    p.add_argument("--workdir", metavar="DIR", help="keep configs, logs and databases here (default: a temp dir, removed)")
+    p.add_argument("--workdir", type=_workdir, metavar="DIR", help="keep configs, logs and databases here (default: a temp dir, removed)")
     p.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto",
                    help="which private broker to start (default: mosquitto when installed)")
     p.set_defaults(func=_run)
+
+
+def _duration(text: str) -> float:
+    """--duration: seconds, finite and not negative (0: until stopped)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds >= 0 (0: run until stopped)")
+    return value
+
+
+def _workdir(text: str) -> Path:
+    """--workdir: a directory we can write, or a path where one can be created."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    existing = next((p for p in (path.absolute(), *path.absolute().parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{text}: {existing} is not writable")
+    return path
 
 
 class StopSignals:
@@ -84,7 +112,10 @@ def _run(args) -> int:
         workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="lepton-demo-"))
         scenario = None
         try:
-            workdir.mkdir(parents=True, exist_ok=True)
+            try:
+                workdir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create --workdir {workdir}: {exc.strerror or exc}") from None
             scenario = Scenario(workdir, prefix=DEFAULT_PREFIX, duration=args.duration, broker=args.broker,
                                 stop=stop.event)
             summary = scenario.run(live=not args.json)
