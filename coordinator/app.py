@@ -20,7 +20,7 @@ import time
 from lepton.agent.notify import Notifier, Watchdog
 from lepton.coordinator.bus import Bus
 from lepton.coordinator.catalog import Catalog
-from lepton.coordinator.config import CoordinatorConfig
+from lepton.coordinator.config import CoordinatorConfig, check_files
 from lepton.coordinator.db import open_db
 from lepton.coordinator.http import ModelServer
 from lepton.coordinator.ingest import Ingest
@@ -51,7 +51,7 @@ class Coordinator:
 
     def start(self) -> "Coordinator":
         """Run each init step in order; a failing step undoes the ones before it."""
-        steps = (self._load_models, self._start_http, self._record_start, self._start_ingest,
+        steps = (self._check_files, self._load_models, self._start_http, self._record_start, self._start_ingest,
                  self._start_rebalancer, self._connect, self._start_metrics)
         try:
             for step in steps:
@@ -82,6 +82,10 @@ class Coordinator:
             self._metrics_server = None
 
     # --- init steps ------------------------------------------------------------
+    def _check_files(self) -> None:
+        """What --check-config checks, before anything is created: a missing file fails here, naming its key."""
+        check_files(self.cfg)
+
     def _load_models(self) -> None:
         self.catalog = Catalog(self.cfg.models.dir, self.cfg.models.trusted_keys)
         self.catalog.reload()

@@ -14,15 +14,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
+from lepton.coordinator.config import read_password, tls_context
 from lepton.coordinator.ingest import Inbound
-from lepton.errors import ConfigError
 from lepton.sockets import nodelay
 from lepton.protocol import Topics, encode
 from lepton.protocol import messages as m
@@ -55,9 +54,9 @@ class Bus:
         c.max_queued_messages_set(0)
         c.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
         if cfg.username:
-            c.username_pw_set(cfg.username, _read_password(cfg.password_file))
+            c.username_pw_set(cfg.username, read_password(cfg.password_file) or None)
         if cfg.tls_ca:
-            c.tls_set(ca_certs=cfg.tls_ca, certfile=cfg.tls_cert or None, keyfile=cfg.tls_key or None)
+            c.tls_set_context(tls_context(cfg))  # ConfigError naming the key, never a traceback from ssl
         offline = m.CoordinatorStatus(state="offline", ts=time.time(), http=self.http_url)
         c.will_set(self.topics.coordinator_status(), encode(offline), qos=1, retain=True)
         c.on_socket_open = nodelay
@@ -133,11 +132,3 @@ class Bus:
         except Exception:
             log.exception("could not queue a message (mid %s)", getattr(msg, "mid", "?"))
 
-
-def _read_password(path: str) -> str:
-    if not path:
-        return ""
-    try:
-        return Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"broker password_file {path}: {exc.strerror}") from None

@@ -33,7 +33,8 @@ def _add_coordinator(subparsers) -> None:
         "model runs on which device and publishes placements, and serves model files over HTTP.",
     )
     p.add_argument("--config", metavar="FILE", help="coordinator TOML config (defaults for every key left out)")
-    p.add_argument("--check-config", metavar="FILE", help="validate FILE and exit: 0 if valid, 2 with the reason")
+    p.add_argument("--check-config", metavar="FILE", help="validate FILE and what start-up needs of it (files readable, "
+                   "directories there), changing nothing, and exit: 0 if valid, 2 with the reason")
     p.set_defaults(func=_run)
     sub = p.add_subparsers(dest="coordinator_command", metavar="SUBCOMMAND")
     snap = _db_command(
@@ -87,10 +88,11 @@ def _db_path(args) -> str:
 
 
 def _run(args) -> int:
-    from lepton.coordinator.config import load_config
+    from lepton.coordinator.config import check_files, load_config
 
     if args.check_config:
         cfg = load_config(args.check_config)
+        check_files(cfg)
         print(f"{args.check_config}: valid (broker {cfg.broker.host}:{cfg.broker.port}, db {cfg.db.path})")
         return 0
     from lepton.coordinator.app import Coordinator

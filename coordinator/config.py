@@ -1,12 +1,16 @@
 """The coordinator's configuration: one TOML file, validated once at start.
 
 Unknown keys are refused (a typo never passes as a default); every field has a
-default and a description. ``lepton coordinator --check-config FILE`` exits 0,
-or 2 with the reason.
+default and a description. ``check_files`` checks what start-up needs of the
+file system (files readable, TLS material loading, directories there) without
+creating anything; ``lepton coordinator --check-config FILE`` runs both and
+exits 0, or 2 with one line naming the key.
 """
 
 from __future__ import annotations
 
+import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Literal
@@ -138,3 +142,126 @@ def _describe(exc: ValidationError) -> str:
         return f"missing key {loc!r}"
     got = f" (got {err['input']!r})" if not isinstance(err.get("input"), (dict, list)) else ""
     return f"{loc or 'config'}: {validation_message(err)}{got}"
+
+
+# --- what start-up needs of the file system ----------------------------------------------------
+def check_files(cfg: CoordinatorConfig) -> None:
+    """Everything start-up reads or creates on disk, checked without changing anything: ConfigError
+    naming the key (``broker.tls_ca``, ``models.dir``, ``db.path``, ...) for the first problem."""
+    b = cfg.broker
+    read_password(b.password_file)
+    if b.tls_ca:
+        tls_context(b)
+    elif b.tls_cert or b.tls_key:
+        raise ConfigError("broker.tls_ca: empty, so broker.tls_cert/tls_key would not be used (set tls_ca to use TLS)")
+    if cfg.http.enabled:
+        if cfg.http.tls_cert:
+            _readable("http.tls_cert", cfg.http.tls_cert)
+            if cfg.http.tls_key:
+                _readable("http.tls_key", cfg.http.tls_key)
+            try:
+                ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cfg.http.tls_cert, cfg.http.tls_key or None)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(f"http.tls_cert/tls_key {cfg.http.tls_cert}: {_reason(exc)}") from None
+        elif cfg.http.tls_key:
+            raise ConfigError("http.tls_key: set without http.tls_cert")
+    elif not cfg.http.base_url:
+        raise ConfigError("http.enabled is false and http.base_url is empty: devices would have nowhere to fetch models from")
+    if cfg.models.dir:
+        _directory("models.dir", cfg.models.dir)
+    for index, key in enumerate(cfg.models.trusted_keys):
+        _public_key(f"models.trusted_keys[{index}]", key)
+    _database_path(cfg.db.path)
+
+
+def tls_context(b: BrokerConfig) -> ssl.SSLContext:
+    """The client TLS context for the broker connection; ConfigError naming the key whose file is unusable."""
+    _readable("broker.tls_ca", b.tls_ca)
+    if b.tls_cert:
+        _readable("broker.tls_cert", b.tls_cert)
+    if b.tls_key:
+        if not b.tls_cert:
+            raise ConfigError("broker.tls_key: set without broker.tls_cert")
+        _readable("broker.tls_key", b.tls_key)
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=b.tls_ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"broker.tls_ca {b.tls_ca}: not a usable CA certificate ({_reason(exc)})") from None
+    if b.tls_cert:
+        try:
+            ctx.load_cert_chain(b.tls_cert, b.tls_key or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"broker.tls_cert/tls_key {b.tls_cert}: {_reason(exc)}") from None
+    return ctx
+
+
+def read_password(path: str) -> str:
+    """The broker password from ``broker.password_file`` ("" when none is set)."""
+    if not path:
+        return ""
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"broker.password_file {path}: {_reason(exc)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"broker.password_file {path}: not a text file") from None
+
+
+def _readable(key: str, path: str) -> None:
+    p = Path(path)
+    try:
+        with open(p, "rb"):
+            pass
+    except IsADirectoryError:
+        raise ConfigError(f"{key} {path}: is a directory, not a file") from None
+    except OSError as exc:
+        raise ConfigError(f"{key} {path}: {_reason(exc)}") from None
+
+
+def _directory(key: str, path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{key} {path}: no such directory")
+    if not p.is_dir():
+        raise ConfigError(f"{key} {path}: not a directory")
+    if not os.access(p, os.R_OK | os.X_OK):
+        raise ConfigError(f"{key} {path}: permission denied")
+
+
+def _public_key(key: str, path: str) -> None:
+    _readable(key, path)
+    try:
+        from lepton.models.signing import load_public_key
+    except ModuleNotFoundError:  # the models part is not installed: start-up says so
+        return
+    try:
+        load_public_key(path)
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def _database_path(path: str) -> None:
+    """The database file is there and writable, or its directory is (or can be made: start-up creates it)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"db.path {path}: is a directory, not a file")
+    if p.exists():
+        if not os.access(p, os.R_OK | os.W_OK):
+            raise ConfigError(f"db.path {path}: permission denied (the coordinator writes it)")
+        return
+    parent = p.absolute().parent
+    if parent.is_dir():
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"db.path {path}: cannot create the database in {parent}: permission denied")
+        return
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"db.path {path}: directory {parent} does not exist and cannot be created ({ancestor} is not a directory)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"db.path {path}: directory {parent} does not exist and cannot be created in {ancestor}: permission denied")
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__

@@ -33,6 +33,86 @@ def error_line(res: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+# --- --check-config and start-up: the files a config names ---------------------------------------
+
+def _tls_ca(tmp: Path) -> Path:
+    """A fleet CA certificate, and a client certificate of it (``client.crt``) whose key is not written."""
+    from lepton.provisioning.pki import CA, cert_pem, new_key
+
+    ca = CA.create("test fleet", 30)
+    (tmp / "ca.crt").write_bytes(cert_pem(ca.cert))
+    (tmp / "c.crt").write_bytes(cert_pem(ca.issue(new_key().public_key(), "lepton-coordinator", 30)))
+    return tmp / "ca.crt"
+
+
+def _case(tmp: Path, name: str) -> tuple[dict, str]:
+    """Config sections with one broken file, and the start of the line that must name it."""
+    if name == "models.dir":
+        return {"models": {"dir": str(tmp / "no-models")}}, f"models.dir {tmp / 'no-models'}: no such directory"
+    if name == "broker.tls_ca":
+        return {"broker": {"tls_ca": str(tmp / "ca.crt")}}, f"broker.tls_ca {tmp / 'ca.crt'}: No such file or directory"
+    if name == "broker.tls_cert":
+        return ({"broker": {"tls_ca": str(_tls_ca(tmp)), "tls_cert": str(tmp / "no.crt"), "tls_key": str(tmp / "c.key")}},
+                f"broker.tls_cert {tmp / 'no.crt'}: No such file or directory")
+    if name == "broker.tls_key":
+        return ({"broker": {"tls_ca": str(_tls_ca(tmp)), "tls_cert": str(tmp / "c.crt"), "tls_key": str(tmp / "c.key")}},
+                f"broker.tls_key {tmp / 'c.key'}: No such file or directory")
+    if name == "broker.tls_key-not-the-certificate's":
+        from lepton.provisioning.pki import key_pem, new_key
+
+        (tmp / "c.key").write_bytes(key_pem(new_key()))
+        return ({"broker": {"tls_ca": str(_tls_ca(tmp)), "tls_cert": str(tmp / "c.crt"), "tls_key": str(tmp / "c.key")}},
+                f"broker.tls_cert/tls_key {tmp / 'c.crt'}: ")
+    if name == "broker.tls_ca-not-a-certificate":
+        (tmp / "ca.crt").write_text("not a certificate\n")
+        return {"broker": {"tls_ca": str(tmp / "ca.crt")}}, f"broker.tls_ca {tmp / 'ca.crt'}: not a usable CA certificate"
+    if name == "broker.password_file":
+        return ({"broker": {"username": "coord", "password_file": str(tmp / "pw")}},
+                f"broker.password_file {tmp / 'pw'}: No such file or directory")
+    if name == "models.trusted_keys":
+        return {"models": {"trusted_keys": [str(tmp / "k.pub")]}}, f"models.trusted_keys[0] {tmp / 'k.pub'}: No such file or directory"
+    if name == "models.trusted_keys-not-a-key":
+        (tmp / "k.pub").write_text("not a key\n")
+        return {"models": {"trusted_keys": [str(tmp / "k.pub")]}}, "models.trusted_keys[0]: public key"
+    if name == "db.path":
+        (tmp / "plain-file").write_text("")
+        db = tmp / "plain-file" / "state" / "coordinator.db"
+        return {"db": {"path": str(db)}}, f"db.path {db}: directory {db.parent} does not exist and cannot be created"
+    raise AssertionError(name)
+
+
+CASES = ["models.dir", "broker.tls_ca", "broker.tls_cert", "broker.tls_key", "broker.tls_key-not-the-certificate's",
+         "broker.tls_ca-not-a-certificate", "broker.password_file",
+         "models.trusted_keys", "models.trusted_keys-not-a-key", "db.path"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_check_config_and_start_up_name_the_key_of_a_missing_file(tmp_path, prefix, case):
+    """--check-config refuses what start-up would fail on, with the same one line; start-up fails before it
+    creates the database (nothing listens on the broker port: nothing gets that far)."""
+    sections, expected = _case(tmp_path, case)
+    cfg = coordinator_config(tmp_path, free_port(), prefix, **sections)
+    checked = lepton("coordinator", "--check-config", str(cfg))
+    assert checked.returncode == 2
+    line = error_line(checked)
+    assert line.startswith(f"lepton: error: {expected}"), line
+    started = lepton("coordinator", "--config", str(cfg))
+    assert started.returncode == 2
+    assert error_line(started) == line
+    assert not (tmp_path / "coordinator.db").exists(), "start-up created the database before refusing the config"
+
+
+def test_check_config_passes_a_good_config_and_creates_nothing(tmp_path, prefix):
+    (tmp_path / "pw").write_text("s3cret\n")
+    db = tmp_path / "state" / "coordinator.db"  # start-up creates the directory; the check must not
+    cfg = coordinator_config(tmp_path, free_port(), prefix, db={"path": str(db)},
+                             broker={"username": "coord", "password_file": str(tmp_path / "pw")})
+    res = lepton("coordinator", "--check-config", str(cfg))
+    assert res.returncode == 0, res.stderr
+    assert "valid" in res.stdout
+    assert not db.parent.exists()
+
+
 def test_config_errors_use_the_agents_words(tmp_path, prefix):
     cfg = coordinator_config(tmp_path, free_port(), prefix, broker={"prot": 1884})
     res = lepton("coordinator", "--check-config", str(cfg))
