@@ -6,8 +6,9 @@
     coord.stop()
 
 ``run()`` is what ``lepton coordinator --config FILE`` does: start, tell
-systemd READY, ping its watchdog while ingest and the rebalancer live (the
-agent's sd_notify helper), stop on SIGTERM or SIGINT.
+systemd READY once the broker accepted the connection (until then STATUS says
+what it waits for and why), ping its watchdog while ingest and the rebalancer
+live (the agent's sd_notify helper), stop on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class Coordinator:
         except BaseException:
             self.stop()
             raise
-        log.info("coordinator running: broker %s:%s, db %s, models at %s", self.cfg.broker.host,
+        log.info("coordinator started: connecting to broker %s:%s, db %s, models at %s", self.cfg.broker.host,
                  self.cfg.broker.port, self.cfg.db.path, self.base_url)
         return self
 
@@ -157,15 +158,32 @@ class Coordinator:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
         self.start()
-        self.notifier.ready(f"coordinator running, models at {self.base_url}")
         watchdog = Watchdog(self.notifier, self.healthy)
-        watchdog.start(self.stopping)
-        while not self.stopping.wait(1.0):
+        ready, said = False, ""
+        while True:
+            # READY=1 only once the broker accepted us; STATUS= follows the connection from then on.
+            status = self._status_line()
+            if not ready and self.bus.connected.is_set():
+                self.notifier.ready(status)
+                watchdog.start(self.stopping)
+                ready, said = True, status
+            elif status != said and (ready or self.bus.reason):
+                self.notifier.status(status)
+                said = status
             self.metrics.ingest_queue.set(self.ingest.depth())
+            if self.stopping.wait(1.0 if ready else 0.1):
+                break
         self.stop()
         watchdog.join()
         self.notifier.close()
         return 0
+
+    def _status_line(self) -> str:
+        """What ``systemctl status`` shows: running, or what the coordinator waits for and why."""
+        if self.bus.connected.is_set():
+            return f"coordinator running, models at {self.base_url}"
+        where = f"{self.cfg.broker.host}:{self.cfg.broker.port}"
+        return f"waiting for broker {where}: {self.bus.reason or 'connecting'}"
 
 
 class _LateBus:

@@ -6,11 +6,16 @@ is down; ``manual_ack`` so a PUBACK is sent only after ingest committed the
 message. The retained ``coordinator/status`` says ``online`` on every connect
 and the last will says ``offline``. paho's callbacks only enqueue: they must
 never raise, since an exception there ends paho's network thread.
+
+paho reconnects by itself; a connection that fails (refused, unreachable,
+TLS, refused credentials) is logged once per change of reason, as the agent
+does, and kept in ``last_error`` until the next accepted connection.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +43,10 @@ class Bus:
         self.on_connected: Callable[[], None] = lambda: None
         self.conn = 0  # connection generation, bumped on every successful connect
         self.connected = threading.Event()
+        self.last_error = ""  # the logged line saying why the last attempt failed ("" while connected)
+        self.reason = ""  # the same, short: "Connection refused", "refused the connection: Not authorized", ...
+        self._answered = False  # a CONNACK (accept or refuse) arrived for the current attempt
+        self._stopping = False
         v5 = broker.mqtt_version == "5"
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -60,6 +69,8 @@ class Bus:
         offline = m.CoordinatorStatus(state="offline", ts=time.time(), http=self.http_url)
         c.will_set(self.topics.coordinator_status(), encode(offline), qos=1, retain=True)
         c.on_socket_open = nodelay
+        c.on_pre_connect = self._on_pre_connect
+        c.on_connect_fail = self._on_connect_fail
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -80,6 +91,7 @@ class Bus:
 
     def stop(self) -> None:
         """Say offline (retained), then disconnect cleanly; the will is for crashes only."""
+        self._stopping = True
         if self.connected.is_set():
             info = self.client.publish(
                 self.topics.coordinator_status(),
@@ -105,15 +117,41 @@ class Bus:
         self.client.publish(topic, payload, qos=qos, retain=retain)
 
     # --- paho callbacks (network thread) ---------------------------------------------
+    def _where(self) -> str:
+        return f"{self.cfg.host}:{self.cfg.port}"
+
+    def _note_error(self, message: str, reason: str) -> None:
+        # One line per change of reason, not one per retry.
+        if message != self.last_error:
+            log.error("%s; retrying every %g-%g s", message, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
+        self.last_error, self.reason = message, reason
+
+    def _on_pre_connect(self, client, userdata) -> None:
+        self._answered = False
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        # paho calls this from inside its ``except OSError`` around the connect: the exception is at hand.
+        try:
+            exc = sys.exc_info()[1]
+            reason = (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__) if exc else "connection failed"
+            self._note_error(f"cannot connect to broker {self._where()}: {reason}", reason)
+        except Exception:
+            log.exception("on_connect_fail failed")
+
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._answered = True
         if reason_code.is_failure:
-            log.error("broker %s:%s refused the connection: %s", self.cfg.host, self.cfg.port, reason_code)
+            hint = " (check broker.username / broker.password_file / certificates)" if reason_code.value in (4, 5, 134, 135) else ""
+            why = f"refused the connection: {reason_code}{hint}"
+            self._note_error(f"broker {self._where()} {why}", why)
             return
         self.conn += 1
         client.subscribe(self.topics.coordinator_subscriptions())
         online = m.CoordinatorStatus(state="online", ts=time.time(), http=self.http_url)
         client.publish(self.topics.coordinator_status(), encode(online), qos=1, retain=True)
-        log.info("connected to %s:%s (session present: %s)", self.cfg.host, self.cfg.port, flags.session_present)
+        after = f" after: {self.last_error}" if self.last_error else ""
+        log.info("connected to %s (session present: %s)%s", self._where(), flags.session_present, after)
+        self.last_error = self.reason = ""
         self.connected.set()
         try:
             self.on_connected()
@@ -121,8 +159,24 @@ class Bus:
             log.exception("on_connected hook failed")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        was_connected = self.connected.is_set()
         self.connected.clear()
-        log.warning("disconnected from broker: %s", reason_code)
+        try:
+            if self._stopping:
+                pass
+            elif was_connected:
+                # paho reports a dropped socket or a missed keepalive as "Unspecified error".
+                why = "closed by the broker or the network, or keepalive expired" if reason_code.value == 128 else str(reason_code)
+                log.warning("lost the broker connection %s (%s); reconnecting", self._where(), why)
+                self.last_error = self.reason = f"lost the connection ({why})"
+            elif not self._answered:
+                # No CONNACK at all: a TLS broker that refuses our certificate (expired, revoked, another CA)
+                # closes the connection right after the handshake, and paho says only that it closed.
+                hint = ": is the coordinator's certificate from the broker's CA, unexpired and not revoked?" if self.cfg.tls_ca else ""
+                why = f"closed the connection before accepting it{hint}"
+                self._note_error(f"broker {self._where()} {why}", why)
+        except Exception:
+            log.exception("on_disconnect failed")
 
     def _on_message(self, client, userdata, msg) -> None:
         try:

@@ -159,3 +159,85 @@ def test_every_event_kind_the_coordinator_records_is_listed():
         recorded |= set(re.findall(r'\.event\(\s*"[a-z-]+" if [^,]+ else "([a-z-]+)"', text))
     assert recorded, "found no events: the pattern no longer matches how events are recorded"
     assert recorded <= set(EVENT_KINDS), recorded - set(EVENT_KINDS)
+
+
+# --- the broker: errors in the log, READY only once connected ------------------------------------
+
+class NotifySocket:
+    """A stand-in for systemd's notify socket: what the coordinator told it, datagram by datagram."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.05)
+        self.got: list[str] = []
+
+    def drain(self) -> list[str]:
+        try:
+            while True:
+                self.got.append(self.sock.recv(4096).decode())
+        except (socket.timeout, BlockingIOError):
+            pass
+        return self.got
+
+    def saw(self, text: str) -> bool:
+        return any(text in g for g in self.drain())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def error_lines(coord: CoordinatorProcess) -> list[str]:
+    return [line for line in coord.log_text().splitlines() if " ERROR " in line]
+
+
+@pytest.mark.skipif(not mosquitto_binary(), reason="mosquitto is not installed")
+def test_unreachable_broker_is_logged_once_and_ready_waits_for_the_connection(tmp_path, prefix):
+    port = free_port()
+    notify = NotifySocket(tmp_path / "notify.sock")
+    cfg = coordinator_config(tmp_path, port, prefix, broker={"reconnect_min_s": 0.2, "reconnect_max_s": 0.4})
+    coord = CoordinatorProcess(cfg, env={"NOTIFY_SOCKET": notify.path}).start()
+    try:
+        errors = wait_for(lambda: error_lines(coord), 15, "the connection error in the log")
+        assert f"cannot connect to broker 127.0.0.1:{port}: Connection refused; retrying every 0.2-0.4 s" in errors[0]
+        wait_for(lambda: notify.saw(f"STATUS=waiting for broker 127.0.0.1:{port}: Connection refused"), 5, "the STATUS")
+        time.sleep(1.2)  # several retries at 0.2-0.4 s
+        assert len(error_lines(coord)) == 1, "one line per reason, not one per retry"
+        assert not notify.saw("READY=1"), "READY before the broker accepted the connection"
+        with MosquittoBroker(tmp_path / "broker", port=port):
+            wait_for(lambda: notify.saw("READY=1"), 10, "READY=1 once the broker is up")
+            ready = next(g for g in notify.got if "READY=1" in g)
+            assert "STATUS=coordinator running, models at http://127.0.0.1:" in ready
+            assert "connected to 127.0.0.1" in coord.log_text()
+            assert coord.stop() == 0
+    finally:
+        coord.stop()
+        notify.close()
+
+
+@pytest.mark.skipif(not mosquitto_binary() or not shutil.which("mosquitto_passwd"), reason="mosquitto is not installed")
+def test_refused_credentials_are_named_with_a_hint_and_retried(tmp_path, prefix):
+    passwords = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "other", "x"], check=True)
+    (tmp_path / "pw").write_text("s3cret\n")
+    notify = NotifySocket(tmp_path / "notify.sock")
+    with MosquittoBroker(tmp_path / "broker", allow_anonymous=False, extra_conf=f"password_file {passwords}") as broker:
+        cfg = coordinator_config(tmp_path, broker.port, prefix, broker={
+            "username": "coord", "password_file": str(tmp_path / "pw"), "reconnect_min_s": 0.2, "reconnect_max_s": 0.4})
+        coord = CoordinatorProcess(cfg, env={"NOTIFY_SOCKET": notify.path}).start()
+        try:
+            errors = wait_for(lambda: error_lines(coord), 15, "the refusal in the log")
+            assert f"broker 127.0.0.1:{broker.port} refused the connection: Not authorized" in errors[0]
+            assert "check broker.username / broker.password_file" in errors[0]
+            wait_for(lambda: notify.saw("STATUS=waiting for broker") and notify.saw("refused the connection"), 5, "the STATUS")
+            time.sleep(1.2)
+            assert coord.alive() and len(error_lines(coord)) == 1
+            assert not notify.saw("READY=1")
+            # The operator adds the user: the coordinator gets in without a restart.
+            subprocess.run(["mosquitto_passwd", "-b", str(passwords), "coord", "s3cret"], check=True)
+            broker.proc.send_signal(signal.SIGHUP)
+            wait_for(lambda: notify.saw("READY=1"), 10, "READY=1 once the broker accepts the login")
+        finally:
+            coord.stop()
+            notify.close()
