@@ -34,6 +34,7 @@ import shutil
 import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -134,12 +135,18 @@ class Fetcher:
         if entry is not None:
             return entry
         self._check_not_older(ref)
-        manifest = self._manifest(ref)  # small, and it must describe what placement named: before the big file
-        part = self._download(ref)
+        for url in (ref.url, manifest_url(ref)):
+            _check_url(ref, url)
         try:
-            entry = self.cache.install(manifest, part)
-        finally:
-            part.unlink(missing_ok=True)
+            manifest = self._manifest(ref)  # small, and it must describe what placement named: before the big file
+            part = self._download(ref)
+            try:
+                entry = self.cache.install(manifest, part)
+            finally:
+                part.unlink(missing_ok=True)
+        except (OSError, ValueError) as exc:  # e.g. the cache cannot be written: a reason, never a crash
+            raise ModelError(f"model {ref.name} {ref.version}: could not be installed in {self.cache_dir}: "
+                             f"{_why(exc)}") from None
         self.downloaded += 1
         return entry
 
@@ -186,6 +193,8 @@ class Fetcher:
                 return data
             except urllib.error.HTTPError as exc:
                 raise ModelError(f"model {ref.name} {ref.version}: download failed: {url}: HTTP {exc.code} {exc.reason}") from None
+            except ValueError as exc:  # urllib's refusal of the URL itself: no use trying again
+                raise ModelError(f"model {ref.name} {ref.version}: URL check failed: {url}: {exc}") from None
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 last = _why(exc)
                 time.sleep(min(2.0, 0.25 * 2 ** attempt))
@@ -204,7 +213,11 @@ class Fetcher:
 
     def _part_path(self, ref: m.ModelRef) -> Path:
         directory = self.cache_dir / ".downloads"
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ModelError(f"model {ref.name} {ref.version}: cannot write the model cache: {directory}: "
+                             f"{exc.strerror or exc}") from None
         return directory / f"{ref.name}-{ref.version}-{ref.sha256[:16]}.part"
 
     def _download(self, ref: m.ModelRef) -> Path:
@@ -226,6 +239,9 @@ class Fetcher:
                     continue
                 raise ModelError(f"model {ref.name} {ref.version}: download failed: {ref.url}: "
                                  f"HTTP {exc.code} {exc.reason}") from None
+            except ValueError as exc:  # urllib's refusal of the URL itself: no use trying again
+                self.progress.pop(ref.name, None)
+                raise ModelError(f"model {ref.name} {ref.version}: URL check failed: {ref.url}: {exc}") from None
             except ModelError:
                 part.unlink(missing_ok=True)
                 self.progress.pop(ref.name, None)
@@ -306,6 +322,18 @@ class Fetcher:
         if problem:
             part.unlink(missing_ok=True)  # a bad prefix must not be resumed from
             raise ModelError(f"model {ref.name} {ref.version}: {problem}")
+
+
+def _check_url(ref: m.ModelRef, url: str) -> None:
+    """Models come over HTTP(S) only: a relative URL (a coordinator without a public base URL) or another
+    scheme (file:, ftp:) is refused before anything is opened."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:
+        raise ModelError(f"model {ref.name} {ref.version}: URL check failed: {url!r}: {exc}") from None
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise ModelError(f"model {ref.name} {ref.version}: URL check failed: {url!r} is not an http:// or "
+                         "https:// URL with a host")
 
 
 def _wrong_size(ref: m.ModelRef, total: int) -> ModelError:

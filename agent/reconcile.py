@@ -175,7 +175,10 @@ class Reconciler:
                 self._loading(ref)
             try:
                 runner, invoke_ms = self._load(ref)
-            except LeptonError as exc:
+            except Exception as exc:  # one model's failure, whatever it is, is reported; the others go on
+                if not isinstance(exc, LeptonError):
+                    log.exception("placement generation %d: model %s %s", desired.generation, ref.name, ref.version)
+                    exc = ModelError(f"model {ref.name} {ref.version}: failed: {type(exc).__name__}: {exc}")
                 reason = str(exc) + (f" (still serving version {current.version})" if current is not None else "")
                 log.error("placement generation %d: %s", desired.generation, reason)
                 states[ref.name] = m.ModelState(state="failed", version=ref.version, sha256=ref.sha256,

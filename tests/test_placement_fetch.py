@@ -222,3 +222,68 @@ def test_https_from_a_server_with_a_fleet_certificate(tmp_path, keys):
         assert got.manifest.sha256 == man.sha256
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("url, why", [
+    ("/v1/models/digits/2.0.0/model.tflite", "is not an http:// or https:// URL"),  # no public base URL
+    ("file:///etc/passwd", "is not an http:// or https:// URL"),
+    ("http:///digits/model.tflite", "with a host"),
+    ("http://[::1/model.tflite", "Invalid IPv6 URL"),
+])
+def test_a_url_that_is_not_http_is_refused_naming_it(tmp_path, keys, store, url, why):
+    """urllib raised ValueError for a URL without a scheme, which escaped the fetcher (and the reconciler)."""
+    private, public = keys
+    ref = store.serve(build_version(tmp_path / "store", "digits", "2.0.0", private, public))
+    fetcher = fetcher_for(tmp_path, public)
+    for bad in (ref.model_copy(update={"url": url, "manifest_url": ""}), ref.model_copy(update={"manifest_url": url})):
+        with pytest.raises(ModelError) as err:
+            fetcher.ensure(bad)
+        assert str(err.value).startswith("model digits 2.0.0: URL check failed: ") and url in str(err.value)
+        assert why in str(err.value), err.value
+    assert cache_versions(fetcher) == [] and fetcher.downloaded == 0
+
+
+def test_a_model_cache_that_cannot_be_written_is_a_reason(tmp_path, keys, store):
+    """The part file's directory was made outside any try: its OSError escaped the fetcher."""
+    private, public = keys
+    ref = store.serve(build_version(tmp_path / "store", "digits", "2.0.0", private, public))
+    (tmp_path / "not-a-dir").write_text("")
+    fetcher = Fetcher(tmp_path / "not-a-dir" / "cache", [public])
+    with pytest.raises(ModelError) as err:
+        fetcher.ensure(ref)
+    message = str(err.value)
+    assert message.startswith("model digits 2.0.0: cannot write the model cache: ") and "not-a-dir" in message
+    assert "Not a directory" in message, message
+
+
+def test_an_agent_reports_a_bad_url_or_cache_as_failed_and_applies_the_next_generation(tmp_path, keys, store,
+                                                                                       broker, prefix):
+    """The reconciler only caught LeptonError: a ValueError or OSError ended the whole generation, and the
+    model stayed reported 'loading' for ever, with no reason and no retry."""
+    from test_agent_standins import AgentProcess, agent_config, wait_for
+    from test_placement_kit import Placer
+
+    from lepton.protocol import Topics
+
+    private, public = keys
+    ref = store.serve(build_version(tmp_path / "store", "digits", "2.0.0", private, public))
+    (tmp_path / "not-a-dir").write_text("")
+    placer = Placer(broker.port, Topics(prefix))
+    agent = AgentProcess(agent_config(tmp_path, broker.port, prefix,
+                                      models={"cache_dir": str(tmp_path / "not-a-dir" / "cache"),
+                                              "trusted_keys": [str(public)]}), tmp_path).start()
+    try:
+        zoo = Registry(zoo_dir()).get("digits-int8").manifest
+        held = m.ModelRef(name=zoo.name, version=zoo.version, sha256=zoo.sha256, size=zoo.size,
+                          url=f"{store.url}/unused")
+        for bad, why in ((ref.model_copy(update={"url": "/v1/models/digits/2.0.0/model.tflite", "manifest_url": ""}),
+                          "URL check failed"),
+                         (ref, "cannot write the model cache")):
+            gen = placer.place("dev1", models=[held, bad])
+            report = wait_for(lambda: placer.report("dev1", gen), 20, f"generation {gen} applied and reported")
+            state = report.models["digits"]
+            assert state.state == "failed" and why in state.reason, state
+            assert report.models["digits-int8"].state == "loaded", "the other model of the generation is held"
+    finally:
+        agent.stop()
+        placer.close()
