@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lepton.errors import ConfigError, as_value_error, validation_field, validation_message
+from lepton.errors import ConfigError, as_value_error, describe_config_error
 from lepton.protocol import DEFAULT_PREFIX, Topics
 from lepton.protocol.topics import ID_PATTERN
 
@@ -176,18 +176,6 @@ class AgentConfig(_Section):
         return self.broker.client_id or self.device_id
 
 
-def _describe(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    loc = validation_field(err)
-    if err["type"] == "extra_forbidden":
-        return f"unknown key {loc!r}"
-    if err["type"] == "missing":
-        return f"missing key {loc!r}"
-    msg = validation_message(err)
-    got = f" (got {err['input']!r})" if not isinstance(err.get("input"), (dict, list)) else ""
-    return f"{loc or 'config'}: {msg}{got}"
-
-
 def _check_sources_and_streams(cfg: AgentConfig) -> None:
     from lepton.agent.sources import validate_source_config
 
@@ -225,7 +213,7 @@ def load_config(path: str | Path | None = None, data: dict | None = None) -> Age
     try:
         cfg = AgentConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: {_describe(exc)}") from None
+        raise ConfigError(f"{where}: {describe_config_error(exc)}") from None
     try:
         _check_sources_and_streams(cfg)
     except ConfigError as exc:

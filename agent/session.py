@@ -287,7 +287,7 @@ class Session:
     def _note_error(self, message: str) -> None:
         # One line per change of state, not one per retry.
         if message != self.last_error:
-            log.error("%s; retrying every %.1f-%.0f s", message, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
+            log.error("%s; retrying every %g-%g s", message, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
         self.last_error = message
 
     # --- paho callbacks (network thread): tiny, never raise ----------------------------

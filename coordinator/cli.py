@@ -63,7 +63,7 @@ def _add_events(subparsers) -> None:
         description="The coordinator's event log: devices born, gone offline or stale, placements published, "
         "models that failed to load, streams left unserved, plans that failed.",
     )
-    ev.add_argument("--limit", type=int, default=50, help="newest N events (default 50)")
+    ev.add_argument("--limit", type=_count, default=50, help="newest N events (default 50)")
     ev.add_argument("--device", default="", help="only this device")
     ev.add_argument("--kind", default="", help="only this kind: " + ", ".join(EVENT_KINDS))
     ev.add_argument("--json", action="store_true", help="print JSON")
@@ -160,3 +160,14 @@ def _events(args) -> int:
     rows = events(open_readonly(_db_path(args)), args.limit, args.device, args.kind)
     print(json.dumps(rows, indent=2) if args.json else render_events(rows))
     return 0
+
+
+def _count(text: str) -> int:
+    """A number of rows, 1 or more (SQLite would read a negative LIMIT as no limit)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: give 1 or more")
+    return value

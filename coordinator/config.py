@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from lepton.errors import ConfigError, validation_field, validation_message
+from lepton.errors import ConfigError, describe_config_error
 from lepton.protocol import DEFAULT_PREFIX, Topics
 
 if sys.version_info >= (3, 11):
@@ -127,21 +127,9 @@ def load_config(path: str | Path | None = None, data: dict | None = None) -> Coo
     try:
         return CoordinatorConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{name}: {_describe(exc)}") from None
+        raise ConfigError(f"{name}: {describe_config_error(exc)}") from None
     except Exception as exc:  # the prefix check raises ProtocolError
         raise ConfigError(f"{name}: {exc}") from None
-
-
-def _describe(exc: ValidationError) -> str:
-    """The first pydantic error in the agent's words: ``unknown key 'broker.prot'``, ``db.batch_max: ... (got 0)``."""
-    err = exc.errors()[0]
-    loc = validation_field(err)
-    if err["type"] == "extra_forbidden":
-        return f"unknown key {loc!r}"
-    if err["type"] == "missing":
-        return f"missing key {loc!r}"
-    got = f" (got {err['input']!r})" if not isinstance(err.get("input"), (dict, list)) else ""
-    return f"{loc or 'config'}: {validation_message(err)}{got}"
 
 
 # --- what start-up needs of the file system ----------------------------------------------------

@@ -46,6 +46,19 @@ def describe_validation(exc, top: str, first_only: bool = False) -> str:
     return "; ".join(f"{validation_field(err) or top}: {validation_message(err)}" for err in errors)
 
 
+def describe_config_error(exc) -> str:
+    """The first pydantic error of a config file in its reader's words: ``unknown key 'broker.prot'``,
+    ``missing key 'streams.0.id'``, ``db.batch_max: ... (got 0)`` (the agent and the coordinator alike)."""
+    err = exc.errors()[0]
+    loc = validation_field(err)
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {loc!r}"
+    if err["type"] == "missing":
+        return f"missing key {loc!r}"
+    got = f" (got {err['input']!r})" if not isinstance(err.get("input"), (dict, list)) else ""
+    return f"{loc or 'config'}: {validation_message(err)}{got}"
+
+
 def as_value_error(check, *args, **kwargs):
     """Call a lepton check inside a pydantic validator: a LeptonError it raises becomes the ValueError
     that pydantic reports against the field being validated."""

@@ -146,6 +146,8 @@ def test_events_refuses_a_kind_that_does_not_exist(tmp_path):
     assert all(kind in line for kind in ("placement", "device-offline", "device-stale", "model-failed", "plan-failed"))
     res = lepton("events", "--db", str(path), "--kind", "placement")
     assert res.returncode == 0 and "cam-1" in res.stdout and "models: digits" in res.stdout
+    res = lepton("events", "--db", str(path), "--limit", "-1")  # SQLite reads a negative LIMIT as none
+    assert res.returncode == 2 and "--limit: -1: give 1 or more" in res.stderr
 
 
 def test_every_event_kind_the_coordinator_records_is_listed():
