@@ -112,3 +112,57 @@ def test_bad_demo_arguments_are_refused_with_one_line(tmp_path, argv, named):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("lepton demo: error: ") and named in last, out.stderr
     assert not list(tmp_path.glob("*/broker"))  # nothing started
+
+
+def _observed(plan: dict) -> "Observer":
+    """What the demo's observer holds mid-run (as filled from the topic tree), without a broker."""
+    import threading
+    from collections import Counter, deque
+
+    from lepton.demo.observe import DeviceView, Observer, StreamView
+
+    obs = Observer.__new__(Observer)
+    obs.lock, obs.coordinator, obs.desired_count, obs.events = threading.Lock(), "online", 3, deque()
+    obs.devices = {d: DeviceView(d, state="online", outbox=0, generation=2, models={m: "loaded" for m in ms},
+                                 timings={m: 12.5 for m in ms})
+                   for d, ms in {"cam-1": ["digits-int8", "mobilenet96"], "gw-1": ["vibration-int8", "mobilenet96"],
+                                 "worker-1": ["mobilenet224"], "worker-2": []}.items()}
+    obs.streams = {}
+    for origin, stream in (("cam-1", "door-digits"), ("cam-1", "yard-objects"), ("gw-1", "pump-vibration")):
+        view = StreamView(origin, stream, model="m", results=7, last_at=time.time(), last_output="7 (0.98)",
+                          computed_on=Counter({origin: 7}))
+        obs.streams[(origin, stream)] = view
+    obs.last_plan = lambda: plan
+    return obs
+
+
+def test_demo_view_shows_each_devices_planned_cpu_and_fits_80_columns():
+    from rich.console import Console
+
+    from lepton.demo.fleet import demo_devices
+    from lepton.demo.view import render
+
+    def route(device, share, util):
+        return {"device": device, "share": share, "transfer_ms": 1.0, "propagation_ms": 1.0, "compute_ms": 5.0,
+                "queueing_ms": 0.5, "total_ms": 7.5, "utilization": util}
+
+    plan = {"id": 4, "trigger": "device joined", "path": "milp", "objective": 9.0, "solve_s": 0.02, "unserved": {},
+            "count": 4, "placement": {"cam-1": ["digits-int8"], "gw-1": ["mobilenet96"], "worker-1": [], "worker-2": []},
+            "routes": {"door-digits": [route("cam-1", 1.0, 0.31)],
+                       "yard-objects": [route("gw-1", 0.6, 0.55), route("worker-1", 0.4, 0.2)],
+                       "pump-vibration": [route("gw-1", 1.0, 0.55)]}}
+    roles = {s.id: s.role for s in demo_devices()}
+    for width in (80, 200):
+        console = Console(width=width, record=True, color_system=None)
+        console.print(render(_observed(plan), roles, time.time() - 10, 60, width))
+        lines = console.export_text().splitlines()
+        assert max(len(line) for line in lines) <= width
+        assert "…" not in "\n".join(lines), "a name or header was cut"
+        cells = [line.replace("│", " ").split() for line in lines if " online " in line]
+        rows = {c[0]: c for c in cells}
+        # each device's own planned CPU share, not one host-wide number on every row
+        assert [rows[d][rows[d].index("online") + 1] for d in ("cam-1", "gw-1", "worker-1", "worker-2")] == \
+            ["31%", "55%", "20%", "0%"]
+        for origin, stream in (("cam-1", "door-digits"), ("cam-1", "yard-objects"), ("gw-1", "pump-vibration")):
+            assert f"{origin}/{stream}" in "\n".join(lines)
+    assert rows["worker-1"][1:3] == ["inference", "worker"]  # the wide view also names each device's role

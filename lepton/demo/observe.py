@@ -48,7 +48,6 @@ class DeviceView:
     id: str
     state: str = "unknown"
     role: str = ""
-    load1: float | None = None
     outbox: int | None = None
     models: dict = field(default_factory=dict)  # reported: name -> state
     timings: dict = field(default_factory=dict)  # telemetry: name -> p50 ms
@@ -112,7 +111,7 @@ class Observer:
             view.state = msg.state
         elif isinstance(msg, m.Telemetry):
             view = self._device(device)
-            view.load1, view.outbox = msg.load1, msg.outbox_depth
+            view.outbox = msg.outbox_depth
             view.timings = {k: t.p50_ms for k, t in msg.models.items()}
         elif isinstance(msg, m.Reported):
             view = self._device(device)

@@ -83,15 +83,18 @@ class Scenario:
         return bool(self.duration) and time.time() - self.started >= self.duration
 
     def _live(self, kill_s: float, spike_s: float) -> None:
+        from rich.console import Console
         from rich.live import Live
 
         from lepton.demo.view import render
 
         assert self.obs
-        with Live(render(self.obs, self.roles, self.started, self.duration), refresh_per_second=2, screen=False) as view:
+        console = Console()
+        with Live(render(self.obs, self.roles, self.started, self.duration, console.width), console=console,
+                  refresh_per_second=2, screen=False) as view:
             while not self._finished():
                 self._step(kill_s, spike_s)
-                view.update(render(self.obs, self.roles, self.started, self.duration))
+                view.update(render(self.obs, self.roles, self.started, self.duration, console.width))
                 self.stop_requested.wait(0.5)
 
     # --- the timeline ------------------------------------------------------
