@@ -10,6 +10,7 @@ import argparse
 import functools
 import json
 import os
+import sys
 from pathlib import Path
 
 from lepton.errors import LeptonError
@@ -121,10 +122,22 @@ def _simple(sub, name, metavar, func, help_text):
 def _report(args, outcomes) -> int:
     if args.json:
         print(json.dumps([o.to_json() for o in outcomes], indent=2))
-        return 0
-    for o in outcomes:
-        print(f"{o.name}: {o.action}" + (f" ({len(o.written)} files written)" if o.written else ""))
+    else:
+        for o in outcomes:
+            print(f"{o.name}: {o.action}" + (f" ({len(o.written)} files written)" if o.written else ""))
+    _warn(outcomes)
     return 0
+
+
+def _warn(outcomes) -> None:
+    """Each warning once on stderr, with how many devices it concerns."""
+    devices: dict[str, list[str]] = {}
+    for o in outcomes:
+        for text in getattr(o, "warnings", []):
+            devices.setdefault(text, []).append(o.name)
+    for text, names in devices.items():
+        who = names[0] if len(names) == 1 else f"{len(names)} devices ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+        print(f"lepton provision: warning: {who}: {text}", file=sys.stderr)
 
 
 def _init(args) -> int:
@@ -168,6 +181,7 @@ def _bulk(args) -> int:
         if o.name != "broker":
             counts[o.action] = counts.get(o.action, 0) + 1
     print(f"{len(rows)} devices: " + ", ".join(f"{n} {action}" for action, n in sorted(counts.items())))
+    _warn(outcomes)
     if any(o.name == "broker" for o in outcomes):
         print(f"broker files updated in {fleet.layout.broker_dir}; copy them to the broker host and reload it")
     return 0

@@ -9,6 +9,7 @@ Credentials are read from the directory systemd's ``LoadCredential=`` fills.
 
 from __future__ import annotations
 
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -81,11 +82,21 @@ def load_template(root: Path, name: str) -> dict:
         raise ConfigError(f"cannot read template {path}: {exc}") from None
 
 
+def template_names(tags: list[str]) -> list[str]:
+    """The template files a device with *tags* is built from, in merge order."""
+    return [AGENT_TEMPLATE] + [f"tag-{tag}.toml" for tag in tags]
+
+
+def tags_without_template(root: Path, tags: list[str]) -> list[str]:
+    """Tags with no ``templates/tag-<tag>.toml``: they add nothing to a device's agent config."""
+    return [tag for tag in tags if not (Path(root) / TEMPLATES_DIR / f"tag-{tag}.toml").exists()]
+
+
 def agent_config(settings: FleetSettings, root: Path, device_id: str, tags: list[str]) -> dict:
     """The agent config (as a dict) for one device."""
-    data = load_template(root, AGENT_TEMPLATE)
-    for tag in tags:
-        data = merge(data, load_template(root, f"tag-{tag}.toml"))
+    data: dict = {}
+    for name in template_names(tags):
+        data = merge(data, load_template(root, name))
     creds = settings.agent.credentials_dir.rstrip("/")
     broker = {
         "host": settings.broker.host,
@@ -100,6 +111,82 @@ def agent_config(settings: FleetSettings, root: Path, device_id: str, tags: list
     models["trusted_keys"] = list(dict.fromkeys(trusted_keys(settings) + extra))
     fixed = {"device_id": device_id, "prefix": settings.prefix, "broker": merge(data.get("broker", {}), broker), "models": models}
     return merge(data, fixed)
+
+
+def check_agent_config(settings: FleetSettings, root: Path, device_id: str, tags: list[str]) -> dict:
+    """The agent config for one device, checked by the agent's own config model.
+
+    ConfigError names the template file the bad key or value comes from. Only
+    the config is checked: the credential, password and model files it names
+    exist on the device, not here.
+    """
+    cfg = agent_config(settings, root, device_id, tags)
+    try:
+        from lepton.agent.config import load_config
+    except ModuleNotFoundError:  # pragma: no cover - an install without the agent part
+        return cfg
+    try:
+        load_config(data=cfg)
+    except ConfigError as exc:
+        problem = str(exc).removeprefix("config: ")
+        where, problem = _blame(root, tags, cfg, problem)
+        raise ConfigError(f"{where}: {problem} (nothing written for device {device_id})") from None
+    return cfg
+
+
+def _blame(root: Path, tags: list[str], cfg: dict, problem: str) -> tuple[str, str]:
+    """The template a config problem comes from, and the problem with indices local to that file."""
+    names = template_names(tags)
+    files = {name: load_template(root, name) for name in names}
+
+    def template(name: str) -> str:
+        return f"template {Path(root) / TEMPLATES_DIR / name}"
+
+    loc = _error_loc(cfg)
+    match = re.match(r"(sources|streams)\[(\d+)\]", problem)
+    if match:
+        key, index, written, form = match.group(1), int(match.group(2)), match.group(0), "{}[{}]"
+    elif len(loc) > 1 and loc[0] in ("sources", "streams") and isinstance(loc[1], int):
+        key, index, written, form = loc[0], loc[1], f"{loc[0]}.{loc[1]}", "{}.{}"
+    else:
+        key = None
+    if key is not None:  # arrays of tables append in merge order: count through the files
+        for name in names:
+            entries = files[name].get(key)
+            count = len(entries) if _table_array(entries) else 0
+            if index < count:
+                return template(name), problem.replace(written, form.format(key, index), 1)
+            index -= count
+    else:
+        path = tuple(p for p in loc if isinstance(p, str))
+        depth = {name: _depth(files[name], path) for name in names}
+        best = max(depth.values(), default=0)
+        if best:
+            return template([n for n in names if depth[n] == best][-1]), problem
+    return "templates " + ", ".join(str(Path(root) / TEMPLATES_DIR / n) for n in names) + " (merged)", problem
+
+
+def _error_loc(cfg: dict) -> tuple:
+    """Where the agent's config model finds its first problem (keys and indices), or ()."""
+    from pydantic import ValidationError
+
+    from lepton.agent.config import AgentConfig
+
+    try:
+        AgentConfig.model_validate(cfg)
+    except ValidationError as exc:
+        return tuple(exc.errors()[0]["loc"])
+    return ()
+
+
+def _depth(data: dict, path: tuple) -> int:
+    """How many keys of *path* (tables, then a key) *data* holds, from the top."""
+    node: object = data
+    for depth, key in enumerate(path):
+        if not isinstance(node, dict) or key not in node:
+            return depth
+        node = node[key]
+    return len(path)
 
 
 def trusted_keys(settings: FleetSettings) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 from lepton.errors import ConfigError, LeptonError
 from lepton.protocol import check_id
-from lepton.provisioning import artifacts, pki
+from lepton.provisioning import artifacts, configs, pki
 from lepton.provisioning.files import make_dir, write_if_changed, write_private
 from lepton.provisioning.settings import SETTINGS_FILE, FleetSettings, load_settings, settings_toml
 from lepton.provisioning.store import IdentityRecord, Layout
@@ -25,14 +25,16 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Outcome:
-    """What one provisioning step did: created, updated, unchanged, rotated or revoked."""
+    """What one provisioning step did: created, updated, unchanged, rotated or revoked (and any warnings)."""
 
     name: str
     action: str
     written: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "action": self.action, "written": [str(p) for p in self.written]}
+        return {"name": self.name, "action": self.action, "written": [str(p) for p in self.written],
+                "warnings": list(self.warnings)}
 
 
 def device_name(value: str) -> str:
@@ -50,6 +52,7 @@ class Fleet:
         self.layout = Layout(Path(root).resolve())
         self.settings: FleetSettings = load_settings(self.layout.root)
         self._ca: pki.CA | None = None
+        self._checked_tags: set[tuple[str, ...]] = set()  # tag lists whose agent config passed the agent's model
 
     @property
     def root(self) -> Path:
@@ -134,14 +137,21 @@ class Fleet:
         return outcomes
 
     def check_rows(self, rows: list[tuple[str, list[str]]]) -> None:
-        """ConfigError for the first bad row: invalid or duplicate id, a name taken by another role."""
+        """ConfigError for the first bad row: invalid or duplicate id, a name taken by another role,
+        tags whose templates make an agent config the agent would refuse."""
         seen: set[str] = set()
         for device_id, tags in rows:
             self._check_device_name(device_name(device_id))
-            _clean_tags(tags)
+            self.check_agent_config(device_id, _clean_tags(tags))
             if device_id in seen:
                 raise ConfigError(f"device id {device_id!r} appears twice in the inventory")
             seen.add(device_id)
+
+    def check_agent_config(self, device_id: str, tags: list[str]) -> None:
+        """ConfigError naming the template if the agent would refuse this device's config (checked once per tag list)."""
+        if tuple(tags) not in self._checked_tags:
+            configs.check_agent_config(self.settings, self.root, device_id, tags)
+            self._checked_tags.add(tuple(tags))
 
     def add_observer(self, name: str) -> Outcome:
         """A read-only identity (dashboards, `mosquitto_sub` checks): reads the whole prefix."""
@@ -195,11 +205,14 @@ class Fleet:
             raise ConfigError(f"device {device_id!r} is revoked; `--rotate` issues it a new identity (then restart the broker)")
         if tags is not None:
             record.tags = _clean_tags(tags)
+        self.check_agent_config(device_id, record.tags)  # before any key, certificate or config is written
         action, written = self._ensure_keypair(record, rotate, **cert_opts)
         written += artifacts.write_device_files(self, record)
         if action == "unchanged" and written:
             action = "updated"
-        return Outcome(device_id, action, written)
+        warnings = [f"tag {tag!r} has no template {self.layout.root / configs.TEMPLATES_DIR / f'tag-{tag}.toml'}; "
+                    "it adds nothing to the agent config" for tag in configs.tags_without_template(self.root, record.tags)]
+        return Outcome(device_id, action, written, warnings)
 
     def _ensure_client(self, name: str, role: str, rotate: bool = False) -> Outcome:
         record = self.layout.read_record(name) or IdentityRecord(name, role)

@@ -286,6 +286,41 @@ def test_generated_configs_pass_the_agent_and_coordinator_validators(tmp_path):
     assert cfg.outbox.path.startswith("/var/lib/lepton/") and cfg.models.cache_dir.startswith("/var/lib/lepton/")
 
 
+def test_a_template_the_agent_would_refuse_stops_provisioning_before_anything_is_written(tmp_path, capsys):
+    pytest.importorskip("lepton.agent.config")
+    root = tmp_path / "f"
+    make_fleet(root)
+    (root / "templates" / "tag-pump.toml").write_text('[[sources]]\nid = "x"\ntype = "camera"\nfsp = 3\n')
+    before = snapshot(root)
+    assert main(["provision", "device", "pump-7", "--fleet", str(root), "--tags", "pump"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert "tag-pump.toml" in err and "sources[0]" in err and "unknown key 'fsp'" in err
+    inv = tmp_path / "inv.csv"
+    inv.write_text("id,tags\ncam-1,\npump-7,pump\n")
+    assert main(["provision", "bulk", str(inv), "--fleet", str(root), "--json"]) == 2
+    assert "tag-pump.toml" in capsys.readouterr().err
+    assert snapshot(root) == before  # no key, certificate, config or bundle, not even for the good row
+    # a bad value is named with its file too; the credential paths provisioning sets are not looked for here
+    (root / "templates" / "tag-pump.toml").write_text("[outbox]\nmax_rows = 0\n")
+    assert main(["provision", "device", "pump-7", "--fleet", str(root), "--tags", "pump"]) == 2
+    assert "tag-pump.toml" in capsys.readouterr().err
+    (root / "templates" / "tag-pump.toml").write_text('[[sources]]\nid = "x"\ntype = "camera"\nfps = 3\n')
+    assert main(["provision", "device", "pump-7", "--fleet", str(root), "--tags", "pump"]) == 0
+    assert "pump-7: created" in capsys.readouterr().out
+
+
+def test_a_tag_without_a_template_is_warned_about(tmp_path, capsys):
+    root = tmp_path / "f"
+    make_fleet(root)
+    (root / "templates" / "tag-pi5.toml").write_text("# a label: adds nothing\n")
+    assert main(["provision", "device", "pump-7", "--fleet", str(root), "--tags", "pumps,pi5"]) == 0
+    out, err = capsys.readouterr()
+    assert "pump-7: created" in out
+    assert err.strip().splitlines() == [f"lepton provision: warning: pump-7: tag 'pumps' has no template "
+                                        f"{root / 'templates' / 'tag-pumps.toml'}; it adds nothing to the agent config"]
+
+
 def test_agent_check_config_accepts_the_bundle_as_installed(tmp_path, capsys):
     """`lepton agent --check-config` loads the credentials too: check the bundle's config with the
     paths pointed where install.sh puts the files (the service itself finds them in /run/credentials)."""
