@@ -240,6 +240,8 @@ def cmd_inspect(args) -> int:
     registry = _registry(args)
     if target.suffix == ".tflite" and target.is_file():
         return _inspect_tflite(target, args.json)
+    if not target.exists() and ("/" in args.target or target.suffix in (".tflite", ".json")):
+        raise ConfigError(f"{args.target}: file not found")  # a path, not a registry name
     if target.exists():
         manifest_path = target / MANIFEST_NAME if target.is_dir() else target
         manifest = load_manifest(manifest_path)

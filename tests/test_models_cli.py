@@ -147,6 +147,9 @@ def test_bad_arguments_are_named(capsys, tmp_path):
     assert code == 2 and "nope" in err
     code, _, err = run(capsys, "models", "inspect", "no-such-model")
     assert code == 1 and "no model named 'no-such-model'" in err
+    for path in (str(tmp_path / "nope.tflite"), "nope.tflite", str(tmp_path / "dir" / "model")):
+        code, _, err = run(capsys, "models", "inspect", path)
+        assert (code, err.strip()) == (2, f"lepton: error: {path}: file not found")
     bad_spec = tmp_path / "bad.json"
     bad_spec.write_text("{not json")
     code, _, err = run(capsys, "models", "add", str(zoo_dir() / "digits" / "model.tflite"), "--name", "x",
