@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # TimeoutStopSec is 20 s) with room for the interpreter's own exit. Whatever the steps before took, the
 # last ones keep (of what is left):
 STOP_BUDGET_S = 8.0
-KEEP_FOR_SESSION_S = 2.5  # the offline status: Session.close may take 2 s past its timeout (its thread's join)
+KEEP_FOR_SESSION_S = 2.5  # the offline status: its PUBACK, then the session's thread
 KEEP_FOR_FLUSH_S = 1.5  # delivery: commit what the pipelines gave, publish it, wait for PUBACKs
 KEEP_FOR_PLACEMENT_S = 1.0  # offloaded inputs still out: their answers, or computed here
 AFTER_PLACEMENT_S = KEEP_FOR_FLUSH_S + KEEP_FOR_SESSION_S
@@ -278,9 +278,9 @@ class Agent:
     def _close_session(self) -> None:
         offline = m.Status(device=self.device, state="offline", ts=time.time(), reason="stopped",
                            agent_version=__version__)
-        # close() joins its thread for up to 2 s past its timeout (when it is connecting): keep that inside the budget.
+        # a quarter second kept for the disconnect and the interpreter's exit
         self.session.close([Outgoing(self.topics.status(self.device), encode(offline), 1, True)],
-                           timeout=max(0.0, self._left() - 2.0))
+                           timeout=self._left(0.25))
 
     # --- models and placement -------------------------------------------------------------
     def load_model(self, name: str, version: str | None = None) -> Any:

@@ -90,10 +90,11 @@ class Delivery:
     def stop(self, timeout: float = 3.0) -> None:
         """Commit everything submitted, publish what the link allows, wait up to *timeout* for PUBACKs."""
         done = threading.Event()
-        self.queue.put(("stop", done, time.monotonic() + timeout))
-        done.wait(timeout + 5)
+        deadline = time.monotonic() + timeout
+        self.queue.put(("stop", done, deadline))
+        done.wait(timeout)  # at most *timeout* in all: the agent's stop budget counts on it
         if self._thread is not None:
-            self._thread.join(1.0)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
 
     # --- the thread -------------------------------------------------------------
     def _run(self) -> None:

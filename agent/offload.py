@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 SUSPECT_AFTER = 3  # consecutive timeouts that make a target suspect
 TICK_S = 0.05
+STOP_POLL_S = 0.25  # a worker waiting for an offload slot looks at the stop event this often
 
 
 class Router:
@@ -111,10 +112,14 @@ class OffloadClient:
         self._request = 0
         self._fallbacks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()  # the agent's stop event once started
         self.late = 0  # replies after their request timed out, or for no request of ours
 
     # --- lifecycle ----------------------------------------------------------------
-    def start(self, stop: threading.Event) -> None:
+    def start(self, stop: threading.Event, stopping: threading.Event | None = None) -> None:
+        """Threads run until *stop*; a worker waiting for a slot gives up once *stopping* (the agent's stop,
+        set before its pipelines finish: *stop* comes later, after their last answers) is set."""
+        self._stopping = stopping or stop
         for name, target in (("offload-timeouts", self._expire_loop), ("offload-fallback", self._fallback_loop)):
             thread = threading.Thread(target=target, args=(stop,), name=name, daemon=True)
             thread.start()
@@ -170,7 +175,9 @@ class OffloadClient:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return f"{self.cfg.max_inflight} requests to {target} already waiting"
-                self._cond.wait(left)
+                if self._stopping.is_set():
+                    return "the agent is stopping"  # the frame is computed here, or counted, within the stop budget
+                self._cond.wait(min(left, STOP_POLL_S))
             self._request += 1
             request = self._request
             state.inflight += 1

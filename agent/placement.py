@@ -75,7 +75,7 @@ class Placement:
 
     def start(self) -> None:
         agent = self.agent
-        self.offload_client.start(agent.inbound_stop)  # its timeouts run until inbound stops
+        self.offload_client.start(agent.inbound_stop, agent.stop_event)  # its timeouts run until inbound stops
         self.offload_server.start(agent.stop_event)
         self.reconciler.start(agent.stop_event)
         if agent.cfg.link.measure:

@@ -186,13 +186,14 @@ class Session:
         return self.connected.wait(timeout)
 
     def close(self, last: list[Outgoing] = (), timeout: float = 3.0) -> None:
-        """Publish *last* (e.g. the offline status) and wait for its PUBACK, then disconnect cleanly."""
+        """Publish *last* (e.g. the offline status) and wait for its PUBACK, then disconnect cleanly; at most
+        *timeout* in all (a supervisor still connecting is left to end with the process)."""
+        deadline = time.monotonic() + timeout
         self._halt.set()
         with self._lock:
             client = self._client
         if client is not None and self.connected.is_set():
             infos = [client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain) for m in last]
-            deadline = time.monotonic() + timeout
             for info in infos:
                 try:
                     info.wait_for_publish(max(0.01, deadline - time.monotonic()))
@@ -202,7 +203,7 @@ class Session:
             client.disconnect()
         self._lost.set()
         if self._thread is not None:
-            self._thread.join(timeout + 2)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
 
     # --- publishing ---------------------------------------------------------------
     def publish(self, msg: Outgoing, generation: int | None = None) -> tuple[int, int] | None:

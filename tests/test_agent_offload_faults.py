@@ -88,6 +88,35 @@ def test_inputs_unanswered_at_shutdown_are_computed_here(broker, prefix, tmp_pat
         consumer.close()
 
 
+def test_a_worker_waiting_for_an_offload_slot_is_let_go_at_stop(broker, prefix, tmp_path):
+    """One slot, taken by a frame w never answers: the worker waits for the slot with its next frame. A stop
+    lets it go at once (it held the stop for the pipelines' whole share of the budget, and its frame got no
+    result); that frame is computed here like the one still out."""
+    topics = Topics(prefix)
+    consumer = Consumer(broker.port, topics, tmp_path / "results.db").start()
+    placer = Placer(broker.port, topics)
+    target = SilentTarget(broker.port, topics, "dev1")
+    agent = Agent(load_config(data=agent_config(tmp_path, broker.port, prefix,
+                                                offload={"timeout_s": 60.0, "max_inflight": 1})))
+    try:
+        agent.start()
+        placed(placer, "dev1", models=[zoo_ref()], routes={STREAM: [("w", 1.0)]})
+        wait_for(lambda: len(target.frames()) == 1, 20, "the one frame w holds")
+        time.sleep(0.5)  # the worker is now waiting for the slot with its next frame
+        started = time.monotonic()
+        agent.stop()
+        took = time.monotonic() - started
+        assert took < 3.0, f"stop took {took:.1f} s"  # the drain of the answer still out takes 1-2 s; the wait took 3 s more
+        wait_for(lambda: len([r for r in consumer.outputs("dev1") if r.computed_on == "dev1"]) >= 2, 10,
+                 "both frames computed here")
+        assert agent.pipelines[STREAM].stats()["offload_failed"] == 0
+    finally:
+        agent.stop()
+        target.close()
+        placer.close()
+        consumer.close()
+
+
 @pytest.fixture
 def served(broker, prefix, tmp_path):
     """This device's stream served by a real worker process "w"; the agent runs in this process."""
