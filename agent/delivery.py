@@ -12,7 +12,8 @@ deadline passed, and re-sends every unacknowledged result, in order:
   have lost what it had not committed; the retained copy that greets our own
   subscription changes nothing, the reconnect re-send covers it),
 - when the oldest unacknowledged result waited ``resend_after_s`` for an ack
-  (a broker may drop queued QoS 1 messages without a word).
+  and no ack moved the floor meanwhile (a broker may drop queued QoS 1
+  messages without a word; acks that come late but keep coming are not that).
 
 Results flow while the coordinator is known to be online, or when this agent
 has never seen a coordinator status (a standalone device watched by
@@ -61,6 +62,7 @@ class Delivery:
         self._generation = 0
         self._inflight: dict[int, int] = {}  # mid -> seq, current connection only
         self._sent_marks: deque[tuple[int, float]] = deque()  # (first seq, time) of sends, in seq order
+        self._acked_at = 0.0  # monotonic time of the last ack that deleted something
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._next_tick = 0.0
@@ -197,6 +199,8 @@ class Delivery:
 
     def _ack(self, seq: int) -> None:
         removed = self.outbox.ack(seq)
+        if removed:
+            self._acked_at = time.monotonic()
         floor = self.outbox.floor
         while len(self._sent_marks) > 1 and self._sent_marks[1][0] <= floor:
             self._sent_marks.popleft()
@@ -231,8 +235,12 @@ class Delivery:
             log.info("expired %d result(s) whose deadline passed (%d in all)", expired, self.outbox.expired)
         # Only a coordinator known to be online is waited for: with none (or one
         # that said offline) a re-send would only feed the broker's queues.
+        # Waited: since the oldest unacknowledged result went out, or since the last ack that deleted something
+        # if later. Acks that keep coming, however far behind, mean the coordinator is working through them: a
+        # re-send then would only double what the broker queues for it (and it drops past its limit).
+        waited = now - max(self._sent_marks[0][1], self._acked_at) if self._sent_marks else 0.0
         if (self._sent_marks and self.coordinator == "online" and self.session.connected.is_set()
-                and now - self._sent_marks[0][1] >= self.cfg.resend_after_s and self.outbox.depth):
+                and waited >= self.cfg.resend_after_s and self.outbox.depth):
             self._resend_all(f"no ack for {self.cfg.resend_after_s:.0f} s")
 
     def may_send(self) -> bool:

@@ -231,6 +231,24 @@ def test_a_resend_keeps_to_the_ack_window_past_the_floor(setup):
     assert max(wire.seqs()) == 80, f"sent up to {max(wire.seqs())}, the window ends at 80"
 
 
+def test_acks_that_lag_but_keep_coming_cause_no_resend(setup):
+    """A coordinator working through a backlog acks late but steadily: that is not a lost message, and a
+    re-send would double what the broker queues for it. A real stall (no ack at all) still re-sends."""
+    make, wire, topics = setup
+    delivery, outbox = make(coordinator="online", resend_after_s=1.0, ack_window=1000)
+    wait_for(lambda: delivery.coordinator == "online", 5, "the coordinator's status")
+    for _ in range(60):
+        delivery.submit(result(topics))
+    wait_for(lambda: len(wire.seqs()) == 60, 5, "the first sends")
+    for seq in range(4, 61, 4):  # 4 more every 0.25 s: 3.75 s for all, the last ones acked 3.5 s after sending
+        time.sleep(0.25)
+        wire.client.publish(topics.acks("dev1"), encode(m.Ack(device="dev1", seq=seq)), qos=1)
+    wait_for(lambda: outbox.depth == 0, 5, "every ack applied")
+    assert delivery.resent == 0 and len(wire.seqs()) == 60
+    delivery.submit(result(topics))  # no ack for this one: re-sent after resend_after_s
+    wait_for(lambda: wire.seqs().count(61) >= 2, 5, "the re-send of an unacknowledged result")
+
+
 def test_a_result_past_its_deadline_is_never_sent(setup):
     make, wire, topics = setup
     delivery, outbox = make()
