@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # TimeoutStopSec is 20 s) with room for the interpreter's own exit. Whatever the steps before took, the
 # last ones keep (of what is left):
 STOP_BUDGET_S = 8.0
+LINK_HINTS = {"up_mbps", "down_mbps", "rtt_ms"}  # the [link] keys a birth carries (the rest are the agent's own settings)
 KEEP_FOR_SESSION_S = 2.5  # the offline status: its PUBACK, then the session's thread
 KEEP_FOR_FLUSH_S = 1.5  # delivery: commit what the pipelines gave, publish it, wait for PUBACKs
 KEEP_FOR_PLACEMENT_S = 1.0  # offloaded inputs still out: their answers, or computed here
@@ -365,7 +366,7 @@ class Agent:
             cpu_count=cpus, memory_mb=psutil.virtual_memory().total / 2**20, arch=platform.machine() or "unknown",
             runtime=runtime, runtime_version=version, threads=self.cfg.runtime.threads,
             cpu_share=self.cfg.runtime.cpu_share or float(cpus), models=sorted(self.runners),
-            link={k: v for k, v in self.cfg.link.model_dump().items() if v is not None})
+            link={k: v for k, v in self.cfg.link.model_dump(include=LINK_HINTS).items() if v is not None})
         streams = [self.stream_info(s) for s in self.cfg.streams]
         self._announced = {s.id: s.payload_bytes for s in streams}
         return m.Status(device=self.device, state="online", ts=time.time(), agent_version=__version__,
