@@ -68,7 +68,7 @@ class Fetcher:
 
     def __init__(self, cache_dir: str | Path, trusted_keys: list[Path], local: list[Any] = (),
                  timeout_s: float = 20.0, attempts: int = 4, ca_file: str = "",
-                 on_download: Callable[[int, float], None] | None = None) -> None:
+                 on_download: Callable[[int, float], None] | None = None, ca_key: str = "models.http_ca") -> None:
         from lepton.models.registry import Registry, zoo_public_key
 
         self.cache_dir = Path(cache_dir)
@@ -82,7 +82,8 @@ class Fetcher:
         try:
             self._ssl = ssl.create_default_context(cafile=ca_file) if ca_file else None
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"models.http_ca {ca_file}: cannot be used: {getattr(exc, 'strerror', None) or exc}") from None
+            raise ConfigError(f"{ca_key} {ca_file}: cannot be used for model downloads: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
 
     @property
     def registries(self) -> list[Any]:

@@ -33,7 +33,8 @@ def make_fetcher(cfg: Any, registry: Any, on_download: Callable[[int, float], No
     models = cfg.models
     return Fetcher(models.cache_dir, [Path(k) for k in models.trusted_keys], local=[registry],
                    timeout_s=models.download_timeout_s, attempts=models.download_attempts,
-                   ca_file=models.http_ca or cfg.broker.tls_ca, on_download=on_download)
+                   ca_file=models.http_ca or cfg.broker.tls_ca, on_download=on_download,
+                   ca_key="models.http_ca" if models.http_ca else "broker.tls_ca")  # the key the user wrote
 
 
 def local_versions(fetcher: Any, name: str, version: str | None) -> list[Any]:

@@ -130,3 +130,13 @@ def test_check_config_refuses_inf_with_exit_2(tmp_path, capsys):
     assert main(["agent", "--check-config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "link.up_mbps" in err and "finite" in err, err
+
+
+def test_a_missing_broker_ca_is_named_by_the_key_the_config_has(tmp_path, capsys):
+    """The model downloads fall back to broker.tls_ca: its error names that key, not models.http_ca (unset)."""
+    from lepton.cli import main
+
+    path = write(tmp_path, GOOD.replace("[broker]", f'[broker]\ntls_ca = "{tmp_path}/none.crt"'))
+    assert main(["agent", "--check-config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "broker.tls_ca" in err and "models.http_ca" not in err, err
