@@ -92,11 +92,13 @@ def check_references(cfg: AgentConfig, registry: Any = None, fetcher: Any = None
 class Agent:
     """Sources, models, pipelines, outbox, MQTT session, telemetry, systemd: one device."""
 
-    def __init__(self, cfg: AgentConfig, environ: dict[str, str] | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, environ: dict[str, str] | None = None,
+                 halt: threading.Event | None = None) -> None:
         self.cfg = cfg
         self.device = cfg.device_id
         self.topics = Topics(cfg.prefix)
         self.stop_event = threading.Event()
+        self.halt = halt or threading.Event()  # set by a signal: start-up stops waiting for the broker
         self.notifier = Notifier(environ)
         self.registry: Any = None
         self.runners: dict[str, Any] = {}  # model name -> ModelRunner
@@ -233,10 +235,17 @@ class Agent:
         self._steps.append(lambda: self.watchdog.join(min(1.0, self._left(AFTER_PIPELINES_S))))
 
     def report_ready(self) -> None:
-        """READY=1 once the broker session is up (or, without a broker, after ready_timeout_s)."""
-        if not self.session.wait_connected(self.cfg.broker.ready_timeout_s):
-            log.warning("no broker session after %.0f s (%s): running; results wait in the outbox",
-                        self.cfg.broker.ready_timeout_s, self.session.last_error or "connecting")
+        """READY=1 once the broker session is up (or, without a broker, after ready_timeout_s); a stop asked
+        for meanwhile (SIGTERM) ends the wait at once."""
+        deadline = time.monotonic() + self.cfg.broker.ready_timeout_s
+        while not self.session.wait_connected(min(0.1, max(0.0, deadline - time.monotonic()))):
+            if self.halt.is_set():
+                log.info("stop asked for while waiting for the broker (%s)", self.session.last_error or "connecting")
+                return
+            if time.monotonic() >= deadline:
+                log.warning("no broker session after %.0f s (%s): running; results wait in the outbox",
+                            self.cfg.broker.ready_timeout_s, self.session.last_error or "connecting")
+                break
         self.notifier.ready(self.status_line())
         log.info("agent %s up in %.1f s: %d stream(s), models %s", self.device,
                  time.monotonic() - self.started_at, len(self.pipelines), ", ".join(self.runners) or "none")
@@ -439,7 +448,7 @@ class Agent:
 
 def run(cfg: AgentConfig, stop: threading.Event) -> int:
     """Run an agent until *stop* is set; the exit code."""
-    agent = Agent(cfg)
+    agent = Agent(cfg, halt=stop)
     agent.start()
     while not stop.wait(1.0):
         pass

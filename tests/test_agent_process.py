@@ -305,3 +305,19 @@ def test_check_config_exit_codes(tmp_path):
         bad = run_cli("agent", "--check-config", str(path))
         lines = bad.stderr.strip().splitlines()
         assert bad.returncode == 2 and len(lines) == 1 and named in lines[0], bad.stderr
+
+
+def test_sigterm_while_waiting_for_the_broker_at_start_up_stops_at_once(tmp_path, agents):
+    """Start-up waits up to ready_timeout_s for the broker; a SIGTERM meanwhile ends the wait (it used to be
+    served only once the wait ran out)."""
+    from lepton.broker import free_port
+
+    cfg = agent_config(tmp_path, free_port(), "t/v1")  # nothing listens there
+    cfg["broker"]["ready_timeout_s"] = 60
+    agent = AgentProcess(cfg, tmp_path).start()
+    agents.append(agent)
+    wait_for(lambda: "cannot connect to broker" in agent.log_tail(), 30, "the connection refused")
+    started = time.monotonic()
+    agent.signal(signal.SIGTERM)
+    assert agent.wait(10) == 0
+    assert time.monotonic() - started < 5, agent.log_tail()
