@@ -18,19 +18,17 @@ from __future__ import annotations
 import logging
 import queue
 import random
-import ssl
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from lepton.agent.config import BrokerConfig
-from lepton.errors import ConfigError
+from lepton.brokerfiles import read_password, reason, tls_context
 from lepton.sockets import nodelay
 from lepton.protocol import Topics
 
@@ -246,7 +244,7 @@ class Session:
             client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive,
                            **({"clean_start": True} if self.cfg.mqtt_version == "5" else {}))
         except (OSError, ValueError) as exc:
-            self._note_error(f"cannot connect to broker {self.cfg.host}:{self.cfg.port}: {_reason(exc)}")
+            self._note_error(f"cannot connect to broker {self.cfg.host}:{self.cfg.port}: {reason(exc)}")
             return 0.0
         self.link.connect_ms = (time.monotonic() - started) * 1000.0
         with self._lock:
@@ -346,30 +344,3 @@ class Session:
         if self.wake_on_puback:
             self.wake_on_puback = False
             self.events.put(("wake",))
-
-
-def _reason(exc: BaseException) -> str:
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-
-
-def tls_context(cfg: BrokerConfig) -> ssl.SSLContext:
-    """The TLS context for every connection, built once so bad files fail at start-up."""
-    try:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.tls_ca)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"broker.tls_ca {cfg.tls_ca}: {_reason(exc)}") from None
-    if cfg.tls_cert:
-        try:
-            ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"broker.tls_cert/tls_key {cfg.tls_cert}: {_reason(exc)}") from None
-    return ctx
-
-
-def read_password(path: str) -> str:
-    if not path:
-        return ""
-    try:
-        return Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"broker.password_file {path}: {exc.strerror}") from None

@@ -17,6 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lepton.brokerfiles import read_password, readable, reason, tls_context
 from lepton.errors import ConfigError, describe_config_error
 from lepton.protocol import DEFAULT_PREFIX, Topics
 
@@ -144,13 +145,13 @@ def check_files(cfg: CoordinatorConfig) -> None:
         raise ConfigError("broker.tls_ca: empty, so broker.tls_cert/tls_key would not be used (set tls_ca to use TLS)")
     if cfg.http.enabled:
         if cfg.http.tls_cert:
-            _readable("http.tls_cert", cfg.http.tls_cert)
+            readable("http.tls_cert", cfg.http.tls_cert)
             if cfg.http.tls_key:
-                _readable("http.tls_key", cfg.http.tls_key)
+                readable("http.tls_key", cfg.http.tls_key)
             try:
                 ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cfg.http.tls_cert, cfg.http.tls_key or None)
             except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"http.tls_cert/tls_key {cfg.http.tls_cert}: {_reason(exc)}") from None
+                raise ConfigError(f"http.tls_cert/tls_key {cfg.http.tls_cert}: {reason(exc)}") from None
         elif cfg.http.tls_key:
             raise ConfigError("http.tls_key: set without http.tls_cert")
     elif not cfg.http.base_url:
@@ -160,50 +161,6 @@ def check_files(cfg: CoordinatorConfig) -> None:
     for index, key in enumerate(cfg.models.trusted_keys):
         _public_key(f"models.trusted_keys[{index}]", key)
     _database_path(cfg.db.path)
-
-
-def tls_context(b: BrokerConfig) -> ssl.SSLContext:
-    """The client TLS context for the broker connection; ConfigError naming the key whose file is unusable."""
-    _readable("broker.tls_ca", b.tls_ca)
-    if b.tls_cert:
-        _readable("broker.tls_cert", b.tls_cert)
-    if b.tls_key:
-        if not b.tls_cert:
-            raise ConfigError("broker.tls_key: set without broker.tls_cert")
-        _readable("broker.tls_key", b.tls_key)
-    try:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=b.tls_ca)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"broker.tls_ca {b.tls_ca}: not a usable CA certificate ({_reason(exc)})") from None
-    if b.tls_cert:
-        try:
-            ctx.load_cert_chain(b.tls_cert, b.tls_key or None)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"broker.tls_cert/tls_key {b.tls_cert}: {_reason(exc)}") from None
-    return ctx
-
-
-def read_password(path: str) -> str:
-    """The broker password from ``broker.password_file`` ("" when none is set)."""
-    if not path:
-        return ""
-    try:
-        return Path(path).read_text().strip()
-    except OSError as exc:
-        raise ConfigError(f"broker.password_file {path}: {_reason(exc)}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"broker.password_file {path}: not a text file") from None
-
-
-def _readable(key: str, path: str) -> None:
-    p = Path(path)
-    try:
-        with open(p, "rb"):
-            pass
-    except IsADirectoryError:
-        raise ConfigError(f"{key} {path}: is a directory, not a file") from None
-    except OSError as exc:
-        raise ConfigError(f"{key} {path}: {_reason(exc)}") from None
 
 
 def _directory(key: str, path: str) -> None:
@@ -217,7 +174,7 @@ def _directory(key: str, path: str) -> None:
 
 
 def _public_key(key: str, path: str) -> None:
-    _readable(key, path)
+    readable(key, path)
     try:
         from lepton.models.signing import load_public_key
     except ModuleNotFoundError:  # the models part is not installed: start-up says so
@@ -249,7 +206,3 @@ def _database_path(path: str) -> None:
         raise ConfigError(f"db.path {path}: directory {parent} does not exist and cannot be created ({ancestor} is not a directory)")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ConfigError(f"db.path {path}: directory {parent} does not exist and cannot be created in {ancestor}: permission denied")
-
-
-def _reason(exc: BaseException) -> str:
-    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__

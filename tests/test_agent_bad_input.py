@@ -148,4 +148,4 @@ def test_tls_with_a_client_certificate_connects_and_bad_tls_files_stop_start_up(
         bad = AgentProcess(cfg, tmp_path).start()
         assert bad.wait(30) == 2
         errors = [line for line in bad.log_tail().splitlines() if line.startswith("lepton: error:")]
-        assert len(errors) == 1 and "tls_cert/tls_key" in errors[0]
+        assert len(errors) == 1 and "broker.tls_key" in errors[0] and "missing.key" in errors[0], errors
