@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -58,19 +59,31 @@ def placed(placer: Placer, device: str, **kw):
     return wait_for(lambda: placer.report(device, gen), 20, f"{device} generation {gen}")
 
 
-def test_inputs_unanswered_at_shutdown_are_computed_here(broker, prefix, tmp_path):
-    """Placement.stop() says so; the fallback thread used to end before the last timeouts queued them,
-    and those frames had no result and no offload_failed count."""
+@contextmanager
+def offloading_to_silent_w(broker, prefix: str, tmp_path, max_inflight: int):
+    """An agent (dev1) whose stream is routed to "w", which never answers; a consumer of its results.
+    A long timeout: at the stop, what was offloaded is still waiting for its answer."""
     topics = Topics(prefix)
     consumer = Consumer(broker.port, topics, tmp_path / "results.db").start()
     placer = Placer(broker.port, topics)
     target = SilentTarget(broker.port, topics, "dev1")
-    # A long timeout and a wide window: at the stop, every offloaded frame is still waiting for its answer.
     agent = Agent(load_config(data=agent_config(tmp_path, broker.port, prefix,
-                                                offload={"timeout_s": 60.0, "max_inflight": 256})))
+                                                offload={"timeout_s": 60.0, "max_inflight": max_inflight})))
     try:
         agent.start()
         placed(placer, "dev1", models=[zoo_ref()], routes={STREAM: [("w", 1.0)]})
+        yield agent, consumer, target
+    finally:
+        agent.stop()
+        target.close()
+        placer.close()
+        consumer.close()
+
+
+def test_inputs_unanswered_at_shutdown_are_computed_here(broker, prefix, tmp_path):
+    """Placement.stop() says so; the fallback thread used to end before the last timeouts queued them,
+    and those frames had no result and no offload_failed count."""
+    with offloading_to_silent_w(broker, prefix, tmp_path, max_inflight=256) as (agent, consumer, target):
         wait_for(lambda: len(target.frames()) >= 5, 20, "frames offloaded to w")
         agent.stop()
         sent = target.frames()
@@ -81,26 +94,13 @@ def test_inputs_unanswered_at_shutdown_are_computed_here(broker, prefix, tmp_pat
         assert {r.computed_on for r in fallback} == {"dev1"} and stats["offloaded"] == 0
         assert stats["offload_failed"] == 0, "the model is held here: computed, not failed"
         assert agent.offload_client.stats()["w"]["inflight"] == 0
-    finally:
-        agent.stop()
-        target.close()
-        placer.close()
-        consumer.close()
 
 
 def test_a_worker_waiting_for_an_offload_slot_is_let_go_at_stop(broker, prefix, tmp_path):
     """One slot, taken by a frame w never answers: the worker waits for the slot with its next frame. A stop
     lets it go at once (it held the stop for the pipelines' whole share of the budget, and its frame got no
     result); that frame is computed here like the one still out."""
-    topics = Topics(prefix)
-    consumer = Consumer(broker.port, topics, tmp_path / "results.db").start()
-    placer = Placer(broker.port, topics)
-    target = SilentTarget(broker.port, topics, "dev1")
-    agent = Agent(load_config(data=agent_config(tmp_path, broker.port, prefix,
-                                                offload={"timeout_s": 60.0, "max_inflight": 1})))
-    try:
-        agent.start()
-        placed(placer, "dev1", models=[zoo_ref()], routes={STREAM: [("w", 1.0)]})
+    with offloading_to_silent_w(broker, prefix, tmp_path, max_inflight=1) as (agent, consumer, target):
         wait_for(lambda: len(target.frames()) == 1, 20, "the one frame w holds")
         time.sleep(0.5)  # the worker is now waiting for the slot with its next frame
         started = time.monotonic()
@@ -110,11 +110,6 @@ def test_a_worker_waiting_for_an_offload_slot_is_let_go_at_stop(broker, prefix, 
         wait_for(lambda: len([r for r in consumer.outputs("dev1") if r.computed_on == "dev1"]) >= 2, 10,
                  "both frames computed here")
         assert agent.pipelines[STREAM].stats()["offload_failed"] == 0
-    finally:
-        agent.stop()
-        target.close()
-        placer.close()
-        consumer.close()
 
 
 @pytest.fixture
