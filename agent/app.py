@@ -405,14 +405,14 @@ class Agent:
         rates = {}
         for sid, pipeline in list(self.pipelines.items()):
             rate = getattr(pipeline.source, "rate", None)
-            if rate is not None and (hz := rate()) > 0:
+            if rate is not None and (hz := rate()) is not None:  # None: not measured yet
                 rates[sid] = hz
         return rates
 
     def stream_info(self, stream) -> m.StreamInfo:
         pipeline = self.pipelines.get(stream.id)
-        rate = self.stream_rates().get(stream.id, 0.0) if pipeline else 0.0
-        if not rate:
+        rate = self.stream_rates().get(stream.id) if pipeline else None
+        if rate is None:  # not measured yet: the source's configured rate
             typed = source_config(self.cfg, stream.source)
             rate = float(typed.get("fps") or 0.0) or 10.0
         size = pipeline.payload_bytes() if pipeline else tensor_bytes(self.runners[stream.model].input)

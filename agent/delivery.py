@@ -35,6 +35,7 @@ import queue
 import threading
 import time
 from collections import deque
+from functools import partial
 
 from lepton.agent.config import OutboxConfig
 from lepton.agent.outbox import Outbox, Pending, Row
@@ -110,12 +111,14 @@ class Delivery:
                     items.append(self.queue.get_nowait())
                 except queue.Empty:
                     break
-            try:
-                self._handle(items)
-                self._timers()
-                self._send()
-            except Exception as exc:  # the outbox thread must outlive any one bad moment (e.g. a full disk)
-                self._failed(exc)
+            failed = False
+            for step in (partial(self._handle, items), self._timers, self._send):
+                try:  # each on its own: rows already held still go out (and expire) while commits fail
+                    step()
+                except Exception as exc:  # the outbox thread must outlive any one bad moment (e.g. a full disk)
+                    self._failed(exc)
+                    failed = True
+            if failed:
                 self._bound_uncommitted()
                 if self._stop_request is None:
                     time.sleep(TICK_S)
@@ -159,8 +162,6 @@ class Delivery:
         while self._uncommitted:
             batch = [self._uncommitted[i] for i in range(min(self.cfg.batch_max, len(self._uncommitted)))]
             self._commit(batch)  # raises if the outbox refuses: the batch stays for the next round
-            for _ in batch:
-                self._uncommitted.popleft()
         if self._ack_due:
             self._ack(self._ack_due)
             self._ack_due = 0
@@ -188,7 +189,10 @@ class Delivery:
                       over, self.lost_uncommitted)
 
     def _commit(self, batch: list[Pending]) -> None:
+        """Commit *batch*, the oldest of ``_uncommitted``, and take it from there; then publish what is next."""
         rows = self.outbox.enqueue(batch)
+        for _ in batch:  # committed: from here on it is the outbox's, whatever happens to the publish
+            self._uncommitted.popleft()
         self.committed += len(batch)
         # Fast path: caught up on this connection, so the new rows are next.
         if rows and self._cursor == rows[0].seq - 1 and self.may_send():

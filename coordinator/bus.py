@@ -152,11 +152,11 @@ class Bus:
         after = f" after: {self.last_error}" if self.last_error else ""
         log.info("connected to %s (session present: %s)%s", self._where(), flags.session_present, after)
         self.last_error = self.reason = ""
-        self.connected.set()
-        try:
+        try:  # first: the rebalancer restarts its liveness grace before it can see the session up
             self.on_connected()
         except Exception:  # never let a callback end paho's loop thread
             log.exception("on_connected hook failed")
+        self.connected.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected = self.connected.is_set()

@@ -266,3 +266,46 @@ def test_backoff_doubles_to_the_cap_with_jitter():
     assert len({round(w, 6) for w in waits[-3:]}) > 1  # jittered, not lockstep
     backoff.reset()
     assert backoff.next() <= 0.5 * 1.25
+
+
+class _FlakySession:
+    """The session surface delivery uses, whose first publish raises (as a client in a bad state may):
+    a unit test of delivery's bookkeeping, with the real outbox."""
+
+    def __init__(self) -> None:
+        import collections
+        import queue
+
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.pubacks: collections.deque = collections.deque()
+        self.connected = threading.Event()
+        self.connected.set()
+        self.generation, self.wake_on_puback = 1, False
+        self.sent: list[dict] = []
+        self.events.put(("connected", 1))
+
+    def publish(self, msg, generation=None):
+        if not self.sent and not getattr(self, "raised", False):
+            self.raised = True
+            raise RuntimeError("the client refused the publish")
+        self.sent.append(json.loads(msg.payload))
+        return self.generation, len(self.sent)
+
+
+def test_a_publish_that_raises_after_the_commit_does_not_commit_the_results_again(tmp_path):
+    """The results were committed (numbered) before the publish failed: they must not be committed again under
+    new numbers (the coordinator would store both copies)."""
+    cfg = load_config(data={"device_id": "dev1", "outbox": {"path": str(tmp_path / "o.db")}})
+    session, outbox = _FlakySession(), Outbox(str(tmp_path / "o.db"))
+    delivery = Delivery(outbox, session, cfg.outbox)
+    topics = Topics("t/v1")
+    delivery.start()
+    try:
+        for _ in range(3):
+            delivery.submit(result(topics))
+        wait_for(lambda: sorted(r["seq"] for r in session.sent) == [1, 2, 3], 5, "the three published once")
+        time.sleep(0.3)
+        assert outbox.next_seq == 4 and outbox.depth == 3 and delivery.committed == 3
+    finally:
+        delivery.stop(1)
+        outbox.close()

@@ -226,7 +226,7 @@ def test_rate_is_frames_delivered_taken_or_dropped(started):
     """rate() is the stream's demand the coordinator plans for: every frame delivered counts, even when
     no consumer takes any (a stream nobody serves still asks for its rate)."""
     source = started({"id": "rated", "type": "synthetic", "pattern": "noise", "fps": 40, "width": 16, "height": 16})
-    assert source.rate() == 0.0  # one look: no span yet
+    assert source.rate() is None  # one look: nothing measured yet (a stopped source reads 0, not this)
     time.sleep(1.5)
     assert source.rate() == pytest.approx(40, rel=0.2)
     assert source.stats()["frames_dropped"] > 30  # nothing was taken, all of it counted

@@ -329,9 +329,10 @@ class BaseSource:
         out.update(self.extra_stats())
         return out
 
-    def rate(self) -> float:
-        """Frames per second delivered, over about the last RATE_WINDOW_S (from the first call on; 0 until a
-        second call). All frames count, taken or dropped: this is what the streams it feeds are asked to serve."""
+    def rate(self) -> float | None:
+        """Frames per second delivered, over about the last RATE_WINDOW_S (from the first call on; None until a
+        later call half a second on, as nothing is measured yet). All frames count, taken or dropped: this is
+        what the streams it feeds are asked to serve; a source that stopped delivering reads 0."""
         now = time.monotonic()
         with self._cond:
             marks = self._rate_marks
@@ -339,7 +340,7 @@ class BaseSource:
             while len(marks) > 2 and now - marks[1][0] >= RATE_WINDOW_S:
                 marks.popleft()
             (t0, n0), (t1, n1) = marks[0], marks[-1]
-        return (n1 - n0) / (t1 - t0) if t1 - t0 > 0.5 else 0.0
+        return (n1 - n0) / (t1 - t0) if t1 - t0 > 0.5 else None
 
     def extra_stats(self) -> dict:
         """Per-type counters (subclasses)."""
