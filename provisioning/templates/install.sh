@@ -111,10 +111,12 @@ fi
 echo "==> check config"
 # The service reads its credentials from /run/credentials/$UNIT, which exists
 # only while it runs: check a copy that points at the installed files instead
-# (and at $ETC when staging under --prefix).
+# (and at $ETC and $PREFIX/var/lib when staging under --prefix: a staging user
+# need not be able to write /var/lib, which the service's StateDirectory= makes).
 CHECK=$(mktemp "${TMPDIR:-/tmp}/lepton-check.XXXXXX")
 trap 'rm -f "$CHECK"' EXIT
-sed -e "s#/run/credentials/$UNIT#$ETC/credentials#g" -e "s#\"/etc/lepton/#\"$ETC/#g" "$ETC/$ROLE.toml" > "$CHECK"
+sed -e "s#/run/credentials/$UNIT#$ETC/credentials#g" -e "s#\"/etc/lepton/#\"$ETC/#g" \
+    -e "s#\"/var/lib/lepton#\"$PREFIX/var/lib/lepton#g" "$ETC/$ROLE.toml" > "$CHECK"
 "$VENV/bin/lepton" "$ROLE" --check-config "$CHECK"
 
 if [ "$SYSTEMCTL" = auto ]; then
