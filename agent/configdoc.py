@@ -94,8 +94,8 @@ def render() -> str:
     lines += ["## [[sources]]", "",
               "One table per source: `id` and `type` (camera, video, synthetic, sensor), then the type's own",
               "keys, listed with their defaults in [sources.md](sources.md).", ""]
-    lines += _table("[[streams]]", StreamConfig, "One table per stream: source -> model -> results on "
-                    "`lepton/v1/devices/{device}/results/{id}`.")
+    lines += _table("[[streams]]", StreamConfig, "One table per stream: source -> model -> results, published "
+                    "on the stream's results topic ([protocol.md](protocol.md)).")
     return "\n".join(lines).rstrip() + "\n"
 
 
