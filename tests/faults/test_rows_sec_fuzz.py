@@ -199,6 +199,21 @@ def state(fleet, counter) -> dict:
             "reported": reported_models(counter)}
 
 
+def what_changed(before: dict, after: dict, most: int = 6) -> dict:
+    """For a failure message: per part of the state, the lines only one side has (a few of each)."""
+    out = {}
+    for key in before:
+        old, new = before[key], after[key]
+        if old == new:
+            continue
+        if isinstance(old, list):
+            gone, came = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+            out[key] = {"before only": [g[:200] for g in gone[:most]], "after only": [c[:200] for c in came[:most]]}
+        else:
+            out[key] = {"before": str(old)[:400], "after": str(new)[:400]}
+    return out
+
+
 def wait_quiet(fleet, counter, timeout: float = 30.0) -> dict:
     """The state once two reads 1 s apart agree (the start-up traffic has settled)."""
     deadline = time.monotonic() + timeout
@@ -250,7 +265,7 @@ def test_fuzzed_payloads_are_refused_and_change_nothing(fleet_factory, figures, 
     assert coord.running and agent.running, "a process died of a payload"
     assert len(coord_lines) == n_coord, "one line per payload refused by the coordinator"
     assert len(agent_lines) == n_agent, "one line per payload refused by the agent"
-    assert changed == [] and tracebacks == 0, f"a refused payload changed {changed}"
+    assert changed == [] and tracebacks == 0, f"a refused payload changed {changed}: {what_changed(before, after)}"
     assert len(lines(agent, "placement generation")) == placement_lines, "a fuzzed desired was applied"
     assert all(len(line) < 2000 for line in coord_lines + agent_lines), "a log line echoes the payload"
     assert all(re.search(r" on .+?: \S", line) for line in coord_lines + agent_lines), "a line without a reason"
