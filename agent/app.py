@@ -402,16 +402,12 @@ class Agent:
     def stream_rates(self) -> dict[str, float]:
         """Each running stream's demand (Hz): the rate its source delivers frames, served or not. (Results per
         second would read 0 for a stream nobody serves, and the planner would never place it again.)"""
-        rates = {}
-        for sid, pipeline in list(self.pipelines.items()):
-            rate = getattr(pipeline.source, "rate", None)
-            if rate is not None and (hz := rate()) is not None:  # None: not measured yet
-                rates[sid] = hz
-        return rates
+        return {sid: hz for sid, pipeline in list(self.pipelines.items())
+                if (hz := _source_rate(pipeline)) is not None}  # None: not measured yet
 
     def stream_info(self, stream) -> m.StreamInfo:
         pipeline = self.pipelines.get(stream.id)
-        rate = self.stream_rates().get(stream.id) if pipeline else None
+        rate = _source_rate(pipeline) if pipeline else None
         if rate is None:  # not measured yet: the source's configured rate
             typed = source_config(self.cfg, stream.source)
             rate = float(typed.get("fps") or 0.0) or 10.0
@@ -444,6 +440,12 @@ class Agent:
         depth = self.outbox.depth if self.outbox else 0
         return f"{len(self.pipelines)} stream(s), {rate:.1f} results/s, outbox {depth}, {link}"
 
+
+
+def _source_rate(pipeline: Any) -> float | None:
+    """Frames per second the pipeline's source delivers (None: not measured yet, or a source that cannot say)."""
+    rate = getattr(pipeline.source, "rate", None)
+    return rate() if rate is not None else None
 
 
 def run(cfg: AgentConfig, stop: threading.Event) -> int:
