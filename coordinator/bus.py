@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
-from lepton.coordinator.config import read_password, tls_context
+from lepton.brokerfiles import read_password, reason, tls_context
 from lepton.coordinator.ingest import Inbound
 from lepton.sockets import nodelay
 from lepton.protocol import Topics, encode
@@ -133,8 +133,8 @@ class Bus:
         # paho calls this from inside its ``except OSError`` around the connect: the exception is at hand.
         try:
             exc = sys.exc_info()[1]
-            reason = (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__) if exc else "connection failed"
-            self._note_error(f"cannot connect to broker {self._where()}: {reason}", reason)
+            why = reason(exc) if exc else "connection failed"
+            self._note_error(f"cannot connect to broker {self._where()}: {why}", why)
         except Exception:
             log.exception("on_connect_fail failed")
 
