@@ -158,7 +158,7 @@ class Agent:
     def init_outbox(self) -> None:
         box = self.cfg.outbox
         self.outbox = Outbox(box.path, box.max_rows, box.max_bytes)
-        self._steps.append(self.outbox.close)
+        self._steps.append(self._close_outbox)
         stats = self.outbox.stats()
         log.info("outbox %s: %d result(s) waiting for acks, next seq %d", box.path, stats["depth"], stats["next_seq"])
 
@@ -284,6 +284,10 @@ class Agent:
     def _close_sources(self) -> None:
         for source in self.sources.values():
             source.close()
+
+    def _close_outbox(self) -> None:
+        # the last step: what is left of the budget (at least a moment for an uncontended checkpoint)
+        self.outbox.close(timeout=max(0.2, self._left()))
 
     def _close_session(self) -> None:
         offline = m.Status(device=self.device, state="offline", ts=time.time(), reason="stopped",

@@ -258,11 +258,28 @@ class Outbox:
         with self._lock:
             return self._db.execute("PRAGMA integrity_check").fetchone()[0]
 
-    def close(self) -> None:
-        """Close the file (a checkpoint folds the WAL back in)."""
-        with self._lock:
+    def close(self, timeout: float = 5.0) -> bool:
+        """Close the file (a checkpoint folds the WAL back in), waiting at most *timeout* seconds.
+
+        Every commit is already on disk (synchronous=FULL), so a close that
+        cannot have the file in time (another process holds its lock, or a
+        write is still waiting for it) leaves the WAL for the next open and
+        returns False, rather than holding the agent's exit past its budget.
+        """
+        deadline = time.monotonic() + max(0.0, timeout)
+        if not self._lock.acquire(timeout=max(0.0, timeout)):
+            log.warning("outbox %s: still in use at close; left for the next start (nothing committed is lost)",
+                        self.path)
+            return False
+        try:
             try:
+                wait_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+                self._db.execute(f"PRAGMA busy_timeout={wait_ms}")
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error:
-                pass
+            except sqlite3.Error as exc:
+                log.warning("outbox %s: no checkpoint at close (%s); the WAL is folded in at the next start",
+                            self.path, exc)
             self._db.close()
+            return True
+        finally:
+            self._lock.release()

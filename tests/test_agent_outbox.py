@@ -86,6 +86,38 @@ def test_wal_and_full_sync(tmp_path):
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_close_is_bounded_when_another_process_holds_the_file(tmp_path):
+    """A stop must not wait the busy timeout (5 s) for another writer: close gives up in time, loses nothing."""
+    box = Outbox(tmp_path / "o.db")
+    box.enqueue([item(i) for i in range(3)])
+    other = sqlite3.connect(tmp_path / "o.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # e.g. a backup or an inspection holding the write lock
+    try:
+        started = time.monotonic()
+        box.close(timeout=0.5)
+        assert time.monotonic() - started < 2.0
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    again = Outbox(tmp_path / "o.db")
+    assert seqs(again) == [1, 2, 3]
+    again.close()
+
+
+def test_close_gives_up_on_a_write_still_running(tmp_path):
+    box = Outbox(tmp_path / "o.db")
+    box.enqueue([item()])
+    box._lock.acquire()  # a write still in progress (e.g. waiting on a lock)
+    try:
+        started = time.monotonic()
+        assert box.close(timeout=0.3) is False
+        assert time.monotonic() - started < 1.0
+    finally:
+        box._lock.release()
+    assert box.close(timeout=1.0) is True
+    assert seqs(Outbox(tmp_path / "o.db")) == [1]
+
+
 WRITER = """
 import json, sys, time
 from lepton.agent.outbox import Outbox, Pending
