@@ -28,7 +28,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from lepton.agent.config import BrokerConfig
-from lepton.brokerfiles import read_password, reason, tls_context
+from lepton.brokerfiles import closed_unanswered, read_password, reason, refused, tls_context
 from lepton.sockets import nodelay
 from lepton.protocol import Topics
 
@@ -294,8 +294,7 @@ class Session:
         self._answered = True
         try:
             if reason_code.is_failure:
-                hint = " (check broker username / password_file / certificates)" if reason_code.value in (4, 5, 134, 135) else ""
-                self._note_error(f"broker {self.cfg.host}:{self.cfg.port} refused the connection: {reason_code}{hint}")
+                self._note_error(f"broker {self.cfg.host}:{self.cfg.port} {refused(reason_code)}")
                 self._lost.set()
                 return
             for msg in self.on_connect_messages():
@@ -323,10 +322,8 @@ class Session:
             why = "closed by the broker or the network, or keepalive expired" if reason_code.value == 128 else reason_code
             log.warning("lost the broker connection (%s); reconnecting", why)
         elif not self._answered and not self._halt.is_set():
-            # No CONNACK at all: a TLS broker that refuses our certificate (expired, revoked, another
-            # CA) closes the connection right after the handshake, and paho says only that it closed.
-            hint = ": is this device's certificate from the broker's CA, unexpired and not revoked?" if self._tls else ""
-            self._note_error(f"broker {self.cfg.host}:{self.cfg.port} closed the connection before accepting it{hint}")
+            why = closed_unanswered(self._tls, "this device's")
+            self._note_error(f"broker {self.cfg.host}:{self.cfg.port} {why}")
         self.connected.clear()
         self._lost.set()
 

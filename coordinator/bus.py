@@ -25,7 +25,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
-from lepton.brokerfiles import read_password, reason, tls_context
+from lepton.brokerfiles import closed_unanswered, read_password, reason, refused, tls_context
 from lepton.coordinator.ingest import Inbound
 from lepton.sockets import nodelay
 from lepton.protocol import Topics, encode
@@ -141,8 +141,7 @@ class Bus:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self._answered = True
         if reason_code.is_failure:
-            hint = " (check broker.username / broker.password_file / certificates)" if reason_code.value in (4, 5, 134, 135) else ""
-            why = f"refused the connection: {reason_code}{hint}"
+            why = refused(reason_code)
             self._note_error(f"broker {self._where()} {why}", why)
             return
         self.conn += 1
@@ -170,10 +169,7 @@ class Bus:
                 log.warning("lost the broker connection %s (%s); reconnecting", self._where(), why)
                 self.last_error = self.reason = f"lost the connection ({why})"
             elif not self._answered:
-                # No CONNACK at all: a TLS broker that refuses our certificate (expired, revoked, another CA)
-                # closes the connection right after the handshake, and paho says only that it closed.
-                hint = ": is the coordinator's certificate from the broker's CA, unexpired and not revoked?" if self.cfg.tls_ca else ""
-                why = f"closed the connection before accepting it{hint}"
+                why = closed_unanswered(bool(self.cfg.tls_ca), "the coordinator's")
                 self._note_error(f"broker {self._where()} {why}", why)
         except Exception:
             log.exception("on_disconnect failed")

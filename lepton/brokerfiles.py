@@ -1,5 +1,6 @@
 """The files a broker connection reads (CA, client certificate and key, password), for the agent and the
-coordinator alike: each problem is one ConfigError naming the config key, never a traceback from ssl."""
+coordinator alike: each problem is one ConfigError naming the config key, never a traceback from ssl.
+And how both word a broker that will not have them (``refused``, ``closed_unanswered``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,25 @@ from lepton.errors import ConfigError
 def reason(exc: BaseException) -> str:
     """An OS or ssl error as a few words."""
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+# CONNACK codes that mean "not these credentials" (3.1.1: 4 bad user name or password, 5 not authorised;
+# 5: 134 bad user name or password, 135 not authorised)
+CREDENTIAL_REFUSALS = frozenset({4, 5, 134, 135})
+
+
+def refused(reason_code: Any) -> str:
+    """A CONNACK refusal as words, pointing at the config keys when it is about credentials."""
+    hint = " (check broker.username / broker.password_file / certificates)" \
+        if getattr(reason_code, "value", None) in CREDENTIAL_REFUSALS else ""
+    return f"refused the connection: {reason_code}{hint}"
+
+
+def closed_unanswered(tls: bool, whose: str) -> str:
+    """A connection closed with no CONNACK at all: a TLS broker refusing *whose* certificate (expired,
+    revoked, another CA) closes it right after the handshake, and paho says only that it closed."""
+    hint = f": is {whose} certificate from the broker's CA, unexpired and not revoked?" if tls else ""
+    return f"closed the connection before accepting it{hint}"
 
 
 def readable(key: str, path: str) -> None:

@@ -34,7 +34,7 @@ def test_refused_credentials_are_named_and_retried_until_the_broker_accepts(tmp_
         agent = start(agents, cfg, tmp_path)
         refused = wait_for(lambda: log_lines(agent, "ERROR"), 15, "the refusal in the log")
         assert "refused the connection: Not authorized" in refused[0]
-        assert "check broker username / password_file" in refused[0]
+        assert "check broker.username / broker.password_file" in refused[0]
         time.sleep(1.5)
         assert agent.proc.poll() is None, "a refused login is retried, not fatal"
         assert len(log_lines(agent, "ERROR")) == 1, "one line per state change, not per retry"
@@ -143,6 +143,20 @@ def test_tls_with_a_client_certificate_connects_and_bad_tls_files_stop_start_up(
         agent = start(agents, cfg, tmp_path)
         wait_for(lambda: log_lines(agent, "connected to broker"), 20, "a TLS connection")
         assert not log_lines(agent, "ERROR")
+        agent.stop()
+        # A certificate from another CA: the broker closes the connection with no CONNACK, and the agent
+        # says which file to look at, and keeps retrying (a renewed certificate can come back).
+        other = CA.create("another fleet", 30)
+        key = new_key()
+        (tmp_path / "foreign.crt").write_bytes(cert_pem(other.issue(key.public_key(), "dev1", 30)))
+        (tmp_path / "foreign.key").write_bytes(key_pem(key))
+        foreign = dict(cfg, broker=dict(cfg["broker"], tls_cert=str(tmp_path / "foreign.crt"),
+                                        tls_key=str(tmp_path / "foreign.key")))
+        agent = start(agents, foreign, tmp_path)
+        errors = wait_for(lambda: log_lines(agent, "ERROR"), 20, "the refusal in the log")
+        assert "closed the connection before accepting it: is this device's certificate from the broker's CA" \
+            in errors[0], errors
+        assert agent.proc.poll() is None
         agent.stop()
         cfg["broker"]["tls_key"] = str(tmp_path / "missing.key")
         bad = AgentProcess(cfg, tmp_path).start()
