@@ -166,3 +166,31 @@ def test_demo_view_shows_each_devices_planned_cpu_and_fits_80_columns():
         for origin, stream in (("cam-1", "door-digits"), ("cam-1", "yard-objects"), ("gw-1", "pump-vibration")):
             assert f"{origin}/{stream}" in "\n".join(lines)
     assert rows["worker-1"][1:3] == ["inference", "worker"]  # the wide view also names each device's role
+
+
+def test_demo_view_finds_each_streams_routes_under_the_coordinators_stream_ids():
+    """Two devices with a stream "door", and a third whose stream is called "cam.door": the coordinator
+    names them "cam.door" (the third, unique), a salted id (cam's door) and "gate.door"; each row shows
+    its own stream's route."""
+    from rich.console import Console
+
+    from lepton.coordinator.fleetview import stream_keys
+    from lepton.demo.observe import StreamView
+    from lepton.demo.view import streams_table
+
+    pairs = [("cam", "door"), ("gate", "door"), ("x", "cam.door")]
+    keys = stream_keys(pairs)
+    assert keys[("cam", "door")] not in ("door", "cam.door")  # salted: "cam.door" is x's own id
+
+    def route(device):
+        return {"device": device, "share": 1.0, "transfer_ms": 1.0, "propagation_ms": 1.0, "compute_ms": 5.0,
+                "queueing_ms": 0.5, "total_ms": 7.5, "utilization": 0.1}
+
+    plan = {"routes": {keys[p]: [route(f"{p[0]}-server")] for p in pairs}}
+    obs = _observed(plan)
+    obs.streams = {p: StreamView(*p, model="m") for p in pairs}
+    console = Console(width=200, record=True, color_system=None)
+    console.print(streams_table(obs, plan, wide=True))
+    rows = {c[0]: c for c in (line.replace("│", " ").split() for line in console.export_text().splitlines()) if c}
+    for origin, stream in pairs:
+        assert f"{origin}-server" in rows[f"{origin}/{stream}"], rows[f"{origin}/{stream}"]

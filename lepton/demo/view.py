@@ -14,16 +14,20 @@ from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
 
+from lepton.coordinator.fleetview import stream_keys
 from lepton.demo.observe import Observer
 
 WIDE = 180  # terminal columns from which the full tables fit
 
 
-def _routes_for(plan: dict | None, origin: str, stream: str) -> list[dict]:
+def _routes_for(plan: dict | None, key: str, origin: str, stream: str) -> list[dict]:
+    """The plan's routes of one stream. The plan names it as the coordinator's snapshot does
+    (coordinator.fleetview.stream_keys): *key*, computed from the streams seen here; a stream id
+    shared with a stream not seen yet is qualified by its origin there."""
     if not plan:
         return []
     routes = plan["routes"]
-    return routes.get(stream) or routes.get(f"{origin}.{stream}") or []
+    return routes.get(key) or routes.get(f"{origin}.{stream}") or []
 
 
 def planned_cpu(plan: dict | None) -> dict[str, float]:
@@ -89,8 +93,9 @@ def streams_table(obs: Observer, plan: dict | None, wide: bool = True) -> Table:
         t.add_column(col, no_wrap=col == "stream" or col in numbers or (col == "planned on" and not wide),
                      justify="right" if col in numbers else "left")
     now = time.time()
+    keys = stream_keys(list(obs.streams))  # the ids the coordinator's plan uses: bare, qualified or salted
     for (origin, stream), s in sorted(obs.streams.items()):
-        routes = _routes_for(plan, origin, stream)
+        routes = _routes_for(plan, keys[(origin, stream)], origin, stream)
         share = (" " if wide else "\n").join(f"{r['device']} {r['share']:.0%}" for r in routes) or "-"
 
         def w(key: str) -> str:
