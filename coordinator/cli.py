@@ -137,7 +137,10 @@ def _recorded(reg, plan_id: str) -> dict:
 def _write(snapshot: dict, out: str | None) -> int:
     text = json.dumps(snapshot, indent=2) + "\n"
     if out:
-        Path(out).write_text(text)
+        try:
+            Path(out).write_text(text)
+        except OSError as exc:
+            raise ConfigError(f"--out {out}: cannot write: {exc.strerror or exc}") from None
         print(f"wrote {out}: {len(snapshot['devices'])} devices, {len(snapshot['streams'])} streams", file=sys.stderr)
     else:
         sys.stdout.write(text)

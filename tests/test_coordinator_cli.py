@@ -4,6 +4,7 @@ the coordinator."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import signal
@@ -161,6 +162,25 @@ def test_every_event_kind_the_coordinator_records_is_listed():
         recorded |= set(re.findall(r'\.event\(\s*"[a-z-]+" if [^,]+ else "([a-z-]+)"', text))
     assert recorded, "found no events: the pattern no longer matches how events are recorded"
     assert recorded <= set(EVENT_KINDS), recorded - set(EVENT_KINDS)
+
+
+# --- lepton coordinator snapshot --out -----------------------------------------------------------
+
+def test_snapshot_out_that_cannot_be_written_is_one_line(tmp_path):
+    from lepton.coordinator.db import open_db
+
+    path = tmp_path / "c.db"
+    db = open_db(path)
+    db["plans"].insert({"ts": time.time(), "trigger": "test", "snapshot": '{"devices": [], "streams": []}'})
+    db.conn.commit()
+    db.close()
+    for out, reason in ((tmp_path / "no-dir" / "s.json", "No such file or directory"), (tmp_path, "Is a directory")):
+        res = lepton("coordinator", "snapshot", "--db", str(path), "--plan", "last", "--out", str(out))
+        assert res.returncode == 2
+        assert error_line(res) == f"lepton: error: --out {out}: cannot write: {reason}"
+    res = lepton("coordinator", "snapshot", "--db", str(path), "--plan", "last", "--out", str(tmp_path / "s.json"))
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "s.json").read_text()) == {"devices": [], "streams": []}
 
 
 # --- the broker: errors in the log, READY only once connected ------------------------------------
