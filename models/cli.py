@@ -339,7 +339,10 @@ def cmd_keygen(args) -> int:
     from lepton.models.signing import generate_keypair
 
     private, public = Path(f"{args.out}.key"), Path(f"{args.out}.pub")
-    private.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        private.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {args.out}: cannot create directory {private.parent}: {exc.strerror or exc}") from None
     kid = generate_keypair(private, public, overwrite=args.force)
     if args.json:
         _print_json({"private_key": str(private), "public_key": str(public), "key_id": kid})

@@ -157,3 +157,11 @@ def test_bad_arguments_are_named(capsys, tmp_path):
                        "--registry", str(tmp_path / "reg"))
     assert code == 2 and "none.key" in err  # the key is read first: nothing is described or written
     assert not (tmp_path / "reg").exists()
+
+
+def test_keygen_into_a_directory_that_cannot_be_made_is_one_line(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "keys" / "fleet"  # under a regular file: no directory can be made there
+    code, _, err = run(capsys, "models", "keygen", "--out", str(out))
+    assert code == 2
+    assert err.strip() == f"lepton: error: --out {out}: cannot create directory {out.parent}: Not a directory"
