@@ -84,8 +84,9 @@ def _add_add(sub) -> None:
     p.add_argument("--version", required=True, help="PEP 440 version, e.g. 1.2.0")
     p.add_argument("--spec", required=True, metavar="SPEC.json", help="JSON spec (see above)")
     p.add_argument("--key", required=True, metavar="KEY", help="Ed25519 private key (PEM) to sign with")
-    p.add_argument("--trust", metavar="PUB", action="append", help="also trust this public key when "
-                   "checking versions already installed (default: the zoo key)")
+    p.add_argument("--trust", metavar="PUB", action="append", help="trust this public key when checking "
+                   "the versions already installed; repeat for several (default: the zoo key); KEY's own "
+                   "public key is always trusted")
     _common(p, keys=False)
 
 
