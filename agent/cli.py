@@ -37,10 +37,12 @@ def check(path: str, as_json: bool = False) -> int:
     from lepton.agent.session import read_password, tls_context
 
     cfg = load_config(path)
-    check_references(cfg)
+    # The broker's files first: the model downloads fall back to broker.tls_ca, and a missing CA is the
+    # broker's problem before it is theirs.
     read_password(cfg.broker.password_file)
     if cfg.broker.tls_ca:
         tls_context(cfg.broker)
+    check_references(cfg)
     if as_json:
         print(json.dumps(cfg.model_dump(), indent=2))
     else:

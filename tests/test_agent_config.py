@@ -140,3 +140,5 @@ def test_a_missing_broker_ca_is_named_by_the_key_the_config_has(tmp_path, capsys
     assert main(["agent", "--check-config", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "broker.tls_ca" in err and "models.http_ca" not in err, err
+    # The broker's CA is named as the broker's file, not as one "for model downloads" (checked first).
+    assert err == f"lepton: error: broker.tls_ca {tmp_path}/none.crt: No such file or directory"
