@@ -28,6 +28,7 @@ from lepton.coordinator.ingest import Ingest
 from lepton.coordinator.metrics import Metrics
 from lepton.coordinator.rebalance import Rebalancer, planner_params
 from lepton.coordinator.registry import FleetRegistry
+from lepton.coordinator.retention import Retention
 from lepton.errors import ConfigError
 from lepton.protocol import Topics
 
@@ -46,6 +47,7 @@ class Coordinator:
         self.bus: Bus | None = None
         self.ingest: Ingest | None = None
         self.rebalancer: Rebalancer | None = None
+        self.retention: Retention | None = None
         self._metrics_server = None
         self.base_url = ""
         self.notifier = Notifier()
@@ -53,7 +55,7 @@ class Coordinator:
     def start(self) -> "Coordinator":
         """Run each init step in order; a failing step undoes the ones before it."""
         steps = (self._check_files, self._load_models, self._start_http, self._record_start, self._start_ingest,
-                 self._start_rebalancer, self._connect, self._start_metrics)
+                 self._start_rebalancer, self._start_retention, self._connect, self._start_metrics)
         try:
             for step in steps:
                 step()
@@ -72,6 +74,8 @@ class Coordinator:
             self.ingest.join()
         if self.rebalancer:
             self.rebalancer.join()
+        if self.retention:
+            self.retention.join()
         if self.bus:
             self.bus.stop()
             self.bus = None
@@ -124,6 +128,12 @@ class Coordinator:
         self.rebalancer = Rebalancer(self.cfg.db.path, self.topics, self._sink, self.cfg.planner,
                                      self.cfg.liveness.stale_after_s, self.base_url, self.cfg.db.synchronous, self.metrics)
         self.rebalancer.start(self.stopping)
+
+    def _start_retention(self) -> None:
+        d = self.cfg.db
+        self.retention = Retention(d.path, d.keep_results_days, d.prune_every_s, d.synchronous,
+                                   on_pruned=self.metrics.results_pruned.inc)
+        self.retention.start(self.stopping)
 
     def _connect(self) -> None:
         self.bus = Bus(self.cfg.broker, self.topics, self.ingest.submit, http_url=self.base_url)

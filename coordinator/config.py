@@ -51,6 +51,8 @@ class DbConfig(_Section):
     path: str = Field("/var/lib/lepton/coordinator.db", description="the fleet registry and results (SQLite, WAL)")
     synchronous: Literal["NORMAL", "FULL"] = Field("FULL", description="FULL: an acked result survives a power cut; NORMAL: a crash only")
     batch_max: int = Field(2000, ge=1, le=100000, description="most messages committed in one transaction")
+    keep_results_days: float = Field(30.0, ge=0, description="results that arrived longer ago than this (days) are deleted; 0 keeps them forever (a stored result takes its payload plus about 100 bytes: 1 GiB holds about 1.8 million digits results)")
+    prune_every_s: float = Field(3600.0, gt=0, description="how often old results are deleted (s), a little at a time")
 
 
 class PlannerConfig(_Section):
