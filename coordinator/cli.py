@@ -32,9 +32,13 @@ def _add_coordinator(subparsers) -> None:
         description="Run the coordinator: follows the fleet over MQTT, stores results exactly once, plans which "
         "model runs on which device and publishes placements, and serves model files over HTTP.",
     )
-    p.add_argument("--config", metavar="FILE", help="coordinator TOML config (defaults for every key left out)")
-    p.add_argument("--check-config", metavar="FILE", help="validate FILE and what start-up needs of it (files readable, "
-                   "directories there), changing nothing, and exit: 0 if valid, 2 with the reason")
+    group = p.add_mutually_exclusive_group()
+    # Its own dest: `lepton coordinator --config FILE snapshot` reads the database FILE names (the snapshot's
+    # --config default would overwrite a shared one).
+    group.add_argument("--config", metavar="FILE", dest="coordinator_config",
+                       help="coordinator TOML config (defaults for every key left out); run the coordinator")
+    group.add_argument("--check-config", metavar="FILE", help="validate FILE and what start-up needs of it (files "
+                       "readable, directories there), changing nothing, and exit: 0 if valid, 2 with the reason")
     p.set_defaults(func=_run)
     sub = p.add_subparsers(dest="coordinator_command", metavar="SUBCOMMAND")
     snap = _db_command(
@@ -84,7 +88,7 @@ def _db_path(args) -> str:
 
     if args.db:
         return args.db
-    return load_config(args.config).db.path
+    return load_config(args.config or getattr(args, "coordinator_config", None)).db.path
 
 
 def _run(args) -> int:
@@ -97,7 +101,7 @@ def _run(args) -> int:
         return 0
     from lepton.coordinator.app import Coordinator
 
-    return Coordinator(load_config(args.config)).run()
+    return Coordinator(load_config(args.coordinator_config)).run()
 
 
 def _snapshot(args) -> int:

@@ -183,6 +183,24 @@ def test_snapshot_out_that_cannot_be_written_is_one_line(tmp_path):
     assert json.loads((tmp_path / "s.json").read_text()) == {"devices": [], "streams": []}
 
 
+def test_snapshot_takes_the_database_from_the_coordinators_config_given_before_it(tmp_path, prefix):
+    """`lepton coordinator --config FILE snapshot` reads FILE's database (the --config was dropped before, and
+    the snapshot looked for /var/lib/lepton/coordinator.db)."""
+    from lepton.coordinator.db import open_db
+
+    cfg = coordinator_config(tmp_path, free_port(), prefix, db={"path": str(tmp_path / "fleet.db")})
+    db = open_db(tmp_path / "fleet.db")
+    db["plans"].insert({"ts": time.time(), "trigger": "test", "snapshot": '{"devices": [], "streams": [1]}'})
+    db.conn.commit()
+    db.close()
+    for args in (("coordinator", "--config", str(cfg), "snapshot"), ("coordinator", "snapshot", "--config", str(cfg))):
+        res = lepton(*args, "--plan", "last")
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout) == {"devices": [], "streams": [1]}
+    res = lepton("coordinator", "--config", str(cfg), "--check-config", str(cfg))
+    assert res.returncode == 2 and "not allowed with argument" in res.stderr
+
+
 # --- the broker: errors in the log, READY only once connected ------------------------------------
 
 class NotifySocket:
