@@ -22,7 +22,7 @@ KEY_HELP = "trusted public key (PEM); repeat for several (default: the zoo key)"
 def register(subparsers) -> None:
     """Add ``lepton models ...`` to the ``lepton`` parser."""
     p = subparsers.add_parser(
-        "models", help="model registry: list, inspect, add, verify, sign, bench, eval",
+        "models", help="model registry: list, inspect, add, verify, keygen, sign, bench, eval",
         description="The model registry: signed manifests beside .tflite files. The shipped zoo (digits, "
         "vibration, mobilenet96/224) is the default registry.",
     )

@@ -40,10 +40,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        description="Write everything the broker host needs into the fleet's broker/ directory (or --out). "
                        "Paths inside mosquitto.conf point at broker.dir from fleet.toml, where the files go on the broker host.")
     _fleet_arg(b)
-    b.add_argument("--out", type=Path, help="directory to write to (default: <fleet>/broker)")
+    b.add_argument("--out", type=Path, metavar="DIR", help="directory to write to (default: <fleet>/broker)")
     b.add_argument("--json", action="store_true", help="print what was written as JSON")
     b.set_defaults(func=_guarded(_broker_config))
-    ls = sub.add_parser("list", help="list the fleet's identities: role, tags, certificate expiry, revoked")
+    ls = sub.add_parser("list", help="list the fleet's identities: role, tags, certificate expiry, revoked",
+                        description="List every identity in the fleet (devices, the coordinator, observers) with "
+                        "its role, tags, certificate expiry and whether it is revoked.")
     _fleet_arg(ls)
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(func=_guarded(_list))
@@ -62,7 +64,7 @@ def _guarded(func):
 
 
 def _fleet_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fleet", type=Path, default=Path(os.environ.get(FLEET_ENV, ".")),
+    p.add_argument("--fleet", type=Path, default=Path(os.environ.get(FLEET_ENV, ".")), metavar="DIR",
                    help=f"fleet directory (default: ${FLEET_ENV} or the current directory)")
 
 
@@ -88,7 +90,8 @@ def _device_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("device", help="issue (or keep) a device's key, certificate, agent config and bundle",
                        description="Issue a device identity: key (0600), certificate (CN = ID), agent config from "
                        "templates/agent.toml plus templates/tag-<tag>.toml per tag, and bundles/ID.tar.gz.")
-    p.add_argument("id", metavar="ID", help="device id: 1-64 of A-Z a-z 0-9 _ . - (no '/', '+', '#')")
+    p.add_argument("id", metavar="ID", help="device id: 1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit "
+                   "(no '/', '+', '#')")
     _fleet_arg(p)
     p.add_argument("--tags", help="comma-separated tags (replace the device's tags; default: keep them)")
     p.add_argument("--rotate", action="store_true", help="issue a new key and certificate (also re-admits a revoked id)")
