@@ -22,7 +22,7 @@ def read_inventory(path: Path) -> list[tuple[str, list[str]]]:
         with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise ConfigError(f"cannot read inventory {path}: {exc}") from None
+        raise ConfigError(f"cannot read inventory {path}: {getattr(exc, 'strerror', None) or exc}") from None
     rows = [(n, r) for n, r in enumerate(rows, 1) if any(c.strip() for c in r) and not r[0].lstrip().startswith("#")]
     if not rows:
         raise ConfigError(f"inventory {path} is empty (expected a header row with an 'id' column)")

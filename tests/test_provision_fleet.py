@@ -180,6 +180,10 @@ def test_bulk_refuses_a_bad_inventory_before_writing_anything(tmp_path):
     inv.write_text("name,tags\ncam-1,a\n")
     with pytest.raises(ConfigError, match="no 'id' column"):
         main_raise(["provision", "bulk", str(inv), "--fleet", str(root)])
+    missing = tmp_path / "missing.csv"
+    with pytest.raises(ConfigError) as err:
+        main_raise(["provision", "bulk", str(missing), "--fleet", str(root)])
+    assert str(err.value) == f"cannot read inventory {missing}: No such file or directory"  # not "[Errno 2] ..."
     assert snapshot(root) == before
 
 
