@@ -49,6 +49,8 @@ CHUNK = 64 * 1024
 MAX_MANIFEST_BYTES = 1 << 20
 MIN_SAMPLE_BYTES = 32 * 1024  # smaller downloads say more about latency than throughput
 PROGRESS_EVERY_S = 2.0
+KEEP_VERSIONS = 2  # cached versions kept per model (besides those in use): the newest and the one before
+STALE_PART_S = 7 * 86400.0  # a part file untouched this long is a download no placement wants any more
 
 
 def manifest_url(ref: m.ModelRef) -> str:
@@ -153,16 +155,58 @@ class Fetcher:
 
     def discard(self, entry: Any) -> None:
         """Remove a delivered version that verified but cannot be loaded (it would be retried at every start)."""
-        directory = Path(entry.manifest_path).parent
+        if self._remove(Path(entry.manifest_path).parent):
+            log.info("removed %s %s from the model cache: it cannot be loaded", entry.name, entry.version)
+
+    def prune(self, in_use: set[tuple[str, str]], now: float | None = None) -> list[tuple[str, str]]:
+        """Delete from the cache what a fleet no longer needs; the (name, version) pairs deleted.
+
+        Per model the cache keeps its ``KEEP_VERSIONS`` newest versions (the
+        newest anchors the check that refuses older downloads; the one before
+        it is there for a rollback without a download) and every version
+        *in_use*. A part file untouched for ``STALE_PART_S`` (a download no
+        placement asks for any more) and the leftovers of an interrupted
+        removal go too. The zoo and ``models.dir`` are never touched.
+        """
+        now = time.time() if now is None else now
+        removed: list[tuple[str, str]] = []
+        if not self.cache_dir.is_dir():
+            return removed
+        by_name: dict[str, list[Any]] = {}
+        for entry in self.cache.list():
+            by_name.setdefault(entry.name, []).append(entry)
+        for name, entries in sorted(by_name.items()):
+            entries.sort(key=lambda e: e.manifest.parsed_version, reverse=True)
+            for entry in entries[KEEP_VERSIONS:]:
+                if (entry.name, entry.version) in in_use:
+                    continue
+                if self._remove(Path(entry.manifest_path).parent):
+                    removed.append((entry.name, entry.version))
+                    log.info("removed %s %s from the model cache: %d newer version(s) kept", name, entry.version,
+                             KEEP_VERSIONS)
+        for leftover in self.cache_dir.glob(".trash-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for part in (self.cache_dir / ".downloads").glob("*.part"):
+            try:
+                if now - part.stat().st_mtime > STALE_PART_S:
+                    part.unlink()
+                    log.info("removed the abandoned download %s", part.name)
+            except OSError:
+                pass
+        return removed
+
+    def _remove(self, directory: Path) -> bool:
+        """Move a version directory of the cache out of sight, then delete it (a crash leaves only a .trash-*)."""
         if self.cache_dir.resolve() not in directory.resolve().parents:
-            return  # never touch the zoo or models.dir
+            return False  # never touch the zoo or models.dir
         trash = self.cache_dir / f".trash-{directory.parent.name}-{directory.name}"
         try:
             os.replace(directory, trash)
             shutil.rmtree(trash, ignore_errors=True)
-            log.info("removed %s %s from the model cache: it cannot be loaded", entry.name, entry.version)
+            return True
         except OSError as exc:
             log.warning("could not remove %s from the model cache: %s", directory, exc)
+            return False
 
     def _check_not_older(self, ref: m.ModelRef) -> None:
         from packaging.version import InvalidVersion, Version

@@ -17,7 +17,8 @@ arrives meanwhile replaces any not yet started). For each generation:
    and none is dropped by the switch.
 3. models no longer placed are unloaded (references dropped, ``gc``), except
    a model still serving a stream the coordinator does not route (it keeps
-   running locally, as before any placement).
+   running locally, as before any placement). The model cache then keeps,
+   per model, its two newest versions and those running (``Fetcher.prune``).
 4. ``placement/reported`` says per model: loaded (version, sha256, invoke
    ms) or failed (reason), and the generation applied. A model not held
    before is reported ``loading`` while it is fetched. A failed download
@@ -149,6 +150,7 @@ class Reconciler:
         agent.model_states = states
         agent.generation = desired.generation
         self._unload(dropped, runners)
+        self._prune_cache()
         self.applied = content
         self.applies += 1
         # A failed download may be the network's fault, unlike a failed check: try again later.
@@ -206,6 +208,13 @@ class Reconciler:
         except ModelError:
             self.fetcher.discard(entry)
             raise
+
+    def _prune_cache(self) -> None:
+        """Superseded versions out of the model cache (``Fetcher.prune``); what runs now stays."""
+        try:
+            self.fetcher.prune({(name, runner.version) for name, runner in self.agent.runners.items()})
+        except Exception:  # a cache that cannot be tidied now is no reason to fail the generation
+            log.exception("tidying the model cache failed")
 
     def _unrouted_models(self, desired: m.Desired) -> set[str]:
         """Models of own streams the coordinator does not route (they keep running here)."""

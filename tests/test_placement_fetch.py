@@ -287,3 +287,34 @@ def test_an_agent_reports_a_bad_url_or_cache_as_failed_and_applies_the_next_gene
     finally:
         agent.stop()
         placer.close()
+
+
+def test_the_cache_keeps_two_versions_per_model_and_those_in_use(tmp_path, keys, store):
+    """Each update used to stay in the cache for ever: a device fed a new version a week fills its card."""
+    import os
+    import time
+
+    private, public = keys
+    fetcher = fetcher_for(tmp_path, public)
+    refs = {v: store.serve(build_version(tmp_path / "store", "digits", v, private, public))
+            for v in ("2.0.0", "2.1.0", "2.2.0", "2.10.0")}
+    for ref in refs.values():
+        fetcher.ensure(ref)
+    fetcher.ensure(store.serve(build_version(tmp_path / "store", "other", "1.0.0", private, public)))
+    downloads = tmp_path / "cache" / ".downloads"
+    stale, fresh = downloads / "digits-3.0.0-0123456789abcdef.part", downloads / "digits-3.1.0-fedcba9876543210.part"
+    for part in (stale, fresh):
+        part.write_bytes(b"x" * 100)
+    os.utime(stale, (time.time() - 8 * 86400,) * 2)
+    (tmp_path / "cache" / ".trash-digits-1.0.0").mkdir()  # a removal a crash interrupted
+
+    removed = fetcher.prune({("digits", "2.0.0")})  # 2.0.0 still runs (e.g. 2.10.0 failed to load)
+    assert removed == [("digits", "2.1.0")]
+    assert sorted(cache_versions(fetcher)) == [("digits", "2.0.0"), ("digits", "2.10.0"), ("digits", "2.2.0"),
+                                               ("other", "1.0.0")]
+    assert not stale.exists() and fresh.exists() and not (tmp_path / "cache" / ".trash-digits-1.0.0").exists()
+    assert fetcher.prune(set()) == [("digits", "2.0.0")]
+    assert Path(zoo_dir() / "digits" / "model.tflite").exists(), "the zoo is never touched"
+    # what is kept still verifies and is used without a download (a rollback to 2.2.0 costs nothing)
+    downloads_before = fetcher.downloaded
+    assert fetcher.ensure(refs["2.2.0"]).version == "2.2.0" and fetcher.downloaded == downloads_before

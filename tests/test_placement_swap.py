@@ -166,3 +166,20 @@ def test_sigkill_during_a_swap_restarts_into_the_old_or_the_new_model(rig, tmp_p
     # The retained placement is applied after the last restart: the newest version ends up serving.
     wait_for(lambda: consumer.outputs("dev1")[-1].model.version == refs[-1].version, 30, "the last version placed")
     print(f"\n{len(refs)} SIGKILLs across swaps: each restart served a whole, verified version")
+
+
+def test_updates_leave_two_versions_in_the_cache(rig, tmp_path):
+    """Three updates in a row: after each is applied the cache holds the version serving and the one
+    before it (a rollback needs no download); older ones are gone, so updates do not fill the card."""
+    topics, consumer, placer, store, (private, public), _ = rig
+    agent = start_agent(rig, tmp_path)
+    refs = [store.serve(build_version(tmp_path / "store", "digits", v, private, public))
+            for v in ("2.0.0", "2.1.0", "2.2.0")]
+    for ref in refs:
+        gen = placer.place("dev1", [ref])
+        assert report_for(placer, agent, gen).models["digits"].version == ref.version
+    cached = sorted(p.name for p in (tmp_path / "cache" / "digits").iterdir() if not p.name.startswith("."))
+    assert cached == ["2.1.0", "2.2.0"], cached
+    gen = placer.place("dev1", [refs[1]])  # roll back: from the cache, not the store
+    assert report_for(placer, agent, gen).models["digits"].version == "2.1.0"
+    assert "removed digits 2.0.0 from the model cache" in agent.log_tail(400)
