@@ -51,6 +51,10 @@ def check(path: str, as_json: bool = False) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.json and not args.check_config:
+        from lepton.errors import ConfigError
+
+        raise ConfigError("--json goes with --check-config (the daemon logs to stderr and prints no JSON)")
     if args.check_config:
         return check(args.check_config, args.json)
     from lepton.agent.app import run

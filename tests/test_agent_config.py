@@ -142,3 +142,13 @@ def test_a_missing_broker_ca_is_named_by_the_key_the_config_has(tmp_path, capsys
     assert len(err.splitlines()) == 1 and "broker.tls_ca" in err and "models.http_ca" not in err, err
     # The broker's CA is named as the broker's file, not as one "for model downloads" (checked first).
     assert err == f"lepton: error: broker.tls_ca {tmp_path}/none.crt: No such file or directory"
+
+
+def test_json_without_check_config_is_refused_before_anything_starts(tmp_path, capsys):
+    """`--json` only shapes --check-config's output; with --config it was ignored and the daemon started."""
+    from lepton.cli import main
+
+    path = tmp_path / "none.toml"  # refused before the config is read (a good one would start the daemon)
+    assert main(["agent", "--config", str(path), "--json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "lepton: error: --json goes with --check-config (the daemon logs to stderr and prints no JSON)"
