@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from lepton import __version__
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def setup_logging(verbosity: int) -> None:
     level = logging.WARNING - 10 * verbosity if verbosity else logging.INFO
     # journald adds timestamps under systemd; elsewhere a short one helps.
-    under_systemd = "INVOCATION_ID" in __import__("os").environ
+    under_systemd = "INVOCATION_ID" in os.environ
     fmt = "%(levelname)s %(threadName)s %(name)s: %(message)s"
     if not under_systemd:
         fmt = "%(asctime)s " + fmt
@@ -58,6 +59,16 @@ def setup_logging(verbosity: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `lepton status | head`: the reader had what it wanted. Later writes (the final flush) go nowhere
+        # instead of raising again on the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -164,6 +164,27 @@ def test_every_event_kind_the_coordinator_records_is_listed():
     assert recorded <= set(EVENT_KINDS), recorded - set(EVENT_KINDS)
 
 
+# --- a reader that stops early ------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [("status",), ("events",), ("status", "--json")])
+def test_output_into_a_closed_pipe_is_no_traceback(tmp_path, args):
+    """`lepton status | head -1`: the reader is gone before the table is written; that is not an error."""
+    from lepton.coordinator.db import open_db
+    from lepton.coordinator.registry import FleetRegistry
+
+    path = tmp_path / "c.db"
+    db = open_db(path)
+    FleetRegistry(db).event("placement", "cam-1", "models: digits")
+    db.conn.commit()
+    db.close()
+    proc = subprocess.Popen([sys.executable, "-m", "lepton.cli", *args, "--db", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # long before the command has imported what it needs and written anything
+    err = proc.stderr.read()
+    assert proc.wait(60) == 0, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
 # --- lepton coordinator snapshot --out -----------------------------------------------------------
 
 def test_snapshot_out_that_cannot_be_written_is_one_line(tmp_path):
