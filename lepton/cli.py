@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         "placed where the latency model says they serve each stream best.",
     )
     parser.add_argument("--version", action="version", version=f"lepton-edge {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="debug log output (default: info); give it before the command: lepton -v agent ...")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         try:
@@ -49,13 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def setup_logging(verbosity: int) -> None:
-    level = logging.WARNING - 10 * verbosity if verbosity else logging.INFO
+    level = logging.DEBUG if verbosity else logging.INFO  # the default already shows info: -v adds debug
     # journald adds timestamps under systemd; elsewhere a short one helps.
     under_systemd = "INVOCATION_ID" in os.environ
     fmt = "%(levelname)s %(threadName)s %(name)s: %(message)s"
     if not under_systemd:
         fmt = "%(asctime)s " + fmt
-    logging.basicConfig(level=max(level, logging.DEBUG), format=fmt, stream=sys.stderr)
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

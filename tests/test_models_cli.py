@@ -165,3 +165,14 @@ def test_keygen_into_a_directory_that_cannot_be_made_is_one_line(capsys, tmp_pat
     code, _, err = run(capsys, "models", "keygen", "--out", str(out))
     assert code == 2
     assert err.strip() == f"lepton: error: --out {out}: cannot create directory {out.parent}: Not a directory"
+
+
+@pytest.mark.parametrize("flags, level", [((), "INFO"), (("-v",), "DEBUG"), (("-vv",), "DEBUG")])
+def test_verbose_flag_turns_on_debug_logging(flags, level):
+    """`lepton -v ...` logs debug lines; it once set the INFO level the default already had, and changed nothing."""
+    script = ("import logging; from lepton.cli import build_parser, setup_logging; "
+              f"args = build_parser().parse_args({[*flags, 'models', 'list']!r}); setup_logging(args.verbose); "
+              "print(logging.getLevelName(logging.getLogger().level))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == level
