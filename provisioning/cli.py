@@ -34,6 +34,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _bulk_parser(sub)
     _simple(sub, "revoke", "ID", _revoke, "revoke an identity: its certificates go on the CRL, the ACL denies it "
             "everything, its key and bundle are deleted; then reload the broker (SIGHUP)")
+    c = sub.add_parser("coordinator", help="rewrite the coordinator's config and bundle from fleet.toml; --rotate "
+                       "renews its key and certificate",
+                       description="Rewrite identities/<coordinator>/coordinator.toml and bundles/<coordinator>.tar.gz "
+                       "from fleet.toml (after editing broker, http or models settings there); --rotate also issues "
+                       "a new key and certificate. Install the new bundle on the coordinator host.")
+    _fleet_arg(c)
+    c.add_argument("--rotate", action="store_true", help="issue a new key and certificate")
+    c.add_argument("--json", action="store_true", help="print what was done as JSON")
+    c.set_defaults(func=_guarded(_coordinator))
     _simple(sub, "observer", "NAME", _observer, "issue a read-only identity (reads everything under the prefix, "
             "writes nothing) for dashboards and mosquitto_sub checks")
     b = sub.add_parser("broker-config", help="(re)write the broker's files: mosquitto.conf, acl, crl.pem, server key and certificate",
@@ -198,6 +207,17 @@ def _revoke(args) -> int:
     if not args.json:
         print(f"now reload the broker so it re-reads {fleet.settings.broker.dir}/crl.pem and acl "
               "(systemctl reload mosquitto, or kill -HUP its pid)")
+    return rc
+
+
+def _coordinator(args) -> int:
+    from lepton.provisioning.fleet import Fleet
+
+    fleet = Fleet(args.fleet)
+    outcome = fleet.update_coordinator(rotate=args.rotate)
+    rc = _report(args, [outcome])
+    if outcome.written and not args.json:
+        print(f"install the new {fleet.layout.bundle(fleet.settings.coordinator)} on the coordinator host")
     return rc
 
 

@@ -153,6 +153,14 @@ class Fleet:
             configs.check_agent_config(self.settings, self.root, device_id, tags)
             self._checked_tags.add(tuple(tags))
 
+    def update_coordinator(self, rotate: bool = False) -> Outcome:
+        """Rewrite the coordinator's config and bundle from fleet.toml; with *rotate*, a new key and certificate."""
+        with self.layout.locked():
+            outcome = self._ensure_client(self.settings.coordinator, "coordinator", rotate=rotate)
+        if outcome.action == "unchanged" and outcome.written:
+            outcome.action = "updated"
+        return outcome
+
     def add_observer(self, name: str) -> Outcome:
         """A read-only identity (dashboards, `mosquitto_sub` checks): reads the whole prefix."""
         with self.layout.locked():
@@ -167,7 +175,8 @@ class Fleet:
             if record is None:
                 raise ConfigError(f"no identity {name!r} in fleet {self.root}")
             if record.role == "coordinator":
-                raise ConfigError(f"{name!r} is the fleet's coordinator; rotate it instead of revoking it")
+                raise ConfigError(f"{name!r} is the fleet's coordinator; rotate it instead of revoking it "
+                                  "(`lepton provision coordinator --rotate`)")
             entries = self.layout.read_revoked()
             known = {e["serial"] for e in entries}
             now = pki.utcnow().isoformat()

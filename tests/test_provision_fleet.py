@@ -385,3 +385,28 @@ def test_a_broken_fleet_toml_is_named(tmp_path):
     (fleet.root / "fleet.toml").write_text((fleet.root / "fleet.toml").read_text() + "\n[broker2]\nport = 1\n")
     with pytest.raises(ConfigError, match=r"fleet.toml: broker2: Extra inputs"):
         Fleet(fleet.root)
+
+
+def test_coordinator_config_follows_fleet_toml_and_its_key_rotates(tmp_path, capsys):
+    """fleet.toml edits reach the coordinator's config and bundle through `provision coordinator` (no command
+    rewrote them after init, and `revoke` said to rotate the coordinator when nothing could)."""
+    root = tmp_path / "f"
+    fleet = make_fleet(root)
+    settings = root / "fleet.toml"
+    settings.write_text(settings.read_text().replace('host = "broker.example.net"', 'host = "10.0.0.5"'))
+    assert main(["provision", "coordinator", "--fleet", str(root)]) == 0
+    assert capsys.readouterr().out.startswith("lepton-coordinator: updated")
+    config = (fleet.layout.identity_dir("lepton-coordinator") / "coordinator.toml").read_text()
+    assert 'host = "10.0.0.5"' in config
+    bundle = bundle_files(fleet.layout.bundle("lepton-coordinator"))
+    assert bundle["coordinator.toml"][0].decode() == config
+    before = snapshot(root)
+    assert main(["provision", "coordinator", "--fleet", str(root)]) == 0
+    assert capsys.readouterr().out.strip() == "lepton-coordinator: unchanged"
+    assert snapshot(root) == before
+    cert = fleet.layout.cert("lepton-coordinator").read_bytes()
+    assert main(["provision", "coordinator", "--fleet", str(root), "--rotate", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["action"] == "rotated"
+    assert fleet.layout.cert("lepton-coordinator").read_bytes() != cert
+    assert main(["provision", "revoke", "lepton-coordinator", "--fleet", str(root)]) == 2
+    assert "`lepton provision coordinator --rotate`" in capsys.readouterr().err
