@@ -67,8 +67,8 @@ def _add_events(subparsers) -> None:
         description="The coordinator's event log: devices born, gone offline or stale, placements published, "
         "models that failed to load, streams left unserved, plans that failed.",
     )
-    ev.add_argument("--limit", type=_count, default=50, help="newest N events (default 50)")
-    ev.add_argument("--device", default="", help="only this device")
+    ev.add_argument("--limit", type=_count, default=50, metavar="N", help="newest N events (default 50)")
+    ev.add_argument("--device", default="", metavar="ID", help="only this device")
     ev.add_argument("--kind", default="", help="only this kind: " + ", ".join(EVENT_KINDS))
     ev.add_argument("--json", action="store_true", help="print JSON")
 

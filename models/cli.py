@@ -123,9 +123,9 @@ def _add_bench(sub) -> None:
                  "its own preprocessing). The result is written as bench.json beside the manifest: the "
                  "compute profile the coordinator assumes until devices report measured times.")
     p.add_argument("name", metavar="NAME")
-    p.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
-    p.add_argument("--iterations", type=int, default=200, help="timed invocations (default 200)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed invocations first (default 10)")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="interpreter threads (default 1)")
+    p.add_argument("--iterations", type=int, default=200, metavar="N", help="timed invocations (default 200)")
+    p.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed invocations first (default 10)")
     p.add_argument("--out", metavar="FILE", help="write the profile here instead of beside the manifest")
     p.add_argument("--no-save", action="store_true", help="measure and print only")
     _common(p)
@@ -137,7 +137,7 @@ def _add_eval(sub) -> None:
                  "split its build saved, through the manifest's pre/post-processing and the runtime, and "
                  "print what it measures now next to what the manifest states.")
     p.add_argument("name", metavar="NAME|FAMILY", help="a family (all its models), a model, or NAME==VERSION")
-    p.add_argument("--threads", type=int, default=1, help="interpreter threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="interpreter threads (default 1)")
     _common(p)
 
 
