@@ -94,7 +94,7 @@ def _add_verify(sub) -> None:
     p = _command(sub, "verify", cmd_verify, help="check signatures, sizes and hashes (exit 1 if anything fails)",
                  description="Verify every model version (or all versions of NAME): the manifest parses, "
                  "a trusted key signed it, and the file's size and sha256 match. Exit 0 if all pass, 1 "
-                 "with the failed check named for each one that does not.")
+                 "with the failed check named for each one that does not, or if there is nothing to verify.")
     p.add_argument("name", nargs="?", help="only this model")
     _common(p)
 
@@ -319,6 +319,8 @@ def cmd_verify(args) -> int:
         problems = [(p, why) for p, why in problems if p.parent.name == args.name or p.parent.parent.name == args.name]
         if not entries and not problems:
             raise ModelError(f"no model named {args.name!r} in registry {registry.root}")
+    elif not entries and not problems:  # a wrong --registry must not pass as "all 0 verified"
+        raise ModelError(f"no model versions in registry {registry.root}: nothing to verify")
     checked = registry.check(entries)
     ok = all(p is None for _, p in checked) and not problems
     if args.json:

@@ -176,3 +176,10 @@ def test_verbose_flag_turns_on_debug_logging(flags, level):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == level
+
+
+def test_verify_of_a_registry_with_no_models_fails(capsys, tmp_path):
+    """A --registry that points at the wrong directory must not pass as "all 0 model version(s) verified"."""
+    code, out, err = run(capsys, "models", "verify", "--registry", str(tmp_path))
+    assert code == 1 and out == ""
+    assert err.strip() == f"lepton: error: no model versions in registry {tmp_path}: nothing to verify"
