@@ -37,7 +37,7 @@ def fleet_status(db: Database, now: float | None = None) -> dict:
         reported = json.loads(p["reported"]) if p.get("reported") else {}
         seen = max(d["status_at"] or 0, d["telemetry_at"] or 0)
         devices.append({
-            "id": d["id"], "liveness": d["liveness"], "degraded": bool(d["degraded"]),
+            "id": d["id"], "agent_version": d["agent_version"] or "", "liveness": d["liveness"], "degraded": bool(d["degraded"]),
             "degraded_reason": d["degraded_reason"], "reason": d["reason"] if d["liveness"] == "offline" else "",
             "last_seen_s": round(now - seen, 1) if seen else None,
             "load1": d["load1"], "cpu_percent": d["cpu_percent"], "outbox_depth": d["outbox_depth"],
@@ -85,7 +85,7 @@ def events(db: Database, limit: int = 50, device: str = "", kind: str = "") -> l
 
 def render_status(status: dict) -> str:
     """A plain-text table for terminals."""
-    cols = ("DEVICE", "LIVENESS", "SEEN", "LOAD", "OUTBOX", "ACKED", "GEN d/r", "MODELS", "STREAMS -> SERVED ON")
+    cols = ("DEVICE", "AGENT", "LIVENESS", "SEEN", "LOAD", "OUTBOX", "ACKED", "GEN d/r", "MODELS", "STREAMS -> SERVED ON")
     rows = []
     for d in status["devices"]:
         live = d["liveness"] + (" degraded" if d["degraded"] else "")
@@ -99,7 +99,8 @@ def render_status(status: dict) -> str:
               f"{d['reported_generation'] if d['reported_generation'] not in (None, -1) else '-'}"
         load = "-" if d["load1"] is None else f"{d['load1']:.2f}"
         outbox = "-" if d["outbox_depth"] is None else str(d["outbox_depth"])
-        rows.append((d["id"], live, seen, load, outbox, str(d["acked_seq"]), gen, models, routes))
+        rows.append((d["id"], d["agent_version"] or "-", live, seen, load, outbox, str(d["acked_seq"]), gen, models,
+                     routes))
     lines = [_table(cols, rows) if rows else "no devices yet"]
     p = status["last_plan"]
     if p:

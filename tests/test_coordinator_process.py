@@ -142,10 +142,12 @@ def test_device_lost_is_planned_around_within_keepalive_bound(broker, prefix, tm
                                            check=True, capture_output=True, text=True).stdout)
         live = {d["id"]: d["liveness"] for d in status["devices"]}
         assert live == {"strong": "offline", "weak": "online"}
+        assert {d["agent_version"] for d in status["devices"]} == {"standin"}  # what runs where, for upgrades
         assert status["last_plan"]["trigger"].startswith("offline strong")
         text = subprocess.run([sys.executable, "-m", "lepton.cli", "status", "--db", str(db)],
                               check=True, capture_output=True, text=True).stdout
         assert "cam->weak:0.89" in text and "(offline strong)" in text
+        assert " AGENT " in text.splitlines()[0] and " standin " in text
         assert "unserved: cam 11%" in text  # 10 Hz x 90 ms is more than 80% of one core
         events = json.loads(subprocess.run([sys.executable, "-m", "lepton.cli", "events", "--db", str(db), "--device",
                                             "weak", "--kind", "placement", "--json"],
