@@ -194,3 +194,14 @@ def test_demo_view_finds_each_streams_routes_under_the_coordinators_stream_ids()
     rows = {c[0]: c for c in (line.replace("│", " ").split() for line in console.export_text().splitlines()) if c}
     for origin, stream in pairs:
         assert f"{origin}-server" in rows[f"{origin}/{stream}"], rows[f"{origin}/{stream}"]
+
+
+@pytest.mark.parametrize("duration, kill, spike", [(60, 21.0, 36.0), (25, 8.75, 13.0), (15, 5.25, 5.25), (0, 25.0, 45.0)])
+def test_the_timeline_leaves_the_joining_camera_time_to_send(duration, kill, spike):
+    """A 25 s run put the spike 10 s before the end: on a busy machine the camera was not placed and
+    sending by then, and the summary called it a problem."""
+    from lepton.demo.scenario import Scenario
+
+    scenario = Scenario.__new__(Scenario)
+    scenario.duration = duration
+    assert scenario._schedule() == pytest.approx((kill, spike))

@@ -35,8 +35,8 @@ def register(subparsers) -> None:
         "every process it started is stopped, the temp dir is removed and the summary is printed.",
     )
     p.add_argument("--duration", type=_duration, default=0, metavar="S",
-                   help="stop after S seconds (default: run until Ctrl-C); the failover and the spike happen "
-                   "at about 35%% and 60%% of it")
+                   help="stop after S seconds (default: run until Ctrl-C; with --json, 60 s); the failover "
+                   "and the spike happen at about 35%% and 60%% of it (the spike at least 12 s before the end)")
     p.add_argument("--json", action="store_true", help="no live view; print a JSON summary at the end")
     p.add_argument("--workdir", type=_workdir, metavar="DIR", help="keep configs, logs and databases here (default: a temp dir, removed)")
     p.add_argument("--broker", choices=("auto", "mosquitto", "embedded"), default="auto",

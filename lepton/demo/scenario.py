@@ -14,6 +14,7 @@ from lepton.embedded_broker import private_broker
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 2
+SPIKE_LEAD_S = 12.0  # timed runs: the spike comes at least this long before the end
 FIRST_EVENT_S = 25.0  # interactive runs: kill a worker after this long, add the spike 20 s later
 
 
@@ -74,7 +75,9 @@ class Scenario:
 
     def _schedule(self) -> tuple[float, float]:
         if self.duration:
-            return 0.35 * self.duration, 0.6 * self.duration
+            # the joining camera needs a few seconds to start, be placed and send (more on a busy machine)
+            kill_s = 0.35 * self.duration
+            return kill_s, max(kill_s, min(0.6 * self.duration, self.duration - SPIKE_LEAD_S))
         return FIRST_EVENT_S, FIRST_EVENT_S + 20
 
     def _finished(self) -> bool:
