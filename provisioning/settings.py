@@ -42,6 +42,8 @@ class BrokerSettings(_Strict):
     queue_per_device: Annotated[int, Field(ge=1)] = 200
     min_queue: Annotated[int, Field(ge=1)] = 1000
     max_packet_mb: Annotated[int, Field(ge=1)] = 8
+    autosave_s: Annotated[int, Field(ge=1, le=3600)] = Field(
+        10, description="seconds between saves of the broker's queues (a save rewrites all of them)")
 
     @field_validator("host", "dir")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -72,7 +73,8 @@ def test_mosquitto_restart_keeps_port_and_persisted_retained(tmp_path):
         c.loop_stop()
         c.disconnect()
         port = b.port
-        b.kill()  # a crash, not a clean stop: autosave on changes must have saved it
+        time.sleep(1.5)  # past one save (every second)
+        b.kill()  # a crash, not a clean stop: the save must have kept it
         b.start()
         assert b.port == port
         got = []
