@@ -30,6 +30,7 @@ import sqlite3
 import statistics
 import time
 
+import numpy as np
 import pytest
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(600)]
@@ -38,16 +39,37 @@ pytest.importorskip("lepton.coordinator.app", reason="the coordinator is not bui
 
 STREAM = "s0"  # the cam's stream (the plan names streams by id unless two origins share one)
 RATE_HZ = 2.0
-SLOWDOWN = 400.0  # mobilenet96 invokes in ~0.3 ms here: ~120 ms on the emulated camera device
+CAM_COMPUTE_MS = 120.0  # the emulated camera device's mobilenet96 time: runtime.slowdown = this / the host's invoke
 OFFLOADED_AT = (12.0, 6.0, 3.0)  # Mbit/s: transfer 19-75 ms, well under the cam's own compute
 AROUND = (1.6, 0.6)  # then x C* (where D = L/C puts the switch, from the plan at 3 Mbit/s): one each side
 BURST = 2 * 1514  # tbf bucket: two frames, so a 27 KB payload sees the configured rate
 TOLERANCE = 0.15
 SAMPLES = 16  # offloaded results per capacity
 COORDINATOR = {"planner": {"interval_s": 2.0, "migration_penalty_ms": 1.0, "drift": 0.1}}
-CAM = {"runtime": {"slowdown": SLOWDOWN},
-       "link": {"probe_interval_s": 2.0, "probe_bytes": 16384, "window_s": 8.0},
+CAM = {"link": {"probe_interval_s": 2.0, "probe_bytes": 16384, "window_s": 8.0},
        "telemetry": {"interval_s": 1.0, "window_s": 20.0}}
+
+
+def cam_slowdown() -> float:
+    """runtime.slowdown that makes the cam's mobilenet96 take CAM_COMPUTE_MS on this host.
+
+    A fixed factor made the cam's compute time follow the host's int8 speed (0.3 ms
+    here, 0.85 ms there): at 3x the compute, C* fell and the 1.6 x C* step ran the
+    link at 40% utilisation, where queueing (which the static prediction leaves out)
+    put the measured round trip 35-70% above it."""
+    from lepton.models.registry import default_registry
+    from lepton.models.runner import ModelRunner
+
+    registry = default_registry()
+    runner = ModelRunner.from_entry(registry.get("mobilenet96"), num_threads=1)
+    runner.warmup(10)
+    tensor = runner.preprocess(np.zeros((96, 96, 3), np.uint8))
+    times = []
+    for _ in range(60):
+        t0 = time.perf_counter()
+        runner.invoke(tensor)
+        times.append((time.perf_counter() - t0) * 1000)
+    return min(1000.0, CAM_COMPUTE_MS / statistics.median(times))  # the config's bound
 WORKER = {"sources": [], "streams": [], "link": {"probe_interval_s": 2.0, "window_s": 8.0},
           "telemetry": {"interval_s": 1.0, "window_s": 20.0}}
 
@@ -144,8 +166,10 @@ def step(fleet, capacity: float) -> dict:
     routes = served_by(row["plan"])
     where = max(routes, key=routes.get) if routes else "unserved"
     served = wait_served(fleet, where, row["ts"] + 1.0, SAMPLES) if where != "unserved" else []
-    out = {"capacity": capacity, "where": where, "routes": routes, "figures": row["figures"],
-           "crossover": crossover_mbps(row["figures"])}
+    f = row["figures"]
+    out = {"capacity": capacity, "where": where, "routes": routes, "figures": f, "crossover": crossover_mbps(f),
+           # the one capacity both ways that costs what the measured up/down links cost: L up, R down
+           "effective": (f["L"] + f["R"]) / (f["L"] / f["up"] + f["R"] / f["down"])}
     if where == "gpu":
         window = plans_since(fleet.coordinator_db, row["ts"] - 0.001)
         predicted = []
@@ -176,7 +200,8 @@ def test_offload_latency_matches_the_plan_and_switches_at_the_crossover(fleet_fa
     fleet.start_coordinator(overrides=COORDINATOR)
     fleet.shape("cam", up_mbps=OFFLOADED_AT[0], down_mbps=OFFLOADED_AT[0], burst_bytes=BURST)
     fleet.start_agent("gpu", overrides=WORKER)
-    fleet.start_agent("cam", rate_hz=RATE_HZ, model="mobilenet96", overrides=CAM)
+    fleet.start_agent("cam", rate_hz=RATE_HZ, model="mobilenet96",
+                      overrides={**CAM, "runtime": {"slowdown": cam_slowdown()}})
 
     steps = [step(fleet, c) for c in OFFLOADED_AT]
     crossover = steps[-1]["crossover"]
@@ -187,10 +212,11 @@ def test_offload_latency_matches_the_plan_and_switches_at_the_crossover(fleet_fa
         print_steps(steps)
 
     for s in steps:
-        expected = "gpu" if s["capacity"] > s["crossover"] else "cam"
+        # the plan works from the measured links, not the configured capacity: judge it on the same figures
+        expected = "gpu" if s["effective"] > s["crossover"] else "cam"
         assert s["where"] == expected, (
-            f"at {s['capacity']} Mbit/s D = L/C puts the switch at {s['crossover']:.2f} Mbit/s, so the stream "
-            f"belongs on {expected}; the plan served it on {s['routes']}")
+            f"at {s['capacity']} Mbit/s (measured {s['effective']:.2f}) D = L/C puts the switch at "
+            f"{s['crossover']:.2f} Mbit/s, so the stream belongs on {expected}; the plan served it on {s['routes']}")
     # Both sides of the switch were exercised, and it went both ways.
     assert [s["where"] for s in steps] == ["gpu", "gpu", "gpu", "gpu", "cam", "gpu"]
     for s in steps[:4]:
