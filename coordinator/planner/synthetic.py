@@ -115,58 +115,31 @@ def _provisioned_fleet(n_devices: int, n_models: int, seed: int, camera_kinds: t
         supply += 1000.0 * spec["cpu"] * cap / slow
     n_cams = n_devices - len(boxes)
     devices = drawn[:n_cams] + boxes[::-1]
-    slow = np.array([s for _, s in devices])
-    models = []
-    for m in range(n_models):
-        noise = rng.uniform(0.8, 1.25, n_devices)
-        times = np.round(base[m] * slow * noise, 3)
-        models.append({
-            "name": f"model-{m}", "memory_mb": round(float(mem[m]), 1),
-            "compute_ms": {d["id"]: float(t) for (d, _), t in zip(devices, times)},
-        })
-    streams, current = [], {}
-    for i, (d, _) in enumerate(devices[:n_cams]):
-        m = int(chosen[i])
-        streams.append({
-            "id": f"s-{i}", "origin": d["id"], "model": f"model-{m}", "rate_hz": round(float(rates[i]), 3),
-            "payload_bytes": int(payload[m]),
-        })
-        if mem[m] <= d["memory_mb"]:
-            current[d["id"]] = [f"model-{m}"]
-    return {"devices": [d for d, _ in devices], "models": models, "streams": streams, "current": current,
-            "params": dict(params)}
+    specs = [d for d, _ in devices]
+    models = _models(rng, specs, np.array([s for _, s in devices]), base, mem)
+    streams, current = _streams(specs[:n_cams], chosen, rates, payload, mem)
+    return {"devices": specs, "models": models, "streams": streams, "current": current, "params": dict(params)}
 
 
-def _default_fleet(n_devices: int, n_models: int, seed: int, params: dict[str, Any]) -> dict[str, Any]:
-    rng = np.random.default_rng(seed)
-    kinds = rng.choice(list(KINDS), size=n_devices, p=[k[0] for k in KINDS.values()])
-    devices, slow = [], np.empty(n_devices)
-    for i, kind in enumerate(kinds):
-        _, cpu, mem, factor, up, down, rtt = KINDS[kind]
-        slow[i] = rng.uniform(*factor)
-        devices.append({
-            "id": f"{kind}-{i}", "cpu": round(float(rng.uniform(*cpu)), 2),
-            "memory_mb": float(rng.integers(*mem)),
-            "uplink_mbps": round(float(_loguniform(rng, *up, 1)[0]), 2),
-            "downlink_mbps": round(float(_loguniform(rng, *down, 1)[0]), 2),
-            "rtt_ms": round(float(_loguniform(rng, *rtt, 1)[0]), 2),
-        })
-    image = rng.random(n_models) < IMAGE_SHARE
-    pick = lambda i: np.where(image, _loguniform(rng, *IMAGE[i], n_models), _loguniform(rng, *SENSOR[i], n_models))  # noqa: E731
-    base, mem, payload = pick(0), pick(1), pick(2).astype(int)
+def _models(rng: np.random.Generator, devices: list[dict[str, Any]], slow: np.ndarray, base: np.ndarray,
+            mem: np.ndarray) -> list[dict[str, Any]]:
+    """Each model's compute time on each device: its base time x the device's slowness, with noise."""
     models = []
-    for m in range(n_models):
-        noise = rng.uniform(0.8, 1.25, n_devices)
+    for m in range(len(base)):
+        noise = rng.uniform(0.8, 1.25, len(devices))
         times = np.round(base[m] * slow * noise, 3)
         models.append({
             "name": f"model-{m}", "memory_mb": round(float(mem[m]), 1),
             "compute_ms": {d["id"]: float(t) for d, t in zip(devices, times)},
         })
-    popularity = 1.0 / np.arange(1, n_models + 1)
-    chosen = rng.choice(n_models, size=n_devices, p=popularity / popularity.sum())
-    rates = _loguniform(rng, 0.5, 10, n_devices)
+    return models
+
+
+def _streams(origins: list[dict[str, Any]], chosen: np.ndarray, rates: np.ndarray, payload: np.ndarray,
+             mem: np.ndarray) -> tuple[list[dict[str, Any]], dict[str, list[str]]]:
+    """One stream per origin, and ``current``: its model held on its origin where it fits."""
     streams, current = [], {}
-    for i, d in enumerate(devices):
+    for i, d in enumerate(origins):
         m = int(chosen[i])
         streams.append({
             "id": f"s-{i}", "origin": d["id"], "model": f"model-{m}", "rate_hz": round(float(rates[i]), 3),
@@ -174,4 +147,20 @@ def _default_fleet(n_devices: int, n_models: int, seed: int, params: dict[str, A
         })
         if mem[m] <= d["memory_mb"]:
             current[d["id"]] = [f"model-{m}"]
+    return streams, current
+
+
+def _default_fleet(n_devices: int, n_models: int, seed: int, params: dict[str, Any]) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    kinds = rng.choice(list(KINDS), size=n_devices, p=[k[0] for k in KINDS.values()])
+    drawn = [_device(rng, str(kind), i) for i, kind in enumerate(kinds)]
+    devices, slow = [d for d, _ in drawn], np.array([s for _, s in drawn])
+    image = rng.random(n_models) < IMAGE_SHARE
+    pick = lambda i: np.where(image, _loguniform(rng, *IMAGE[i], n_models), _loguniform(rng, *SENSOR[i], n_models))  # noqa: E731
+    base, mem, payload = pick(0), pick(1), pick(2).astype(int)
+    models = _models(rng, devices, slow, base, mem)
+    popularity = 1.0 / np.arange(1, n_models + 1)
+    chosen = rng.choice(n_models, size=n_devices, p=popularity / popularity.sum())
+    rates = _loguniform(rng, 0.5, 10, n_devices)
+    streams, current = _streams(devices, chosen, rates, payload, mem)
     return {"devices": devices, "models": models, "streams": streams, "current": current, "params": dict(params)}
