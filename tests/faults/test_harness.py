@@ -256,7 +256,7 @@ def test_generated_tls_broker_runs_under_the_harness(fleet_factory):
 
     fleet = fleet_factory(devices=1)
     root = fleet.root / "pki"
-    pki, _ = provisioning.Fleet.create(root, new_settings(root, [fleet.gateway], prefix=fleet.prefix))
+    pki, _ = provisioning.Fleet.create(root, new_settings(root, [fleet.gateway], prefix=fleet.prefix, autosave_s=1))
     pki.add_device("dev-1")
     pki.add_observer("ops")
     pki.write_broker_files()
@@ -264,6 +264,7 @@ def test_generated_tls_broker_runs_under_the_harness(fleet_factory):
     fleet.start_generated_broker(lay.broker_dir / "mosquitto.conf")
     tls = {"tls_ca": str(lay.ca_cert), "tls_cert": str(lay.cert("ops")), "tls_key": str(lay.key("ops"))}
     counter = fleet.start_counter(**tls)
+    time.sleep(1.5)  # past one save of the broker's state ([broker] autosave_s)
     fleet.kill("broker")
     fleet.start("broker")  # persistence on: the observer's session and subscription survive
     host = fleet.host("dev-1")
