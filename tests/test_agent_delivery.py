@@ -135,7 +135,7 @@ def test_unacked_results_are_resent_after_resend_after_s_until_acked(setup, mqtt
     assert len(wire.seqs()) == sent and delivery.resent >= 3
 
 
-def test_after_each_reconnect_results_go_out_in_seq_order(setup, broker):
+def test_after_each_reconnect_results_go_out_in_seq_order(setup, broker, long_run):
     """A new connection carries nothing before the re-send from the floor: results produced while delivery
     has not yet seen the reconnect wait for it (they once went out first, ahead of older unacknowledged ones)."""
     make, wire, topics = setup
@@ -165,7 +165,7 @@ def test_after_each_reconnect_results_go_out_in_seq_order(setup, broker):
     acks.start()
     session = delivery.session
     try:
-        for _ in range(25):  # take the session over (same client id): the broker drops ours, the agent reconnects
+        for _ in range(100 if long_run else 12):  # take the session over (same client id): the broker drops ours, the agent reconnects
             generation = session.generation
             intruder = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev1")
             intruder.connect("127.0.0.1", broker.port)

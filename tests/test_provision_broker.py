@@ -408,7 +408,7 @@ def test_queued_messages_survive_a_broker_crash(tmp_path):
         for i in range(20):
             a.publish(T.result("cam-a", "door"), str(i).encode())
         a.close()
-        time.sleep(1.5)  # past one save
+        time.sleep(3.0)  # past one save (autosave_s=1; Mosquitto checks about once a second)
         broker.stop(signal.SIGKILL)
         broker.start()
         coord = connected(w, "lepton-coordinator", client_id="lepton-coordinator", clean=False)

@@ -264,7 +264,7 @@ def test_generated_tls_broker_runs_under_the_harness(fleet_factory):
     fleet.start_generated_broker(lay.broker_dir / "mosquitto.conf")
     tls = {"tls_ca": str(lay.ca_cert), "tls_cert": str(lay.cert("ops")), "tls_key": str(lay.key("ops"))}
     counter = fleet.start_counter(**tls)
-    time.sleep(1.5)  # past one save of the broker's state ([broker] autosave_s)
+    time.sleep(3.0)  # past one save of the broker's state ([broker] autosave_s=1; Mosquitto checks about once a second)
     fleet.kill("broker")
     fleet.start("broker")  # persistence on: the observer's session and subscription survive
     host = fleet.host("dev-1")

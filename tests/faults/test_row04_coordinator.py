@@ -2,7 +2,7 @@
 
 Row 4: the coordinator first hangs (SIGSTOP: its connection stays open, so
 devices keep sending and the broker queues for it until its keepalive runs
-out), then is killed and stays away (20 s in all; 300 s with --long). The
+out), then is killed and stays away (12 s in all; 300 s with --long). The
 broker's queue for it is small (max_queued_messages 100; 1000 with --long),
 so the broker drops results without a word. What the user relies on: the
 devices re-send everything unacknowledged (after ``resend_after_s`` and when
@@ -61,7 +61,7 @@ def resend_lines(fleet) -> int:
 
 @pytest.mark.row(4, "coordinator hung, then away; broker drops")
 def test_results_the_broker_dropped_are_resent_by_the_devices(fleet_factory, figures, long_run):
-    away_s, queue = (300.0, 1000) if long_run else (20.0, 100)
+    away_s, queue = (300.0, 1000) if long_run else (12.0, 100)
     # The hang lasts until the broker gives up on the coordinator (1.5 x its keepalive); a longer
     # keepalive in the long run lets more pile up than the larger queue holds.
     coordinator_keepalive = 20 if long_run else 5

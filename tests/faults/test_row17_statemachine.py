@@ -298,7 +298,7 @@ class DeliveryMachine(RuleBasedStateMachine):
 
 @pytest.mark.row(17, "state machine: outbox + wire + dedupe")
 def test_delivery_state_machine(figures, long_run):
-    examples, steps = (2000, 60) if long_run else (150, 40)
+    examples, steps = (2000, 60) if long_run else (80, 40)
     started = time.monotonic()
     DeliveryMachine.TestCase.settings = settings(
         max_examples=examples, stateful_step_count=steps, deadline=None,
