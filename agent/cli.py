@@ -36,13 +36,18 @@ def check(path: str, as_json: bool = False) -> int:
     from lepton.agent.config import load_config
     from lepton.agent.session import read_password, tls_context
 
+    from lepton.errors import ConfigError
+
     cfg = load_config(path)
-    # The broker's files first: the model downloads fall back to broker.tls_ca, and a missing CA is the
-    # broker's problem before it is theirs.
-    read_password(cfg.broker.password_file)
-    if cfg.broker.tls_ca:
-        tls_context(cfg.broker)
-    check_references(cfg)
+    try:
+        # The broker's files first: the model downloads fall back to broker.tls_ca, and a missing CA is the
+        # broker's problem before it is theirs.
+        read_password(cfg.broker.password_file)
+        if cfg.broker.tls_ca:
+            tls_context(cfg.broker)
+        check_references(cfg)
+    except ConfigError as exc:  # named like the schema's errors: which file, then which key
+        raise ConfigError(f"config {path}: {exc}") from None
     if as_json:
         print(json.dumps(cfg.model_dump(), indent=2))
     else:

@@ -141,7 +141,20 @@ def test_a_missing_broker_ca_is_named_by_the_key_the_config_has(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "broker.tls_ca" in err and "models.http_ca" not in err, err
     # The broker's CA is named as the broker's file, not as one "for model downloads" (checked first).
-    assert err == f"lepton: error: broker.tls_ca {tmp_path}/none.crt: No such file or directory"
+    # ... after the file's name, as the schema's errors are
+    assert err == f"lepton: error: config {path}: broker.tls_ca {tmp_path}/none.crt: No such file or directory"
+
+
+def test_check_config_names_the_file_for_a_model_it_does_not_have(tmp_path, capsys):
+    from lepton.cli import main
+
+    path = write(tmp_path, GOOD)
+    text = path.read_text()
+    model = next(line.split("=", 1)[1].strip().strip('"') for line in text.splitlines() if line.startswith("model ="))
+    path.write_text(text.replace(f'model = "{model}"', 'model = "no-such-model"'))
+    assert main(["agent", "--check-config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lepton: error: config {path}: streams[0].model: no model named 'no-such-model'"), err
 
 
 def test_json_without_check_config_is_refused_before_anything_starts(tmp_path, capsys):
