@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 from test_coordinator_process import CAM, CoordinatorWatch
@@ -89,7 +90,8 @@ def test_running_coordinator_prunes_old_results_and_keeps_acking(broker, prefix,
         wait_for(lambda: dev.last_ack() == 8, 15, what="ack 8")
         assert [s for (s,) in db_rows(db, "SELECT seq FROM results ORDER BY seq")] == [6, 7, 8]
         assert db_rows(db, "SELECT seq FROM acks WHERE device = 'dev-1'") == [(8,)]
-        assert "pruned 5 result(s)" in coord.log_text()
+        # the 5 old ones may go in one pass or two
+        assert sum(int(n) for n in re.findall(r"pruned (\d+) result\(s\)", coord.log_text())) >= 5
         assert dev.acks == sorted(dev.acks)
     finally:
         dev.close()
