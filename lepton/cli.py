@@ -64,9 +64,23 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     except BrokenPipeError:
         # `lepton status | head`: the reader had what it wanted. Later writes (the final flush) go nowhere
-        # instead of raising again on the closed pipe.
+        # instead of raising again on the closed pipe. A broken pipe anywhere else (a socket) is an error.
+        if not _stdout_gone():
+            raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _stdout_gone() -> bool:
+    """True when standard output is a pipe whose reader has closed it."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no real file behind stdout (a test's capture, a closed one)
+        return False
 
 
 def _main(argv: list[str] | None) -> int:

@@ -185,6 +185,18 @@ def test_output_into_a_closed_pipe_is_no_traceback(tmp_path, args):
     assert "Traceback" not in err and "Exception ignored" not in err, err
 
 
+def test_a_broken_pipe_that_is_not_stdout_is_not_hidden(monkeypatch):
+    """Only a closed stdout is the reader going away; a daemon's broken socket must not exit 0."""
+    import lepton.cli as cli
+
+    def broken_socket(argv):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_main", broken_socket)
+    with pytest.raises(BrokenPipeError):
+        cli.main([])
+
+
 # --- lepton coordinator snapshot --out -----------------------------------------------------------
 
 def test_snapshot_out_that_cannot_be_written_is_one_line(tmp_path):
