@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -21,10 +22,32 @@ from lepton.errors import LeptonError
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
+    """A TCP port nothing uses right now, below the kernel's ephemeral range when there is room.
+
+    A broker restarted on its port (a test's outage, a demo's) must find it free. In the ephemeral
+    range an outgoing connection may hold it meanwhile, even a client's reconnect to itself (TCP
+    simultaneous open to a port nothing listens on), and the restart fails "Address already in use".
+    """
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(50 if low > 12000 else 0):
+        port = rng.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def mosquitto_binary() -> str | None:

@@ -89,3 +89,18 @@ def test_mosquitto_restart_keeps_port_and_persisted_retained(tmp_path):
         assert got == [b"1"]
     finally:
         b.stop()
+
+
+def test_free_port_is_below_the_ephemeral_range_and_free():
+    """A broker restarted on its port must find it free: no outgoing connection's local port (not even a
+    client connecting to itself while nothing listens) can hold a port below the ephemeral range."""
+    import socket
+
+    from lepton.broker import _ephemeral_low, free_port
+
+    low = _ephemeral_low()
+    for _ in range(20):
+        port = free_port()
+        assert 10000 <= port < low
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # free, as promised
