@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from lepton.brokerfiles import reason
 from lepton.coordinator.status import EVENT_KINDS
 from lepton.errors import ConfigError
 
@@ -169,7 +170,7 @@ def _backup(args) -> int:
             os.fsync(f.fileno())
         os.replace(tmp, out)
     except (OSError, sqlite3.Error) as exc:
-        raise ConfigError(f"{out}: cannot write the copy: {getattr(exc, 'strerror', None) or exc}") from None
+        raise ConfigError(f"{out}: cannot write the copy: {reason(exc)}") from None
     finally:
         tmp.unlink(missing_ok=True)
         source.close()
@@ -196,7 +197,7 @@ def _write(snapshot: dict, out: str | None) -> int:
         try:
             Path(out).write_text(text)
         except OSError as exc:
-            raise ConfigError(f"--out {out}: cannot write: {exc.strerror or exc}") from None
+            raise ConfigError(f"--out {out}: cannot write: {reason(exc)}") from None
         print(f"wrote {out}: {len(snapshot['devices'])} devices, {len(snapshot['streams'])} streams", file=sys.stderr)
     else:
         sys.stdout.write(text)
