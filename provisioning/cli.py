@@ -32,8 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _init_parser(sub)
     _device_parser(sub)
     _bulk_parser(sub)
-    _simple(sub, "revoke", "ID", _revoke, "revoke an identity: its certificates go on the CRL, the ACL denies it "
-            "everything, its key and bundle are deleted; then reload the broker (SIGHUP)")
+    r = _simple(sub, "revoke", "ID", _revoke, "revoke an identity: its certificates go on the CRL, the ACL denies it "
+                "everything, its key and bundle are deleted; then reload the broker (SIGHUP). With --superseded, "
+                "only the certificates a --rotate replaced (the coordinator's too); the identity stays valid")
+    r.add_argument("--superseded", action="store_true",
+                   help="revoke every certificate of ID but its current one, after --rotate and installing the new "
+                   "bundle: the old key is refused from then on; then restart the broker")
     c = sub.add_parser("coordinator", help="rewrite the coordinator's config and bundle from fleet.toml; --rotate "
                        "renews its key and certificate",
                        description="Rewrite identities/<coordinator>/coordinator.toml and bundles/<coordinator>.tar.gz "
@@ -126,6 +130,7 @@ def _simple(sub, name, metavar, func, help_text):
     _fleet_arg(p)
     p.add_argument("--json", action="store_true", help="print what was done as JSON")
     p.set_defaults(func=_guarded(func))
+    return p
 
 
 # --- handlers ---------------------------------------------------------------------
@@ -203,8 +208,15 @@ def _revoke(args) -> int:
     from lepton.provisioning.fleet import Fleet
 
     fleet = Fleet(args.fleet)
-    rc = _report(args, [fleet.revoke(args.name)])
-    if not args.json:
+    outcome = fleet.revoke(args.name, superseded=args.superseded)
+    rc = _report(args, [outcome])
+    if args.json or outcome.action == "unchanged":
+        return rc
+    if args.superseded:
+        # A connection made with an old certificate has the same name as the current one: no ACL line can cut it.
+        print(f"now copy crl.pem to {fleet.settings.broker.dir} and restart the broker (systemctl restart mosquitto): "
+              "a reload refuses the old certificates from then on, a restart also ends connections made with them")
+    else:
         print(f"now reload the broker so it re-reads {fleet.settings.broker.dir}/crl.pem and acl "
               "(systemctl reload mosquitto, or kill -HUP its pid)")
     return rc

@@ -168,30 +168,41 @@ class Fleet:
             outcome.written += self.write_broker_files()
         return outcome
 
-    def revoke(self, name: str) -> Outcome:
-        """Revoke every certificate *name* ever had, deny it in the ACL, delete its key and bundle."""
+    def revoke(self, name: str, superseded: bool = False) -> Outcome:
+        """Revoke every certificate *name* ever had, deny it in the ACL, delete its key and bundle.
+
+        *superseded*: revoke only the certificates a rotation replaced, every one but the
+        current; the identity, its key, bundle and ACL entries stay as they are. After
+        ``--rotate`` (the coordinator's too) this makes the old key worthless at once,
+        instead of when its certificate expires.
+        """
         with self.layout.locked():
             record = self.layout.read_record(name)
             if record is None:
                 raise ConfigError(f"no identity {name!r} in fleet {self.root}")
-            if record.role == "coordinator":
-                raise ConfigError(f"{name!r} is the fleet's coordinator; rotate it instead of revoking it "
-                                  "(`lepton provision coordinator --rotate`)")
+            if record.role == "coordinator" and not superseded:
+                raise ConfigError(f"{name!r} is the fleet's coordinator and cannot be revoked; rotate it "
+                                  f"(`lepton provision coordinator --rotate`), install the new bundle, then "
+                                  f"`lepton provision revoke {name} --superseded` puts its old certificates on the CRL")
+            serials = record.serials[:-1] if superseded and not record.revoked else record.serials
             entries = self.layout.read_revoked()
             known = {e["serial"] for e in entries}
             now = pki.utcnow().isoformat()
-            entries += [{"serial": s, "name": name, "revoked_at": now} for s in record.serials if s not in known]
-            written = [self.layout.revoked] if self.layout.write_revoked(entries) else []
-            record.revoked = True
-            if self.layout.write_record(record):
-                written.append(self.layout.record_path(name))
-            for secret in (self.layout.key(name), self.layout.bundle(name)):
-                if secret.exists():
-                    secret.unlink()
-                    written.append(secret)
+            added = [{"serial": s, "name": name, "revoked_at": now} for s in serials if s not in known]
+            written = [self.layout.revoked] if added and self.layout.write_revoked(entries + added) else []
+            if not superseded:
+                record.revoked = True
+                if self.layout.write_record(record):
+                    written.append(self.layout.record_path(name))
+                for secret in (self.layout.key(name), self.layout.bundle(name)):
+                    if secret.exists():
+                        secret.unlink()
+                        written.append(secret)
             written += self.write_broker_files()
-        log.info("revoked %s (%d certificates)", name, len(record.serials))
-        return Outcome(name, "revoked" if written else "unchanged", written)
+        log.info("revoked %s (%d certificates%s)", name, len(added), ", superseded ones" if superseded else "")
+        warnings = (["it has no certificate but its current one: nothing was revoked"]
+                    if superseded and not serials else [])
+        return Outcome(name, "revoked" if written else "unchanged", written, warnings)
 
     # --- broker -----------------------------------------------------------------
     def write_broker_files(self, out: Path | None = None) -> list[Path]:

@@ -394,6 +394,39 @@ def test_revoking_a_connected_device_cuts_it_off_after_a_reload(tmp_path):
         broker.stop()
 
 
+def test_rotated_out_certificates_are_refused_once_revoked_as_superseded(tmp_path):
+    """A leaked coordinator key was good until its certificate expired (the coordinator could not be revoked).
+    After --rotate and `revoke --superseded` the old key is refused and the new one works."""
+    fleet = _make_fleet(tmp_path / "fleet")
+    fleet.add_device("cam-a")
+    old = {}
+    for name in ("lepton-coordinator", "cam-a"):
+        old[name] = (tmp_path / f"{name}.crt", tmp_path / f"{name}.key")
+        shutil.copy(fleet.layout.cert(name), old[name][0])
+        shutil.copy(fleet.layout.key(name), old[name][1])
+    fleet.update_coordinator(rotate=True)
+    fleet.add_device("cam-a", rotate=True)
+    broker = GeneratedBroker(fleet, tmp_path / "broker").start()
+    try:
+        for name in old:  # rotation alone leaves the old key valid
+            assert Peer(broker, *old[name]).connect(timeout=3), name
+        for name in old:
+            assert fleet.revoke(name, superseded=True).action == "revoked"
+        broker.reload()
+        for name in old:
+            assert not Peer(broker, *old[name]).connect(timeout=3), name
+        w = {"fleet": fleet, "broker": broker}
+        coord = connected(w, "lepton-coordinator")
+        coord.subscribe(*[f for f, _ in T.coordinator_subscriptions()])
+        dev = connected(w, "cam-a")
+        dev.publish(T.status("cam-a"), b"rotated")
+        assert coord.wait_for(T.status("cam-a"), b"rotated")
+        dev.close()
+        coord.close()
+    finally:
+        broker.stop()
+
+
 def test_queued_messages_survive_a_broker_crash(tmp_path):
     """A SIGKILLed broker keeps the coordinator's queued results it had saved (every [broker] autosave_s)."""
     fleet = _make_fleet(tmp_path / "fleet", autosave_s=1)

@@ -245,6 +245,42 @@ def test_names_are_unique_across_roles_and_the_coordinator_cannot_be_revoked(tmp
         fleet.revoke("cam-9")
 
 
+def test_revoke_superseded_puts_only_the_rotated_out_certificates_on_the_crl(tmp_path, capsys):
+    """After a rotation the old key stays valid until it expires unless its certificate is revoked; the
+    coordinator could not be revoked at all. --superseded revokes every certificate but the current one and
+    leaves the identity working."""
+    root = tmp_path / "f"
+    fleet = make_fleet(root)
+    fleet.add_device("cam-1")
+    assert main(["provision", "revoke", "cam-1", "--superseded", "--fleet", str(root)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "cam-1: unchanged" and "nothing was revoked" in captured.err
+    assert fleet.layout.read_revoked() == []
+    for name, rotate in (("cam-1", ["device", "cam-1"]), ("lepton-coordinator", ["coordinator"])):
+        first = fleet.layout.read_record(name).serials[0]
+        assert main(["provision", *rotate, "--rotate", "--fleet", str(root)]) == 0
+        assert main(["provision", *rotate, "--rotate", "--fleet", str(root)]) == 0
+        key, bundle = fleet.layout.key(name).read_bytes(), fleet.layout.bundle(name).read_bytes()
+        record = fleet.layout.read_record(name)
+        assert len(record.serials) == 3 and record.serials[0] == first
+        capsys.readouterr()
+        assert main(["provision", "revoke", name, "--superseded", "--fleet", str(root)]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"{name}: revoked") and "restart the broker" in out
+        crl = {format(r.serial_number, "x") for r in x509.load_pem_x509_crl(fleet.layout.crl.read_bytes())}
+        assert set(record.serials[:2]) <= crl and record.serials[2] not in crl
+        assert (fleet.layout.broker_dir / "crl.pem").read_bytes() == fleet.layout.crl.read_bytes()
+        after = fleet.layout.read_record(name)
+        assert after == record and not after.revoked
+        assert fleet.layout.key(name).read_bytes() == key and fleet.layout.bundle(name).read_bytes() == bundle
+        assert f"user {name}\ntopic deny #" not in (fleet.layout.broker_dir / "acl").read_text()
+        before = snapshot(root)
+        assert fleet.revoke(name, superseded=True).action == "unchanged" and snapshot(root) == before
+    assert {e["name"] for e in fleet.layout.read_revoked()} == {"cam-1", "lepton-coordinator"}
+    assert len(fleet.layout.read_revoked()) == 4
+    assert fleet.add_device("cam-1").action == "unchanged"  # still a valid identity
+
+
 def test_list_shows_roles_tags_expiry_and_revocation(tmp_path, capsys):
     fleet = make_fleet(tmp_path / "f")
     fleet.add_device("cam-1", tags=["door", "pi5"])
@@ -409,4 +445,5 @@ def test_coordinator_config_follows_fleet_toml_and_its_key_rotates(tmp_path, cap
     assert json.loads(capsys.readouterr().out)[0]["action"] == "rotated"
     assert fleet.layout.cert("lepton-coordinator").read_bytes() != cert
     assert main(["provision", "revoke", "lepton-coordinator", "--fleet", str(root)]) == 2
-    assert "`lepton provision coordinator --rotate`" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "`lepton provision coordinator --rotate`" in err and "--superseded" in err
