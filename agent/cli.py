@@ -56,9 +56,9 @@ def check(path: str, as_json: bool = False) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.json and not args.check_config:
-        from lepton.errors import ConfigError
+    from lepton.errors import ConfigError
 
+    if args.json and not args.check_config:
         raise ConfigError("--json goes with --check-config (the daemon logs to stderr and prints no JSON)")
     if args.check_config:
         return check(args.check_config, args.json)
@@ -76,6 +76,9 @@ def main(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    code = run(cfg, stop)
+    try:
+        code = run(cfg, stop)
+    except ConfigError as exc:  # what start-up found wrong with the config's models or files: named as --check-config does
+        raise ConfigError(f"config {args.config}: {exc}") from None
     sys.stdout.flush()
     return code

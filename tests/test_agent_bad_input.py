@@ -163,3 +163,5 @@ def test_tls_with_a_client_certificate_connects_and_bad_tls_files_stop_start_up(
         assert bad.wait(30) == 2
         errors = [line for line in bad.log_tail().splitlines() if line.startswith("lepton: error:")]
         assert len(errors) == 1 and "broker.tls_key" in errors[0] and "missing.key" in errors[0], errors
+        # Worded as --check-config words it: the config file first, then the key.
+        assert errors[0].startswith(f"lepton: error: config {bad.path}: broker.tls_key"), errors
