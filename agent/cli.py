@@ -36,18 +36,16 @@ def check(path: str, as_json: bool = False) -> int:
     from lepton.agent.config import load_config
     from lepton.agent.session import read_password, tls_context
 
-    from lepton.errors import ConfigError
+    from lepton.errors import naming_config
 
     cfg = load_config(path)
-    try:
+    with naming_config(path):  # named like the schema's errors: which file, then which key
         # The broker's files first: the model downloads fall back to broker.tls_ca, and a missing CA is the
         # broker's problem before it is theirs.
         read_password(cfg.broker.password_file)
         if cfg.broker.tls_ca:
             tls_context(cfg.broker)
         check_references(cfg)
-    except ConfigError as exc:  # named like the schema's errors: which file, then which key
-        raise ConfigError(f"config {path}: {exc}") from None
     if as_json:
         print(json.dumps(cfg.model_dump(), indent=2))
     else:
@@ -56,7 +54,7 @@ def check(path: str, as_json: bool = False) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from lepton.errors import ConfigError
+    from lepton.errors import ConfigError, naming_config
 
     if args.json and not args.check_config:
         raise ConfigError("--json goes with --check-config (the daemon logs to stderr and prints no JSON)")
@@ -76,9 +74,7 @@ def main(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    try:
+    with naming_config(args.config):  # what start-up finds wrong with the config's models or files
         code = run(cfg, stop)
-    except ConfigError as exc:  # what start-up found wrong with the config's models or files: named as --check-config does
-        raise ConfigError(f"config {args.config}: {exc}") from None
     sys.stdout.flush()
     return code

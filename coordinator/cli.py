@@ -109,15 +109,21 @@ def _db_path(args) -> str:
 
 def _run(args) -> int:
     from lepton.coordinator.config import check_files, load_config
+    from lepton.errors import naming_config
 
     if args.check_config:
         cfg = load_config(args.check_config)
-        check_files(cfg)
+        with naming_config(args.check_config):
+            check_files(cfg)
         print(f"{args.check_config}: valid (broker {cfg.broker.host}:{cfg.broker.port}, db {cfg.db.path})")
         return 0
     from lepton.coordinator.app import Coordinator
 
-    return Coordinator(load_config(args.coordinator_config)).run()
+    cfg = load_config(args.coordinator_config)
+    if args.coordinator_config is None:  # every key at its default: no file to name
+        return Coordinator(cfg).run()
+    with naming_config(args.coordinator_config):  # what start-up finds wrong with the files the config names
+        return Coordinator(cfg).run()
 
 
 def _snapshot(args) -> int:

@@ -4,6 +4,9 @@ Library code raises these; the CLI turns them into one clean line and an
 exit code at a single place (``lepton.cli.main``).
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class LeptonError(Exception):
     """Base class: a problem with a clear, user-facing message."""
@@ -57,6 +60,18 @@ def describe_config_error(exc) -> str:
         return f"missing key {loc!r}"
     got = f" (got {err['input']!r})" if not isinstance(err.get("input"), (dict, list)) else ""
     return f"{loc or 'config'}: {validation_message(err)}{got}"
+
+
+@contextmanager
+def naming_config(path) -> Iterator[None]:
+    """A ConfigError raised inside names the config file first, as a schema error does: ``config FILE: ...``
+    (what start-up or --check-config found wrong with a file or model the config names)."""
+    try:
+        yield
+    except ConfigError as exc:
+        if str(exc).startswith("config "):
+            raise
+        raise ConfigError(f"config {path}: {exc}") from None
 
 
 def as_value_error(check, *args, **kwargs):

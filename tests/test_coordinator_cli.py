@@ -96,7 +96,7 @@ def test_check_config_and_start_up_name_the_key_of_a_missing_file(tmp_path, pref
     checked = lepton("coordinator", "--check-config", str(cfg))
     assert checked.returncode == 2
     line = error_line(checked)
-    assert line.startswith(f"lepton: error: {expected}"), line
+    assert line.startswith(f"lepton: error: config {cfg}: {expected}"), line  # the file, then its key
     started = lepton("coordinator", "--config", str(cfg))
     assert started.returncode == 2
     assert error_line(started) == line
