@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from lepton.brokerfiles import reason
@@ -18,6 +19,7 @@ def register(subparsers) -> None:
     _add_coordinator(subparsers)
     _add_status(subparsers)
     _add_events(subparsers)
+    _add_results(subparsers)
     try:
         from lepton.coordinator.planner.cli import register as register_planner
     except ModuleNotFoundError as exc:
@@ -87,6 +89,25 @@ def _add_events(subparsers) -> None:
     ev.add_argument("--device", default="", metavar="ID", help="only this device")
     ev.add_argument("--kind", default="", help="only this kind: " + ", ".join(EVENT_KINDS))
     ev.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _add_results(subparsers) -> None:
+    res = _db_command(
+        subparsers, "results", _results, help="the results the coordinator stored, newest last",
+        description="Results as the coordinator stored them (exactly once, kept [db] keep_results_days): when "
+        "each arrived, the device and stream, its seq, the model and the device that ran it, the invoke time, "
+        "capture to storage (E2E), and what it found (the top class and score, an anomaly verdict, else its "
+        "output). --json prints each result as its device sent it, one JSON object per line, with received_at. "
+        "--follow keeps printing results as they are stored until Ctrl-C.",
+    )
+    res.add_argument("--device", default="", metavar="ID", help="only this device's results")
+    res.add_argument("--stream", default="", metavar="ID", help="only this stream (STREAM, or DEVICE/STREAM)")
+    res.add_argument("--since", metavar="WHEN", help="only results stored since WHEN: a duration back from now "
+                     "(90s, 15m, 2h, 7d) or a local date or time (2026-11-27, 2026-11-27T08:00)")
+    res.add_argument("--limit", type=_count, default=20, metavar="N", help="newest N results (default 20)")
+    res.add_argument("--follow", "-f", action="store_true", help="then print new results as they are stored")
+    res.add_argument("--interval", type=float, default=1.0, metavar="S", help=argparse.SUPPRESS)
+    res.add_argument("--json", action="store_true", help="one JSON object per result and line (JSON Lines)")
 
 
 def _db_command(subparsers, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
@@ -226,6 +247,33 @@ def _events(args) -> int:
     rows = events(open_readonly(_db_path(args)), args.limit, args.device, args.kind)
     print(json.dumps(rows, indent=2) if args.json else render_events(rows))
     return 0
+
+
+def _results(args) -> int:
+    from lepton.coordinator import results as view
+    from lepton.coordinator.db import open_readonly
+
+    since = view.parse_since(args.since) if args.since else None
+    db = open_readonly(_db_path(args))
+    rows = view.newest(db, args.limit, args.device, args.stream, since)
+
+    def show(batch: list[dict], header: bool) -> None:
+        if args.json:
+            for r in batch:
+                print(json.dumps(r, separators=(",", ":")))
+        elif batch or header:
+            print(view.render_results(batch, header=header) if batch or not header else "no results")
+        sys.stdout.flush()
+
+    show(rows, header=True)
+    if not args.follow:
+        return 0
+    devices, stream = view.scope(db, args.device, args.stream)
+    last = view.last_seqs(db, devices)
+    device = devices[0] if args.device or "/" in args.stream else ""
+    while True:
+        time.sleep(max(args.interval, 0.05))
+        show(view.follow(db, last, device, stream), header=False)
 
 
 def _count(text: str) -> int:
