@@ -255,25 +255,30 @@ def _results(args) -> int:
 
     since = view.parse_since(args.since) if args.since else None
     db = open_readonly(_db_path(args))
-    rows = view.newest(db, args.limit, args.device, args.stream, since)
+    devices, stream = view.scope(db, args.device, args.stream)
+    # The follower's snapshot first, the listing up to it: nothing stored in between is missed or shown twice.
+    follower = view.Follower(db, devices[0] if args.device or "/" in args.stream else "", stream) \
+        if args.follow else None
+    rows = view.newest(db, devices, stream, args.limit, since, upto=follower.hi if follower else None)
+    header = True
 
-    def show(batch: list[dict], header: bool) -> None:
+    def show(batch: list[dict]) -> None:
+        nonlocal header
         if args.json:
             for r in batch:
                 print(json.dumps(r, separators=(",", ":")))
-        elif batch or header:
-            print(view.render_results(batch, header=header) if batch or not header else "no results")
+        elif batch:
+            print(view.render_results(batch, header=header))
+            header = False
         sys.stdout.flush()
 
-    show(rows, header=True)
-    if not args.follow:
-        return 0
-    devices, stream = view.scope(db, args.device, args.stream)
-    last = view.last_seqs(db, devices)
-    device = devices[0] if args.device or "/" in args.stream else ""
-    while True:
+    show(rows)
+    if not rows and not args.json:
+        print("no results" + (" yet; following" if follower else ""), flush=True)
+    while follower is not None:
         time.sleep(max(args.interval, 0.05))
-        show(view.follow(db, last, device, stream), header=False)
+        show(follower.poll())
+    return 0
 
 
 def _count(text: str) -> int:

@@ -5,7 +5,8 @@ coordinator. Results are read per device along the (device, seq) primary
 key, newest first, so a query costs about ``--limit`` rows per device
 however many the database holds; ``--since`` finds its first seq per device
 by the binary search retention uses (sequence numbers grow with arrival).
-``follow`` returns what was stored after a device's last seq seen.
+A ``Follower`` returns what was stored since it last looked, a result
+re-sent after a gap included.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
     from sqlite_utils import Database
 
 COLUMNS = "device, seq, stream, model, computed_on, captured_at, infer_ms, received_at, payload"
-FOLLOW_BATCH = 5000  # rows per device per poll
+FOLLOW_BATCH = 5000  # rows per query while following
+MAX_HOLES = 10_000  # seqs per device a follower watches for a late arrival
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -47,26 +49,39 @@ def _devices(db: Database) -> list[str]:
                   | {r["id"] for r in db.query("SELECT id FROM devices")})
 
 
+def _declaring(db: Database, stream: str, devices: list[str] | None = None) -> list[str]:
+    """The devices whose births declared *stream* (of *devices*, when given)."""
+    found = sorted(r["device"] for r in db.query("SELECT device FROM streams WHERE stream = ?", [stream]))
+    return found if devices is None else [d for d in found if d in devices]
+
+
 def scope(db: Database, device: str = "", stream: str = "") -> tuple[list[str], str]:
     """(devices to read, stream id) for the filters; ConfigError for a device or stream the database does
-    not know, so a typo is not mistaken for a quiet fleet. *stream* may be ``DEVICE/STREAM``."""
+    not know, so a typo is not mistaken for a quiet fleet. *stream* may be ``DEVICE/STREAM``; a stream is
+    known by the births that declared it (the streams table), so a stream is read only on its devices."""
+    given = stream
     if "/" in stream:
         qualified_device, stream = stream.split("/", 1)
+        if not qualified_device or not stream or "/" in stream:
+            raise ConfigError(f"--stream {given!r}: give STREAM or DEVICE/STREAM")
         if device and device != qualified_device:
-            raise ConfigError(f"--stream {qualified_device}/{stream} names another device than --device {device}")
+            raise ConfigError(f"--stream {given!r} names another device than --device {device!r}")
         device = qualified_device
     known = _devices(db)
     if device and device not in known:
-        raise ConfigError(f"--device {device!r}: no such device in this database"
+        flag = f"--stream {given!r}" if "/" in given else "--device"
+        raise ConfigError(f"{flag}: no device {device!r} in this database"
                           + (f" (devices: {_some(known)})" if known else " (no device has reported yet)"))
     devices = [device] if device else known
     if stream:
-        marks = ",".join("?" * len(devices))
-        declared = {r["stream"] for r in db.query(f"SELECT stream FROM streams WHERE device IN ({marks})", devices)}
-        if stream not in declared and not any(_newest(db, d, stream, 0, 1) for d in devices):
-            names = sorted(declared)
-            raise ConfigError(f"--stream {stream!r}: no such stream" + (f" on {device}" if device else "")
+        on = _declaring(db, stream, devices)
+        if not on:
+            marks = ",".join("?" * len(devices))
+            names = sorted({r["stream"] for r in db.query(
+                f"SELECT stream FROM streams WHERE device IN ({marks})", devices)}) if devices else []
+            raise ConfigError(f"--stream {given!r}: no such stream" + (f" on {device}" if device else "")
                               + (f" (streams: {_some(names)})" if names else ""))
+        devices = on
     return devices, stream
 
 
@@ -74,50 +89,97 @@ def _some(names: list[str], n: int = 12) -> str:
     return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
-def _newest(db: Database, device: str, stream: str, floor: int, limit: int, since: float | None = None) -> list[dict]:
-    sql, args = f"SELECT {COLUMNS} FROM results WHERE device = ? AND seq >= ?", [device, floor]
-    if stream:
-        sql += " AND stream = ?"
-        args.append(stream)
-    if since is not None:
-        sql += " AND received_at >= ?"
-        args.append(since)
-    return list(db.query(sql + " ORDER BY seq DESC LIMIT ?", args + [limit]))
+def newest(db: Database, devices: list[str], stream: str = "", limit: int = 20, since: float | None = None,
+           upto: dict[str, int] | None = None) -> list[dict]:
+    """The newest *limit* results of *devices* (oldest first), each as ``result_json`` gives it.
 
-
-def newest(db: Database, limit: int = 20, device: str = "", stream: str = "", since: float | None = None) -> list[dict]:
-    """The newest *limit* results (oldest first) matching the filters, each as ``result_json`` gives it."""
-    devices, stream = scope(db, device, stream)
+    Newest by each device's seq, which is the order its results arrive in, but for one re-sent after a
+    gap (the device re-sends what no ack covered: it is stored after higher seqs). *since* finds each
+    device's first seq as retention does, on the same assumption. *upto*: per device, no seq above it.
+    """
     rows: list[dict] = []
     for d in devices:
         floor = prune_below(db, d, since) if since is not None else 0
-        rows += _newest(db, d, stream, floor, limit, since)
+        sql, args = f"SELECT {COLUMNS} FROM results WHERE device = ? AND seq >= ?", [d, floor]
+        if upto is not None:
+            sql += " AND seq <= ?"
+            args.append(upto.get(d, 0))
+        if stream:
+            sql += " AND stream = ?"
+            args.append(stream)
+        if since is not None:
+            sql += " AND received_at >= ?"
+            args.append(since)
+        rows += db.query(sql + " ORDER BY seq DESC LIMIT ?", args + [limit])
     rows.sort(key=lambda r: (r["received_at"], r["device"], r["seq"]))
     return [result_json(r) for r in rows[-limit:]]
 
 
-def last_seqs(db: Database, devices: list[str]) -> dict[str, int]:
-    """The highest stored seq of each device (0: none yet): where ``follow`` starts."""
-    out = {}
-    for d in devices:
-        row = db.execute("SELECT seq FROM results WHERE device = ? ORDER BY seq DESC LIMIT 1", [d]).fetchone()
-        out[d] = int(row[0]) if row else 0
-    return out
+class Follower:
+    """What was stored since the last look, each result once, a result stored late included.
 
+    Per device it keeps the highest seq seen and the *holes*: seqs below it not stored when last
+    looked and not yet covered by the device's ack. A hole is filled when the device re-sends that
+    result (stored after higher seqs); once the ack passes it, it is filled or never will be (the
+    device dropped it), so holes stay few. Devices that appear later are followed from their first
+    result. ``hi`` is the snapshot taken at creation: list what came before with ``newest(upto=hi)``.
+    """
 
-def follow(db: Database, last: dict[str, int], device: str = "", stream: str = "") -> list[dict]:
-    """Results stored since *last* (device -> highest seq seen, updated in place), oldest first. Devices that
-    appear later are followed from their first result."""
-    devices = [device] if device else _devices(db)
-    rows: list[dict] = []
-    for d in devices:
-        new = list(db.query(f"SELECT {COLUMNS} FROM results WHERE device = ? AND seq > ? ORDER BY seq LIMIT ?",
-                            [d, last.get(d, 0), FOLLOW_BATCH]))
-        if new:
-            last[d] = new[-1]["seq"]
-            rows += [r for r in new if not stream or r["stream"] == stream]
-    rows.sort(key=lambda r: (r["received_at"], r["device"], r["seq"]))
-    return [result_json(r) for r in rows]
+    def __init__(self, db: Database, device: str = "", stream: str = "") -> None:
+        self.db, self.device, self.stream = db, device, stream
+        self.hi: dict[str, int] = {}
+        self.holes: dict[str, set[int]] = {}
+        acks = self._acks()
+        for d in self._devices():
+            row = db.execute("SELECT seq FROM results WHERE device = ? ORDER BY seq DESC LIMIT 1", [d]).fetchone()
+            self.hi[d] = hi = int(row[0]) if row else 0
+            low = max(acks.get(d, 0), hi - MAX_HOLES)
+            stored = {r[0] for r in db.execute("SELECT seq FROM results WHERE device = ? AND seq > ? AND seq <= ?",
+                                               [d, low, hi]).fetchall()}
+            self.holes[d] = set(range(low + 1, hi + 1)) - stored
+
+    def _devices(self) -> list[str]:
+        if self.device:
+            return [self.device]
+        return _declaring(self.db, self.stream) if self.stream else _devices(self.db)
+
+    def _acks(self) -> dict[str, int]:
+        return {r["device"]: r["seq"] for r in self.db.query("SELECT device, seq FROM acks")}
+
+    def poll(self) -> list[dict]:
+        """Results stored since the last poll (or creation), oldest first."""
+        acks = self._acks()  # before the reads: every seq at or below a device's ack is stored by then, or never
+        rows: list[dict] = []
+        for d in self._devices():
+            rows += self._device(d, acks.get(d, 0))
+        if self.stream:
+            rows = [r for r in rows if r["stream"] == self.stream]
+        rows.sort(key=lambda r: (r["received_at"], r["device"], r["seq"]))
+        return [result_json(r) for r in rows]
+
+    def _device(self, d: str, ack: int) -> list[dict]:
+        holes, hi = self.holes.setdefault(d, set()), self.hi.get(d, 0)
+        found: list[dict] = []
+        wanted = sorted(holes)
+        for i in range(0, len(wanted), 500):  # filled holes: results stored late
+            chunk = wanted[i:i + 500]
+            found += self.db.query(f"SELECT {COLUMNS} FROM results WHERE device = ? AND seq IN "
+                                   f"({','.join('?' * len(chunk))})", [d, *chunk])
+        holes.difference_update(r["seq"] for r in found)
+        while True:  # new results, in pages
+            page = list(self.db.query(f"SELECT {COLUMNS} FROM results WHERE device = ? AND seq > ? "
+                                      "ORDER BY seq LIMIT ?", [d, hi, FOLLOW_BATCH]))
+            for r in page:
+                if r["seq"] > hi + 1:
+                    holes.update(range(max(hi + 1, r["seq"] - MAX_HOLES), r["seq"]))
+                hi = r["seq"]
+            found += page
+            if len(page) < FOLLOW_BATCH:
+                break
+        self.hi[d] = hi
+        kept = sorted(s for s in holes if s > ack)[-MAX_HOLES:]
+        self.holes[d] = set(kept)
+        return found
 
 
 def result_json(row: dict) -> dict:

@@ -214,11 +214,12 @@ def _revoke(args) -> int:
         return rc
     if args.superseded:
         # A connection made with an old certificate has the same name as the current one: no ACL line can cut it.
-        print(f"now copy crl.pem to {fleet.settings.broker.dir} and restart the broker (systemctl restart mosquitto): "
-              "a reload refuses the old certificates from then on, a restart also ends connections made with them")
+        print(f"now copy {fleet.layout.broker_dir}/crl.pem to {fleet.settings.broker.dir} on the broker host and "
+              "restart the broker (systemctl restart mosquitto): a reload refuses the old certificates from then on, "
+              "a restart also ends connections made with them")
     else:
-        print(f"now reload the broker so it re-reads {fleet.settings.broker.dir}/crl.pem and acl "
-              "(systemctl reload mosquitto, or kill -HUP its pid)")
+        print(f"now copy {fleet.layout.broker_dir}/crl.pem and acl to {fleet.settings.broker.dir} on the broker host "
+              "and reload the broker (systemctl reload mosquitto, or kill -HUP its pid)")
     return rc
 
 

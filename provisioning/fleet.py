@@ -199,9 +199,13 @@ class Fleet:
                         secret.unlink()
                         written.append(secret)
             written += self.write_broker_files()
-        log.info("revoked %s (%d certificates%s)", name, len(added), ", superseded ones" if superseded else "")
-        warnings = (["it has no certificate but its current one: nothing was revoked"]
-                    if superseded and not serials else [])
+        if added:
+            log.info("revoked %s: %d certificate(s)%s", name, len(added), ", superseded ones" if superseded else "")
+        warnings = []
+        if superseded and record.revoked:
+            warnings.append("it is revoked already, every certificate it had with it")
+        elif superseded and not serials:
+            warnings.append("it has no certificate but its current one: nothing was revoked")
         return Outcome(name, "revoked" if written else "unchanged", written, warnings)
 
     # --- broker -----------------------------------------------------------------

@@ -21,8 +21,10 @@ MODEL = m.ModelId(name="digits-int8", version="1.0.0", sha256="0" * 64)
 NOW = time.time()
 
 
-def store(db, device: str, seq: int, stream: str, received_at: float, output: dict, computed_on: str = "") -> bytes:
-    """One result as ingest stores it: the payload the device sent, with its columns."""
+def store(db, device: str, seq: int, stream: str, received_at: float, output: dict, computed_on: str = "",
+          ack: bool = True) -> bytes:
+    """One result as ingest stores it: the payload the device sent, with its columns (and, with *ack*, the
+    device's ack moved to it: what ingest does when the seqs below are all stored)."""
     captured = received_at - 0.025
     payload = encode(m.Result(device=device, stream=stream, seq=seq, model=MODEL, captured_at=captured,
                               inferred_at=captured + 0.01, infer_ms=5.0, computed_on=computed_on or device,
@@ -30,8 +32,9 @@ def store(db, device: str, seq: int, stream: str, received_at: float, output: di
     with write_tx(db):
         db.conn.execute(INSERT_RESULT, (device, seq, stream, MODEL.name, computed_on or device, captured, 5.0,
                                         received_at, payload.decode()))
-        db.conn.execute("INSERT INTO acks (device, seq) VALUES (?, ?) ON CONFLICT (device) DO UPDATE SET "
-                        "seq = excluded.seq", (device, seq))
+        if ack:
+            db.conn.execute("INSERT INTO acks (device, seq) VALUES (?, ?) ON CONFLICT (device) DO UPDATE SET "
+                            "seq = excluded.seq", (device, seq))
     return payload
 
 
@@ -112,9 +115,13 @@ def test_table_says_what_each_result_found(fleet_db, capsys):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--device", "cam-9"], "--device 'cam-9': no such device in this database (devices: cam-1, cam-2)"),
+    (["--device", "cam-9"], "--device: no device 'cam-9' in this database (devices: cam-1, cam-2)"),
+    (["--stream", "cam-9/door"], "--stream 'cam-9/door': no device 'cam-9' in this database (devices: cam-1, cam-2)"),
     (["--stream", "dor"], "--stream 'dor': no such stream (streams: door, gate, yard)"),
-    (["--stream", "cam-2/door"], "--stream 'door': no such stream on cam-2 (streams: gate)"),
+    (["--stream", "cam-2/door"], "--stream 'cam-2/door': no such stream on cam-2 (streams: gate)"),
+    (["--stream", "cam-1/"], "--stream 'cam-1/': give STREAM or DEVICE/STREAM"),
+    (["--stream", "/door"], "--stream '/door': give STREAM or DEVICE/STREAM"),
+    (["--stream", "cam-1/door", "--device", "cam-2"], "--stream 'cam-1/door' names another device than --device 'cam-2'"),
     (["--since", "yesterday"], "--since 'yesterday': give a duration"),
 ])
 def test_a_filter_that_matches_nothing_known_is_an_error_not_an_empty_list(fleet_db, capsys, args, words):
@@ -123,9 +130,63 @@ def test_a_filter_that_matches_nothing_known_is_an_error_not_an_empty_list(fleet
     assert code == 2 and out == "" and err.startswith(f"lepton: error: {words}"), err
 
 
-def test_an_empty_database_says_so(tmp_path, capsys):
+def test_an_empty_database_or_a_future_since_says_so(tmp_path, fleet_db, capsys):
     open_db(tmp_path / "c.db")
     assert run(capsys, "--db", str(tmp_path / "c.db")) == (0, "no results\n", "")
+    assert run(capsys, "--db", str(fleet_db[0]), "--since", "2100-01-01") == (0, "no results\n", "")
+
+
+def declare(db, device: str, stream: str) -> None:
+    """What a device's birth records: the streams it serves."""
+    with write_tx(db):
+        db.conn.execute("INSERT INTO streams (device, stream, model, rate_hz) VALUES (?, ?, ?, 10)",
+                        (device, stream, MODEL.name))
+
+
+def test_a_follower_sees_each_result_once_a_late_one_included_and_the_listing_stops_at_its_snapshot(fleet_db):
+    """A result re-sent after a gap is stored after higher seqs: a follower still shows it, once; the first
+    listing ends where the follower starts, so nothing stored in between is lost or shown twice."""
+    from lepton.coordinator.db import open_readonly
+    from lepton.coordinator.results import Follower, newest
+
+    path, db, _ = fleet_db
+    reader = open_readonly(path)
+    follower = Follower(reader)
+    store(db, "cam-1", 14, "door", time.time(), digit(4), ack=False)  # 13 is missing: the broker lost it
+    store(db, "cam-1", 15, "yard", time.time(), digit(5), ack=False)  # the ack stays at 12
+    listed = newest(reader, ["cam-1", "cam-2"], limit=3, upto=follower.hi)
+    assert [r["seq"] for r in listed] == [10, 11, 12]
+    assert [r["seq"] for r in follower.poll()] == [14, 15]
+    assert follower.poll() == []
+    store(db, "cam-1", 13, "door", time.time(), digit(3))  # re-sent by the device, stored late
+    with write_tx(db):
+        db.conn.execute("UPDATE acks SET seq = 15 WHERE device = 'cam-1'")
+    assert [r["seq"] for r in follower.poll()] == [13]
+    assert follower.poll() == [] and follower.holes["cam-1"] == set()
+    store(db, "cam-1", 20, "door", time.time(), digit(0), ack=False)  # 16-19 dropped by the device: the ack passes them
+    assert [r["seq"] for r in follower.poll()] == [20] and follower.holes["cam-1"] == {16, 17, 18, 19}
+    with write_tx(db):
+        db.conn.execute("UPDATE acks SET seq = 20 WHERE device = 'cam-1'")
+    assert follower.poll() == [] and follower.holes["cam-1"] == set()
+
+
+def test_follow_in_a_table_prints_its_header_with_the_first_results(tmp_path):
+    path = tmp_path / "c.db"
+    db = open_db(path)
+    declare(db, "cam-1", "door")
+    proc = subprocess.Popen([sys.executable, "-m", "lepton.cli", "results", "--db", str(path), "--follow",
+                             "--interval", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "no results yet; following\n"
+        store(db, "cam-1", 1, "door", time.time(), digit(1))
+        assert proc.stdout.readline().split()[:2] == ["RECEIVED", "DEVICE/STREAM"]
+        assert "cam-1/door" in proc.stdout.readline()
+        store(db, "cam-1", 2, "door", time.time(), digit(2))
+        line = proc.stdout.readline()
+        assert "cam-1/door" in line and line.split()[3] == "2", line  # date, time, device/stream, seq
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_follow_prints_results_as_they_are_stored_including_a_new_device(fleet_db):
@@ -143,6 +204,7 @@ def test_follow_prints_results_as_they_are_stored_including_a_new_device(fleet_d
         while not lines and time.monotonic() < deadline:
             time.sleep(0.05)
         assert [(r["device"], r["seq"]) for r in lines] == [("cam-1", 10)], "the newest door result first"
+        declare(db, "cam-3", "door")  # a new device's birth
         for seq, (device, stream) in enumerate([("cam-1", "door"), ("cam-1", "yard"), ("cam-3", "door"),
                                                 ("cam-1", "door"), ("cam-3", "door")], start=13):
             store(db, device, seq, stream, time.time(), digit(seq % 10))

@@ -279,6 +279,10 @@ def test_revoke_superseded_puts_only_the_rotated_out_certificates_on_the_crl(tmp
     assert {e["name"] for e in fleet.layout.read_revoked()} == {"cam-1", "lepton-coordinator"}
     assert len(fleet.layout.read_revoked()) == 4
     assert fleet.add_device("cam-1").action == "unchanged"  # still a valid identity
+    fleet.revoke("cam-1")
+    assert main(["provision", "revoke", "cam-1", "--superseded", "--fleet", str(root)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "cam-1: unchanged" and "revoked already" in captured.err
 
 
 def test_list_shows_roles_tags_expiry_and_revocation(tmp_path, capsys):
