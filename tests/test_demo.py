@@ -30,6 +30,18 @@ def test_demo_headless_summary_shows_failover_and_every_stream(tmp_path):
     digits = summary["streams"]["cam-1/door-digits"]
     assert digits["accuracy"] >= 0.9  # labels checked against the rendered digits
     assert summary["plans"] >= 2 and summary["placements_published"] >= 2
+    # What the coordinator stored, as `lepton results` reads it back: every stream, once, the digits labelled right.
+    stored = {}
+    for name in summary["streams"]:
+        res = subprocess.run([sys.executable, "-m", "lepton.cli", "results", "--db", str(tmp_path / "coordinator.db"),
+                              "--stream", name, "--limit", "100000", "--json"], capture_output=True, text=True,
+                             timeout=60)
+        stored[name] = [json.loads(line) for line in res.stdout.splitlines()]
+        assert res.returncode == 0 and stored[name], res.stderr
+        assert {f"{r['device']}/{r['stream']}" for r in stored[name]} == {name}
+        assert len({r["seq"] for r in stored[name]}) == len(stored[name])
+    right = [r["output"]["top"][0]["index"] == r["output"]["source"]["truth"] for r in stored["cam-1/door-digits"]]
+    assert len(right) >= 0.9 * digits["results"] and sum(right) >= 0.9 * len(right)
 
 
 def _proc_stat(pid: int) -> tuple[int, str, str] | None:

@@ -130,6 +130,10 @@ def _run(args) -> int:
         print(json.dumps(summary, indent=2))
     else:
         _print_summary(summary)
+        if args.workdir:
+            db = Path(args.workdir) / "coordinator.db"
+            print(f"\nkept in {args.workdir}: configs, logs and databases; look back with\n"
+                  f"  lepton status --db {db}\n  lepton events --db {db}\n  lepton results --db {db} --limit 50")
     return 0 if summary["ok"] else 1
 
 
