@@ -450,3 +450,67 @@ def test_queued_messages_survive_a_broker_crash(tmp_path):
         coord.close()
     finally:
         broker.stop()
+
+
+# --- the consumer in docs/protocol.md --------------------------------------------------------
+
+
+def test_the_documented_consumer_gets_each_result_once_and_what_came_while_it_was_stopped(world, tmp_path):
+    """The Python block of docs/protocol.md "Consuming results", run as written (only the fleet's paths, the
+    broker's address and port replaced) with the fleet's observer identity against the generated config."""
+    import queue
+    import sys
+
+    from lepton.protocol import encode
+    from lepton.protocol import messages as m
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    block = re.search(r"### Consuming results.*?```python\n(.*?)```", doc, re.S).group(1)
+    lay, port = world["fleet"].layout, world["broker"].port
+    places = {"fleet/ca/ca.crt": str(lay.ca_cert), "fleet/identities/ops/cert.pem": str(lay.cert("ops")),
+              "fleet/identities/ops/key.pem": str(lay.key("ops")),
+              '"broker.example.net", 8883': f'"127.0.0.1", {port}'}
+    for placeholder, value in places.items():
+        assert block.count(placeholder) == 1, placeholder
+        block = block.replace(placeholder, value)
+    script = tmp_path / "consumer.py"
+    script.write_text(block)
+
+    def start() -> tuple[subprocess.Popen, queue.Queue]:
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(x.strip()) for x in proc.stdout], daemon=True).start()
+        return proc, lines
+
+    def result(seq: int) -> bytes:
+        now = time.time()
+        return encode(m.Result(device="cam-a", stream="door", seq=seq, captured_at=now, inferred_at=now, infer_ms=1.0,
+                               model=m.ModelId(name="digits-int8", version="1.0.0", sha256="0" * 64),
+                               computed_on="cam-a", output={"top": [{"label": str(seq), "index": seq, "score": 0.5}]}))
+
+    dev = connected(world, "cam-a")
+    consumer, lines = start()
+    try:
+        deadline = time.monotonic() + 20
+        while lines.empty() and time.monotonic() < deadline:  # until it has subscribed: the same result, again
+            dev.publish(T.result("cam-a", "door"), result(1))
+            time.sleep(0.2)
+        assert lines.get(timeout=1) == "cam-a door 1 1 0.5", consumer.stderr.read() if consumer.poll() else ""
+        dev.publish(T.result("cam-a", "door"), result(1))  # a re-send, as a device does when an ack is late
+        dev.publish(T.result("cam-a", "door"), result(2))
+        assert lines.get(timeout=10) == "cam-a door 2 2 0.5"  # the copy of 1 was skipped, not printed
+        consumer.terminate()
+        consumer.wait(10)
+        time.sleep(0.3)
+        dev.publish(T.result("cam-a", "door"), result(3))  # while it is stopped: its session queues it
+        consumer, lines = start()
+        assert lines.get(timeout=20) == "cam-a door 3 3 0.5"
+        with pytest.raises(queue.Empty):
+            lines.get(timeout=0.5)
+    finally:
+        consumer.terminate()
+        consumer.wait(10)
+        dev.close()
+        wipe = peer(world, "ops")  # a clean session ends the persistent one
+        if wipe.connect():
+            wipe.close()
