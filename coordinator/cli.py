@@ -114,7 +114,8 @@ def _db_command(subparsers, name: str, func, help: str, description: str) -> arg
     """A subcommand that reads the coordinator's database: --db, or the [db] path of --config."""
     p = subparsers.add_parser(name, help=help, description=description)
     p.add_argument("--db", metavar="DB", help="coordinator database (default: [db] path of --config, else "
-                   "/var/lib/lepton/coordinator.db)")
+                   "/var/lib/lepton/coordinator.db; a coordinator installed from a provision bundle keeps it in "
+                   "/var/lib/lepton-coordinator/)")
     p.add_argument("--config", metavar="FILE", help="take the database path from this coordinator config")
     p.set_defaults(func=func)
     return p

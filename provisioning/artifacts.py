@@ -46,12 +46,16 @@ def init_files(fleet: "Fleet") -> list[Path]:
     return written
 
 
-def write_crl(fleet: "Fleet") -> list[Path]:
+def write_crl(fleet: "Fleet", renew: bool = False) -> list[Path]:
     """ca/crl.pem from ca/revoked.json; rebuilt only when the list changed (the
-    signature is randomised, so an unchanged CRL must not be re-signed)."""
+    signature is randomised, so an unchanged CRL must not be re-signed), or,
+    with *renew*, issued now: its next update moves crl_days ahead."""
     lay = fleet.layout
     entries = lay.read_revoked()
     revoked = [(int(e["serial"], 16), dt.datetime.fromisoformat(e["revoked_at"])) for e in entries]
+    if renew:
+        write_if_changed(lay.crl, pki.crl_pem(fleet.ca.crl(revoked, fleet.settings.pki.crl_days, issued=pki.utcnow())))
+        return [lay.crl]
     if lay.crl.exists():
         try:
             current = x509.load_pem_x509_crl(lay.crl.read_bytes())
@@ -76,16 +80,17 @@ def _server_cert_ok(fleet: "Fleet", out: Path) -> bool:
     return issued_by_ca and names == set(fleet.settings.broker.names)
 
 
-def write_broker(fleet: "Fleet", out: Path) -> list[Path]:
+def write_broker(fleet: "Fleet", out: Path, rotate: bool = False) -> list[Path]:
     """Everything the broker host needs: CA, server key and cert, CRL, ACL, mosquitto.conf.
 
     They live in the fleet's broker/ directory; a different *out* gets a copy
-    (the same server key, not a new one).
+    (the same server key, not a new one). *rotate*: a new server key and
+    certificate (before the old one expires; cert_days from now).
     """
     home = fleet.layout.broker_dir
     make_dir(home, private=True)
     written = []
-    if not _server_cert_ok(fleet, home):
+    if rotate or not _server_cert_ok(fleet, home):
         key = pki.new_key()
         names = tuple(fleet.settings.broker.names)
         cert = fleet.ca.issue(key.public_key(), names[0], fleet.settings.pki.cert_days, server_names=names)

@@ -47,21 +47,40 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--rotate", action="store_true", help="issue a new key and certificate")
     c.add_argument("--json", action="store_true", help="print what was done as JSON")
     c.set_defaults(func=_guarded(_coordinator))
-    _simple(sub, "observer", "NAME", _observer, "issue a read-only identity (reads everything under the prefix, "
-            "writes nothing) for dashboards and mosquitto_sub checks")
+    o = _simple(sub, "observer", "NAME", _observer, "issue a read-only identity (reads everything under the prefix, "
+                "writes nothing) for dashboards and mosquitto_sub checks")
+    o.add_argument("--rotate", action="store_true", help="issue a new key and certificate (also re-admits a revoked "
+                   "observer)")
+    a = sub.add_parser("apply", help="rewrite every config and bundle and the broker files from fleet.toml, after "
+                       "editing it",
+                       description="After an edit of fleet.toml (the broker's host, names or port, [models], [http]) "
+                       "or of templates/: rewrite every device's agent config and bundle (revoked ones aside), the "
+                       "coordinator's, and the broker files. Keys and certificates are kept; files that would not "
+                       "change are not touched. Then install the bundles that changed and copy the broker files.")
+    _fleet_arg(a)
+    a.add_argument("--json", action="store_true", help="print what was done as JSON")
+    a.set_defaults(func=_guarded(_apply))
     b = sub.add_parser("broker-config", help="(re)write the broker's files: mosquitto.conf, acl, crl.pem, server key and certificate",
                        description="Write everything the broker host needs into the fleet's broker/ directory (or --out). "
                        "Paths inside mosquitto.conf point at broker.dir from fleet.toml, where the files go on the broker host.")
     _fleet_arg(b)
     b.add_argument("--out", type=Path, metavar="DIR", help="directory to write to (default: <fleet>/broker)")
+    b.add_argument("--rotate", action="store_true", help="a new server key and certificate (cert_days from now) and "
+                   "the CRL issued now (its next update crl_days ahead): renew both before `provision list` shows "
+                   "them expiring, copy the files over and restart the broker")
     b.add_argument("--json", action="store_true", help="print what was written as JSON")
     b.set_defaults(func=_guarded(_broker_config))
     ls = sub.add_parser("list", help="list the fleet's identities: role, tags, certificate expiry, revoked",
                         description="List every identity in the fleet (devices, the coordinator, observers) with "
-                        "its role, tags, certificate expiry and whether it is revoked.")
+                        "its role, tags, certificate expiry and whether it is revoked, then the broker's server "
+                        "certificate and the CRL (role crl; its expiry is its next update), which expire too. "
+                        f"Anything that expires within {RENEW_DAYS} days is marked RENEW.")
     _fleet_arg(ls)
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(func=_guarded(_list))
+
+
+RENEW_DAYS = 60  # `provision list` marks what expires sooner
 
 
 def _guarded(func):
@@ -175,8 +194,38 @@ def _device(args) -> int:
     from lepton.provisioning.fleet import Fleet
 
     tags = None if args.tags is None else [t for t in args.tags.split(",")]
-    outcome = Fleet(args.fleet).add_device(args.id, tags=tags, rotate=args.rotate)
-    return _report(args, [outcome])
+    fleet = Fleet(args.fleet)
+    outcome = fleet.add_device(args.id, tags=tags, rotate=args.rotate)
+    rc = _report(args, [outcome])
+    if not args.json:
+        _broker_hint(fleet, outcome.written)
+    return rc
+
+
+def _broker_hint(fleet, written) -> None:
+    """Say so when the broker's files changed (a new device raises the queue limit; a re-admitted one
+    leaves the ACL's deny list)."""
+    home = fleet.layout.broker_dir
+    if any(Path(p).parent == home for p in written):
+        print(f"broker files updated in {home}; copy them to {fleet.settings.broker.dir} on the broker host and "
+              "reload it")
+
+
+def _apply(args) -> int:
+    from lepton.provisioning.fleet import Fleet
+
+    fleet = Fleet(args.fleet)
+    outcomes = fleet.apply()
+    if args.json:
+        return _report(args, outcomes)
+    changed = [o for o in outcomes if o.name != "broker" and o.action != "unchanged"]
+    print(f"{len(outcomes) - 1} identities: {len(changed)} updated"
+          + (f" ({', '.join(o.name for o in changed[:8])}{', ...' if len(changed) > 8 else ''})" if changed else ""))
+    _warn(outcomes)
+    if changed:
+        print(f"install the new bundles from {fleet.layout.bundles_dir} on those hosts")
+    _broker_hint(fleet, outcomes[-1].written)
+    return 0
 
 
 def _bulk(args) -> int:
@@ -238,7 +287,7 @@ def _observer(args) -> int:
     from lepton.provisioning.fleet import Fleet
 
     fleet = Fleet(args.fleet)
-    rc = _report(args, [fleet.add_observer(args.name)])
+    rc = _report(args, [fleet.add_observer(args.name, rotate=args.rotate)])
     if not args.json:
         print(f"key {fleet.layout.key(args.name)}, certificate {fleet.layout.cert(args.name)}, CA {fleet.layout.ca_cert}")
     return rc
@@ -249,19 +298,32 @@ def _broker_config(args) -> int:
 
     fleet = Fleet(args.fleet)
     with fleet.layout.locked():
-        written = fleet.write_broker_files(args.out)
-    return _report(args, [Outcome("broker", "updated" if written else "unchanged", written)])
+        written = fleet.write_broker_files(args.out, rotate=args.rotate)
+    rc = _report(args, [Outcome("broker", ("rotated" if args.rotate else "updated") if written else "unchanged",
+                                written)])
+    if written and not args.json:
+        print(f"copy {args.out or fleet.layout.broker_dir} to {fleet.settings.broker.dir} on the broker host and "
+              + ("restart the broker (a new server key is read at start)" if args.rotate else "reload the broker"))
+    return rc
 
 
 def _list(args) -> int:
     from lepton.provisioning.fleet import Fleet
 
+    import datetime as dt
+
     rows = Fleet(args.fleet).describe()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    now = dt.datetime.now(dt.timezone.utc)
     for r in rows:
-        state = "REVOKED" if r["revoked"] else f"valid until {r['not_after'] or '?'}"
+        until = "next update by" if r["role"] == "crl" else "valid until"
+        state = "REVOKED" if r["revoked"] else f"{until} {r['not_after'] or '?'}"
+        if not r["revoked"] and r["not_after"]:
+            left = (dt.datetime.fromisoformat(r["not_after"]) - now).days
+            if left < RENEW_DAYS:
+                state += f"  RENEW: {'expired' if left < 0 else f'{left} days left'}"
         tags = f" [{', '.join(r['tags'])}]" if r["tags"] else ""
         print(f"{r['name']:<32} {r['role']:<12} {state}{tags}")
     return 0

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
+from cryptography import x509
+
 from lepton.errors import ConfigError, LeptonError
 from lepton.protocol import check_id
 from lepton.provisioning import artifacts, configs, pki
@@ -97,7 +99,9 @@ class Fleet:
         return [r for r in self.records() if r.role == "device"]
 
     def describe(self) -> list[dict]:
-        """Every identity: name, role, tags, revoked, current serial, expiry, bundle."""
+        """Every identity: name, role, tags, revoked, current serial, expiry, bundle; then the broker's
+        server certificate (role "broker") and the CRL (role "crl", not_after: its next update), which
+        expire too."""
         out = []
         for r in self.records():
             cert_path, bundle = self.layout.cert(r.name), self.layout.bundle(r.name)
@@ -107,6 +111,16 @@ class Fleet:
                 "serial": r.serials[-1] if r.serials else "", "not_after": not_after,
                 "bundle": str(bundle) if bundle.exists() else "",
             })
+        server = self.layout.broker_dir / "server.crt"
+        if server.exists():
+            cert = pki.load_cert(server)
+            out.append({"name": pki.common_name(cert), "role": "broker", "tags": [], "revoked": False,
+                        "serial": format(cert.serial_number, "x"), "not_after": cert.not_valid_after_utc.isoformat(),
+                        "bundle": ""})
+        if self.layout.crl.exists():
+            crl = x509.load_pem_x509_crl(self.layout.crl.read_bytes())
+            out.append({"name": "crl", "role": "crl", "tags": [], "revoked": False, "serial": "",
+                        "not_after": crl.next_update_utc.isoformat() if crl.next_update_utc else "", "bundle": ""})
         return out
 
     def add_device(self, device_id: str, tags: Iterable[str] | None = None, rotate: bool = False, **cert_opts) -> Outcome:
@@ -161,10 +175,15 @@ class Fleet:
             outcome.action = "updated"
         return outcome
 
-    def add_observer(self, name: str) -> Outcome:
-        """A read-only identity (dashboards, `mosquitto_sub` checks): reads the whole prefix."""
+    def add_observer(self, name: str, rotate: bool = False) -> Outcome:
+        """A read-only identity (dashboards, `mosquitto_sub` checks): reads the whole prefix. A revoked
+        observer is re-admitted only with *rotate* (a new key), as a device is."""
         with self.layout.locked():
-            outcome = self._ensure_client(device_name(name), "observer")
+            record = self.layout.read_record(device_name(name))
+            if record is not None and record.revoked and not rotate:
+                raise ConfigError(f"observer {name!r} is revoked; `--rotate` issues it a new identity "
+                                  "(then restart the broker)")
+            outcome = self._ensure_client(device_name(name), "observer", rotate=rotate)
             outcome.written += self.write_broker_files()
         return outcome
 
@@ -203,23 +222,42 @@ class Fleet:
             log.info("revoked %s: %d certificate(s)%s", name, len(added), ", superseded ones" if superseded else "")
         warnings = []
         if superseded and record.revoked:
-            warnings.append("it is revoked already, every certificate it had with it")
+            warnings.append("it is revoked already: all its certificates are on the CRL")
         elif superseded and not serials:
             warnings.append("it has no certificate but its current one: nothing was revoked")
-        return Outcome(name, "revoked" if written else "unchanged", written, warnings)
+        action = ("superseded certificates revoked" if superseded else "revoked") if written else "unchanged"
+        return Outcome(name, action, written, warnings)
 
     # --- broker -----------------------------------------------------------------
-    def write_broker_files(self, out: Path | None = None) -> list[Path]:
-        """(Re)write CRL, server certificate, ACL and mosquitto.conf where they changed."""
-        written = artifacts.write_crl(self)
-        written += artifacts.write_broker(self, out or self.layout.broker_dir)
+    def write_broker_files(self, out: Path | None = None, rotate: bool = False) -> list[Path]:
+        """(Re)write CRL, server certificate, ACL and mosquitto.conf where they changed; *rotate*: a new
+        server key and certificate, and the CRL issued now (both good for their full lifetime again)."""
+        written = artifacts.write_crl(self, renew=rotate)
+        written += artifacts.write_broker(self, out or self.layout.broker_dir, rotate=rotate)
         return written
+
+    def apply(self) -> list[Outcome]:
+        """Rewrite every valid identity's config and bundle, and the broker files, from fleet.toml (after an
+        edit: a new broker host or port, models settings, templates); keys are kept, unchanged files untouched."""
+        valid = [r for r in self.devices() if not r.revoked]
+        self.check_rows([(r.name, r.tags) for r in valid])  # a template the agent would refuse: nothing written
+        with self.layout.locked():
+            outcomes = [self._device(r.name, None, False) for r in valid]
+            coordinator = self._ensure_client(self.settings.coordinator, "coordinator")
+            if coordinator.action == "unchanged" and coordinator.written:
+                coordinator.action = "updated"
+            outcomes.append(coordinator)
+            broker = self.write_broker_files()
+        outcomes.append(Outcome("broker", "updated" if broker else "unchanged", broker))
+        return outcomes
 
     # --- internals ----------------------------------------------------------------
     def _check_device_name(self, device_id: str) -> None:
         record = self.layout.read_record(device_id)
         if device_id == self.settings.coordinator or (record and record.role != "device"):
-            raise ConfigError(f"{device_id!r} is the name of a {record.role if record else 'coordinator'} identity, not a device")
+            role = record.role if record else "coordinator"
+            raise ConfigError(f"{device_id!r} is the name of {'an' if role[0] in 'aeiou' else 'a'} {role} identity, "
+                              "not a device")
 
     def _device(self, device_id: str, tags: Iterable[str] | None, rotate: bool, **cert_opts) -> Outcome:
         device_id = device_name(device_id)

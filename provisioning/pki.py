@@ -130,21 +130,23 @@ class CA:
             builder = builder.add_extension(x509.SubjectAlternativeName(_san(server_names)), critical=False)
         return builder.sign(self.key, hashes.SHA256())
 
-    def crl(self, revoked: list[tuple[int, dt.datetime]], days: int) -> x509.CertificateRevocationList:
-        """A CRL listing *revoked* (serial, when).
+    def crl(self, revoked: list[tuple[int, dt.datetime]], days: int,
+            issued: dt.datetime | None = None) -> x509.CertificateRevocationList:
+        """A CRL listing *revoked* (serial, when), issued at *issued* (default: the last revocation, or now).
 
-        Its nextUpdate lies *days* ahead: OpenSSL refuses every client once
-        the CRL it checks against has expired, so keep it long.
+        Its nextUpdate lies *days* after that: OpenSSL refuses every client once
+        the CRL it checks against has expired, so keep it long, and renew it
+        (``issued`` = now) before it runs out. Its number grows with the issue time.
         """
         now = utcnow()
-        last = max([when for _, when in revoked], default=now)
+        last = issued or max([when for _, when in revoked], default=now)
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.cert.subject)
             .last_update(last)
             .next_update(last + dt.timedelta(days=days))
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
-            .add_extension(x509.CRLNumber(len(revoked)), critical=False)
+            .add_extension(x509.CRLNumber(int(last.timestamp())), critical=False)
         )
         for serial, when in revoked:
             builder = builder.add_revoked_certificate(

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from lepton.broker import free_port, mosquitto_binary
 from lepton.errors import ConfigError
@@ -411,7 +412,7 @@ def test_rotated_out_certificates_are_refused_once_revoked_as_superseded(tmp_pat
         for name in old:  # rotation alone leaves the old key valid
             assert Peer(broker, *old[name]).connect(timeout=3), name
         for name in old:
-            assert fleet.revoke(name, superseded=True).action == "revoked"
+            assert fleet.revoke(name, superseded=True).action == "superseded certificates revoked"
         broker.reload()
         for name in old:
             assert not Peer(broker, *old[name]).connect(timeout=3), name
@@ -423,6 +424,34 @@ def test_rotated_out_certificates_are_refused_once_revoked_as_superseded(tmp_pat
         assert coord.wait_for(T.status("cam-a"), b"rotated")
         dev.close()
         coord.close()
+    finally:
+        broker.stop()
+
+
+def test_a_rotated_broker_certificate_and_renewed_crl_serve_the_fleet_after_a_restart(tmp_path):
+    """broker-config --rotate: devices, whose bundles hold only the CA, trust the new server certificate; the
+    renewed CRL still refuses what was revoked."""
+    fleet = _make_fleet(tmp_path / "fleet")
+    fleet.add_device("cam-a")
+    fleet.add_device("cam-r")
+    stolen = (tmp_path / "r.crt", tmp_path / "r.key")
+    shutil.copy(fleet.layout.cert("cam-r"), stolen[0])
+    shutil.copy(fleet.layout.key("cam-r"), stolen[1])
+    fleet.revoke("cam-r")
+    old = (fleet.layout.broker_dir / "server.crt").read_bytes()
+    assert fleet.write_broker_files(rotate=True)
+    assert (fleet.layout.broker_dir / "server.crt").read_bytes() != old
+    broker = GeneratedBroker(fleet, tmp_path / "broker").start()
+    try:
+        with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as raw:
+            ctx = ssl.create_default_context(cafile=str(fleet.layout.ca_cert))
+            ctx.load_cert_chain(str(fleet.layout.cert("cam-a")), str(fleet.layout.key("cam-a")))
+            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+                served = tls.getpeercert(binary_form=True)
+        assert served == pki.load_cert(fleet.layout.broker_dir / "server.crt").public_bytes(Encoding.DER)
+        w = {"fleet": fleet, "broker": broker}
+        connected(w, "cam-a").close()
+        assert not Peer(broker, *stolen).connect(timeout=3)
     finally:
         broker.stop()
 

@@ -266,7 +266,7 @@ def test_revoke_superseded_puts_only_the_rotated_out_certificates_on_the_crl(tmp
         capsys.readouterr()
         assert main(["provision", "revoke", name, "--superseded", "--fleet", str(root)]) == 0
         out = capsys.readouterr().out
-        assert out.startswith(f"{name}: revoked") and "restart the broker" in out
+        assert out.startswith(f"{name}: superseded certificates revoked") and "restart the broker" in out
         crl = {format(r.serial_number, "x") for r in x509.load_pem_x509_crl(fleet.layout.crl.read_bytes())}
         assert set(record.serials[:2]) <= crl and record.serials[2] not in crl
         assert (fleet.layout.broker_dir / "crl.pem").read_bytes() == fleet.layout.crl.read_bytes()
@@ -283,6 +283,101 @@ def test_revoke_superseded_puts_only_the_rotated_out_certificates_on_the_crl(tmp
     assert main(["provision", "revoke", "cam-1", "--superseded", "--fleet", str(root)]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == "cam-1: unchanged" and "revoked already" in captured.err
+
+
+def test_apply_rewrites_every_config_and_bundle_after_a_fleet_toml_edit(tmp_path, capsys):
+    """A new broker host and port reach every device (not only the ones named on a command line), the
+    coordinator and mosquitto.conf; keys stay; a revoked device is left alone; a second run changes nothing."""
+    root = tmp_path / "f"
+    fleet = make_fleet(root)
+    for dev in ("cam-1", "cam-2", "cam-3"):
+        fleet.add_device(dev)
+    fleet.revoke("cam-3")
+    keys = {d: fleet.layout.key(d).read_bytes() for d in ("cam-1", "cam-2", "lepton-coordinator")}
+    settings = root / "fleet.toml"
+    text = settings.read_text()
+    assert 'host = "broker.example.net"' in text and "port = 8883" in text
+    settings.write_text(text.replace('host = "broker.example.net"', 'host = "broker2.example.net"')
+                        .replace("port = 8883", "port = 18883"))
+    revoked_before = {k: v for k, v in snapshot(root).items() if "cam-3" in k}
+    assert main(["provision", "apply", "--fleet", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("3 identities: 3 updated (cam-1, cam-2, lepton-coordinator)") and "broker files updated" in out
+    for dev in ("cam-1", "cam-2"):
+        config = (fleet.layout.identity_dir(dev) / "agent.toml").read_text()
+        assert 'host = "broker2.example.net"' in config and "port = 18883" in config
+        assert bundle_files(fleet.layout.bundle(dev))["agent.toml"][0].decode() == config
+    coordinator = (fleet.layout.identity_dir("lepton-coordinator") / "coordinator.toml").read_text()
+    assert 'host = "broker2.example.net"' in coordinator and "port = 18883" in coordinator
+    assert "listener 18883" in (fleet.layout.broker_dir / "mosquitto.conf").read_text()
+    assert {d: fleet.layout.key(d).read_bytes() for d in keys} == keys
+    assert {k: v for k, v in snapshot(root).items() if "cam-3" in k} == revoked_before
+    before = snapshot(root)
+    assert main(["provision", "apply", "--fleet", str(root), "--json"]) == 0
+    assert {o["action"] for o in json.loads(capsys.readouterr().out)} == {"unchanged"}
+    assert snapshot(root) == before
+    # A template edit the agent would refuse is named, and no device is rewritten with half of it applied.
+    fleet.add_device("cam-2", tags=["door"])
+    (root / "templates" / "tag-door.toml").write_text("[runtime]\nthreads = 0\n")
+    settings.write_text(settings.read_text().replace("port = 18883", "port = 18884"))  # cam-1 would change first
+    before = snapshot(root)
+    assert main(["provision", "apply", "--fleet", str(root)]) == 2
+    assert "tag-door.toml: runtime.threads" in capsys.readouterr().err
+    assert snapshot(root) == before
+
+
+def test_broker_rotate_renews_the_server_certificate_and_the_crl_and_list_marks_what_expires(tmp_path, capsys):
+    """The broker's server certificate and the CRL expire too (every client is refused then), and nothing
+    renewed them: broker-config --rotate does; list shows both and marks what is due."""
+    root = tmp_path / "f"
+    fleet = make_fleet(root)
+    settings = root / "fleet.toml"
+    settings.write_text(settings.read_text().replace("crl_days = 3650", "crl_days = 20"))
+    fleet = Fleet(root)
+    fleet.add_device("cam-1")
+    fleet.add_device("cam-old", days=10)
+    fleet.revoke("cam-1")  # the CRL is issued now, for 20 days
+    server = fleet.layout.broker_dir / "server.crt"
+    old_server, old_key = server.read_bytes(), (fleet.layout.broker_dir / "server.key").read_bytes()
+    assert main(["provision", "list", "--fleet", str(root)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "RENEW: 9 days left" in lines["cam-old"] or "RENEW: 10 days left" in lines["cam-old"]
+    assert lines["crl"].split()[1] == "crl" and "next update by" in lines["crl"] and "RENEW" in lines["crl"]
+    assert lines["broker.example.net"].split()[1] == "broker" and "RENEW" not in lines["broker.example.net"]
+    settings.write_text(settings.read_text().replace("crl_days = 20", "crl_days = 3650"))
+    assert main(["provision", "broker-config", "--rotate", "--fleet", str(root)]) == 0
+    assert "restart the broker" in capsys.readouterr().out
+    assert server.read_bytes() != old_server and (fleet.layout.broker_dir / "server.key").read_bytes() != old_key
+    cert = pki.load_cert(server)
+    assert cert.issuer == fleet.ca.cert.subject
+    assert cert.serial_number != x509.load_pem_x509_certificate(old_server).serial_number
+    assert (cert.not_valid_after_utc - pki.utcnow()).days >= 1824  # cert_days from now
+    crl = x509.load_pem_x509_crl(fleet.layout.crl.read_bytes())
+    assert crl.is_signature_valid(fleet.ca.cert.public_key())
+    assert {format(r.serial_number, "x") for r in crl} == set(fleet.layout.read_record("cam-1").serials)
+    assert (crl.next_update_utc - pki.utcnow()).days >= 3649
+    assert (fleet.layout.broker_dir / "crl.pem").read_bytes() == fleet.layout.crl.read_bytes()
+    assert main(["provision", "list", "--fleet", str(root), "--json"]) == 0
+    rows = {r["role"]: r for r in json.loads(capsys.readouterr().out) if r["role"] in ("broker", "crl")}
+    assert rows["crl"]["not_after"] == crl.next_update_utc.isoformat()
+    assert rows["broker"]["serial"] == format(cert.serial_number, "x")
+    before = snapshot(root)
+    assert main(["provision", "broker-config", "--fleet", str(root)]) == 0  # without --rotate: nothing to renew
+    assert snapshot(root) == before
+
+
+def test_a_revoked_observer_comes_back_only_with_rotate(tmp_path):
+    fleet = make_fleet(tmp_path / "f")
+    fleet.add_observer("ops")
+    old = fleet.layout.read_record("ops").serials
+    fleet.revoke("ops")
+    with pytest.raises(ConfigError, match="observer 'ops' is revoked; `--rotate`"):
+        fleet.add_observer("ops")
+    assert fleet.add_observer("ops", rotate=True).action == "rotated"
+    record = fleet.layout.read_record("ops")
+    assert not record.revoked and record.serials[:-1] == old
+    with pytest.raises(ConfigError, match="is the name of an observer identity, not a device"):
+        fleet.add_device("ops")
 
 
 def test_list_shows_roles_tags_expiry_and_revocation(tmp_path, capsys):
