@@ -195,7 +195,7 @@ def summary(output: dict, width: int = 60) -> str:
     """One short phrase for a result's output: the top class and its score, an anomaly verdict, else
     the output's JSON (without the frame's source data), cut to *width*."""
     top = output.get("top")
-    if isinstance(top, list) and top and isinstance(top[0], dict) and "score" in top[0]:
+    if isinstance(top, list) and top and isinstance(top[0], dict) and isinstance(top[0].get("score"), (int, float)):
         best = top[0]
         return f"{best.get('label', best.get('index', '?'))} ({float(best['score']):.3f})"
     if isinstance(output.get("anomaly"), bool):

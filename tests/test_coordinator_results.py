@@ -112,6 +112,7 @@ def test_table_says_what_each_result_found(fleet_db, capsys):
     assert summary({"boxes": [[1, 2, 3, 4]] * 20, "source": {"frame": 1}}, width=40).endswith("...")
     assert len(summary({"boxes": [[1, 2, 3, 4]] * 20}, width=40)) == 40
     assert summary({"count": 3, "source": {"frame": 1}}) == '{"count":3}'
+    assert summary({"top": [{"label": "cat", "score": "high"}]}) == '{"top":[{"label":"cat","score":"high"}]}'
 
 
 @pytest.mark.parametrize("args, words", [
