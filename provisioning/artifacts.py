@@ -47,23 +47,22 @@ def init_files(fleet: "Fleet") -> list[Path]:
 
 
 def write_crl(fleet: "Fleet", renew: bool = False) -> list[Path]:
-    """ca/crl.pem from ca/revoked.json; rebuilt only when the list changed (the
-    signature is randomised, so an unchanged CRL must not be re-signed), or,
-    with *renew*, issued now: its next update moves crl_days ahead."""
+    """ca/crl.pem from ca/revoked.json, issued now and numbered above the one it replaces; rebuilt only
+    when the list changed or the file is unreadable (the signature is randomised, so an unchanged CRL is
+    not re-signed), or, with *renew*, in any case: its next update moves crl_days ahead."""
     lay = fleet.layout
     entries = lay.read_revoked()
     revoked = [(int(e["serial"], 16), dt.datetime.fromisoformat(e["revoked_at"])) for e in entries]
-    if renew:
-        write_if_changed(lay.crl, pki.crl_pem(fleet.ca.crl(revoked, fleet.settings.pki.crl_days, issued=pki.utcnow())))
-        return [lay.crl]
+    number = 0
     if lay.crl.exists():
         try:
             current = x509.load_pem_x509_crl(lay.crl.read_bytes())
-            if {r.serial_number for r in current} == {s for s, _ in revoked}:
+            number = current.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number + 1
+            if not renew and {r.serial_number for r in current} == {s for s, _ in revoked}:
                 return []
-        except ValueError:
+        except (ValueError, x509.ExtensionNotFound):
             pass  # unreadable: rebuild it
-    write_if_changed(lay.crl, pki.crl_pem(fleet.ca.crl(revoked, fleet.settings.pki.crl_days)))
+    write_if_changed(lay.crl, pki.crl_pem(fleet.ca.crl(revoked, fleet.settings.pki.crl_days, number)))
     return [lay.crl]
 
 

@@ -67,13 +67,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--out", type=Path, metavar="DIR", help="directory to write to (default: <fleet>/broker)")
     b.add_argument("--rotate", action="store_true", help="a new server key and certificate (cert_days from now) and "
                    "the CRL issued now (its next update crl_days ahead): renew both before `provision list` shows "
-                   "them expiring, copy the files over and restart the broker")
+                   "them expiring, copy the files over and reload the broker")
     b.add_argument("--json", action="store_true", help="print what was written as JSON")
     b.set_defaults(func=_guarded(_broker_config))
     ls = sub.add_parser("list", help="list the fleet's identities: role, tags, certificate expiry, revoked",
                         description="List every identity in the fleet (devices, the coordinator, observers) with "
-                        "its role, tags, certificate expiry and whether it is revoked, then the broker's server "
-                        "certificate and the CRL (role crl; its expiry is its next update), which expire too. "
+                        "its role, tags, certificate expiry and whether it is revoked, then the CA, the broker's "
+                        "server certificate and the CRL (role crl; its expiry is its next update), which expire too. "
                         f"Anything that expires within {RENEW_DAYS} days is marked RENEW.")
     _fleet_arg(ls)
     ls.add_argument("--json", action="store_true", help="print JSON")
@@ -208,7 +208,7 @@ def _broker_hint(fleet, written) -> None:
     home = fleet.layout.broker_dir
     if any(Path(p).parent == home for p in written):
         print(f"broker files updated in {home}; copy them to {fleet.settings.broker.dir} on the broker host and "
-              "reload it")
+              "reload it (restart it if the port or bind address changed: a reload keeps the old listener)")
 
 
 def _apply(args) -> int:
@@ -303,7 +303,8 @@ def _broker_config(args) -> int:
                                 written)])
     if written and not args.json:
         print(f"copy {args.out or fleet.layout.broker_dir} to {fleet.settings.broker.dir} on the broker host and "
-              + ("restart the broker (a new server key is read at start)" if args.rotate else "reload the broker"))
+              "reload the broker (SIGHUP: it reads the new certificate and CRL; restart it if the port or bind "
+              "address changed)")
     return rc
 
 

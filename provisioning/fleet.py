@@ -99,9 +99,9 @@ class Fleet:
         return [r for r in self.records() if r.role == "device"]
 
     def describe(self) -> list[dict]:
-        """Every identity: name, role, tags, revoked, current serial, expiry, bundle; then the broker's
-        server certificate (role "broker") and the CRL (role "crl", not_after: its next update), which
-        expire too."""
+        """Every identity: name, role, tags, revoked, current serial, expiry, bundle; then the CA (role
+        "ca"), the broker's server certificate (role "broker") and the CRL (role "crl", not_after: its next
+        update), which expire too."""
         out = []
         for r in self.records():
             cert_path, bundle = self.layout.cert(r.name), self.layout.bundle(r.name)
@@ -111,6 +111,10 @@ class Fleet:
                 "serial": r.serials[-1] if r.serials else "", "not_after": not_after,
                 "bundle": str(bundle) if bundle.exists() else "",
             })
+        ca = self.ca.cert
+        out.append({"name": pki.common_name(ca), "role": "ca", "tags": [], "revoked": False,
+                    "serial": format(ca.serial_number, "x"), "not_after": ca.not_valid_after_utc.isoformat(),
+                    "bundle": ""})
         server = self.layout.broker_dir / "server.crt"
         if server.exists():
             cert = pki.load_cert(server)
@@ -118,7 +122,11 @@ class Fleet:
                         "serial": format(cert.serial_number, "x"), "not_after": cert.not_valid_after_utc.isoformat(),
                         "bundle": ""})
         if self.layout.crl.exists():
-            crl = x509.load_pem_x509_crl(self.layout.crl.read_bytes())
+            try:
+                crl = x509.load_pem_x509_crl(self.layout.crl.read_bytes())
+            except ValueError as exc:
+                raise ConfigError(f"cannot read {self.layout.crl}: {exc} (`lepton provision broker-config` "
+                                  "rebuilds it from ca/revoked.json)") from None
             out.append({"name": "crl", "role": "crl", "tags": [], "revoked": False, "serial": "",
                         "not_after": crl.next_update_utc.isoformat() if crl.next_update_utc else "", "bundle": ""})
         return out
@@ -169,6 +177,7 @@ class Fleet:
 
     def update_coordinator(self, rotate: bool = False) -> Outcome:
         """Rewrite the coordinator's config and bundle from fleet.toml; with *rotate*, a new key and certificate."""
+        self._check_coordinator()
         with self.layout.locked():
             outcome = self._ensure_client(self.settings.coordinator, "coordinator", rotate=rotate)
         if outcome.action == "unchanged" and outcome.written:
@@ -240,7 +249,8 @@ class Fleet:
         """Rewrite every valid identity's config and bundle, and the broker files, from fleet.toml (after an
         edit: a new broker host or port, models settings, templates); keys are kept, unchanged files untouched."""
         valid = [r for r in self.devices() if not r.revoked]
-        self.check_rows([(r.name, r.tags) for r in valid])  # a template the agent would refuse: nothing written
+        self._check_coordinator()  # every check before the first write: a bad edit writes nothing
+        self.check_rows([(r.name, r.tags) for r in valid])
         with self.layout.locked():
             outcomes = [self._device(r.name, None, False) for r in valid]
             coordinator = self._ensure_client(self.settings.coordinator, "coordinator")
@@ -254,10 +264,22 @@ class Fleet:
     # --- internals ----------------------------------------------------------------
     def _check_device_name(self, device_id: str) -> None:
         record = self.layout.read_record(device_id)
-        if device_id == self.settings.coordinator or (record and record.role != "device"):
-            role = record.role if record else "coordinator"
-            raise ConfigError(f"{device_id!r} is the name of {'an' if role[0] in 'aeiou' else 'a'} {role} identity, "
-                              "not a device")
+        if device_id == self.settings.coordinator:
+            raise ConfigError(f"{device_id!r} is the coordinator's name in fleet.toml, not a device")
+        if record and record.role != "device":
+            raise ConfigError(f"{device_id!r} is the name of {_a(record.role)} identity, not a device")
+
+    def _check_coordinator(self) -> None:
+        """fleet.toml's coordinator name is the fleet's coordinator: not another identity's name, not a
+        rename (a second coordinator identity would keep the first one's rights, and it cannot be revoked)."""
+        name = self.settings.coordinator
+        record = self.layout.read_record(name)
+        if record is not None and record.role != "coordinator":
+            raise ConfigError(f"fleet.toml: coordinator {name!r} is the name of {_a(record.role)} identity")
+        others = [r.name for r in self.records() if r.role == "coordinator" and r.name != name]
+        if others:
+            raise ConfigError(f"fleet.toml: coordinator {name!r}, but the fleet's coordinator is {others[0]!r}; "
+                              "a coordinator cannot be renamed: set it back")
 
     def _device(self, device_id: str, tags: Iterable[str] | None, rotate: bool, **cert_opts) -> Outcome:
         device_id = device_name(device_id)
@@ -279,7 +301,7 @@ class Fleet:
     def _ensure_client(self, name: str, role: str, rotate: bool = False) -> Outcome:
         record = self.layout.read_record(name) or IdentityRecord(name, role)
         if record.role != role:
-            raise ConfigError(f"{name!r} is already a {record.role} identity")
+            raise ConfigError(f"{name!r} is already {_a(record.role)} identity")
         action, written = self._ensure_keypair(record, rotate)
         if role == "coordinator":
             written += artifacts.write_coordinator_files(self, record)
@@ -303,6 +325,11 @@ class Fleet:
         record.revoked = False
         self.layout.write_record(record)
         return ("rotated" if existed else "created"), [key_path, cert_path, self.layout.record_path(record.name)]
+
+
+def _a(role: str) -> str:
+    """'a device', 'an observer'."""
+    return f"{'an' if role[:1] in ('a', 'e', 'i', 'o', 'u') else 'a'} {role}"
 
 
 def _clean_tags(tags: Iterable[str]) -> list[str]:

@@ -119,7 +119,7 @@ class CA:
             .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(start)
-            .not_valid_after(start + BACKDATE + dt.timedelta(days=days))
+            .not_valid_after(min(start + BACKDATE + dt.timedelta(days=days), self.cert.not_valid_after_utc))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(cert_sign=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
@@ -130,23 +130,22 @@ class CA:
             builder = builder.add_extension(x509.SubjectAlternativeName(_san(server_names)), critical=False)
         return builder.sign(self.key, hashes.SHA256())
 
-    def crl(self, revoked: list[tuple[int, dt.datetime]], days: int,
-            issued: dt.datetime | None = None) -> x509.CertificateRevocationList:
-        """A CRL listing *revoked* (serial, when), issued at *issued* (default: the last revocation, or now).
+    def crl(self, revoked: list[tuple[int, dt.datetime]], days: int, number: int = 0) -> x509.CertificateRevocationList:
+        """A CRL listing *revoked* (serial, when), issued now, numbered *number* or higher.
 
-        Its nextUpdate lies *days* after that: OpenSSL refuses every client once
-        the CRL it checks against has expired, so keep it long, and renew it
-        (``issued`` = now) before it runs out. Its number grows with the issue time.
+        Its nextUpdate lies *days* ahead (not past the CA's own expiry): OpenSSL
+        refuses every client once the CRL it checks against has expired, so keep
+        it long and renew it before it runs out. Its number is the issue time in
+        seconds unless *number* (the previous CRL's + 1) is higher, so it grows.
         """
         now = utcnow()
-        last = issued or max([when for _, when in revoked], default=now)
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.cert.subject)
-            .last_update(last)
-            .next_update(last + dt.timedelta(days=days))
+            .last_update(now)
+            .next_update(min(now + dt.timedelta(days=days), self.cert.not_valid_after_utc))
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
-            .add_extension(x509.CRLNumber(int(last.timestamp())), critical=False)
+            .add_extension(x509.CRLNumber(max(int(now.timestamp()), number)), critical=False)
         )
         for serial, when in revoked:
             builder = builder.add_revoked_certificate(

@@ -428,9 +428,9 @@ def test_rotated_out_certificates_are_refused_once_revoked_as_superseded(tmp_pat
         broker.stop()
 
 
-def test_a_rotated_broker_certificate_and_renewed_crl_serve_the_fleet_after_a_restart(tmp_path):
-    """broker-config --rotate: devices, whose bundles hold only the CA, trust the new server certificate; the
-    renewed CRL still refuses what was revoked."""
+def test_a_rotated_broker_certificate_and_renewed_crl_are_served_after_a_reload(tmp_path):
+    """broker-config --rotate, then SIGHUP (what its hint says): the broker presents the new certificate,
+    which devices (their bundles hold only the CA) trust; the renewed CRL still refuses what was revoked."""
     fleet = _make_fleet(tmp_path / "fleet")
     fleet.add_device("cam-a")
     fleet.add_device("cam-r")
@@ -438,17 +438,25 @@ def test_a_rotated_broker_certificate_and_renewed_crl_serve_the_fleet_after_a_re
     shutil.copy(fleet.layout.cert("cam-r"), stolen[0])
     shutil.copy(fleet.layout.key("cam-r"), stolen[1])
     fleet.revoke("cam-r")
-    old = (fleet.layout.broker_dir / "server.crt").read_bytes()
-    assert fleet.write_broker_files(rotate=True)
-    assert (fleet.layout.broker_dir / "server.crt").read_bytes() != old
     broker = GeneratedBroker(fleet, tmp_path / "broker").start()
-    try:
+
+    def served() -> bytes:
         with socket.create_connection(("127.0.0.1", broker.port), timeout=5) as raw:
             ctx = ssl.create_default_context(cafile=str(fleet.layout.ca_cert))
             ctx.load_cert_chain(str(fleet.layout.cert("cam-a")), str(fleet.layout.key("cam-a")))
             with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-                served = tls.getpeercert(binary_form=True)
-        assert served == pki.load_cert(fleet.layout.broker_dir / "server.crt").public_bytes(Encoding.DER)
+                return tls.getpeercert(binary_form=True)
+
+    def on_disk() -> bytes:
+        return pki.load_cert(fleet.layout.broker_dir / "server.crt").public_bytes(Encoding.DER)
+
+    try:
+        old = on_disk()
+        assert served() == old
+        assert fleet.write_broker_files(rotate=True)
+        assert on_disk() != old
+        broker.reload()  # its config points at the fleet's broker/ directory: nothing to copy here
+        assert served() == on_disk()
         w = {"fleet": fleet, "broker": broker}
         connected(w, "cam-a").close()
         assert not Peer(broker, *stolen).connect(timeout=3)

@@ -346,7 +346,7 @@ def test_broker_rotate_renews_the_server_certificate_and_the_crl_and_list_marks_
     assert lines["broker.example.net"].split()[1] == "broker" and "RENEW" not in lines["broker.example.net"]
     settings.write_text(settings.read_text().replace("crl_days = 20", "crl_days = 3650"))
     assert main(["provision", "broker-config", "--rotate", "--fleet", str(root)]) == 0
-    assert "restart the broker" in capsys.readouterr().out
+    assert "reload the broker" in capsys.readouterr().out
     assert server.read_bytes() != old_server and (fleet.layout.broker_dir / "server.key").read_bytes() != old_key
     cert = pki.load_cert(server)
     assert cert.issuer == fleet.ca.cert.subject
@@ -364,6 +364,58 @@ def test_broker_rotate_renews_the_server_certificate_and_the_crl_and_list_marks_
     before = snapshot(root)
     assert main(["provision", "broker-config", "--fleet", str(root)]) == 0  # without --rotate: nothing to renew
     assert snapshot(root) == before
+
+
+def test_crl_numbers_grow_and_a_rebuilt_crl_is_issued_now(tmp_path, capsys):
+    fleet = make_fleet(tmp_path / "f")
+    for dev in ("cam-1", "cam-2"):
+        fleet.add_device(dev)
+
+    def crl():
+        c = x509.load_pem_x509_crl(fleet.layout.crl.read_bytes())
+        assert c.is_signature_valid(fleet.ca.cert.public_key())
+        return c.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number, c.last_update_utc
+
+    numbers = [crl()[0]]
+    fleet.revoke("cam-1")
+    numbers.append(crl()[0])
+    fleet.revoke("cam-2")  # within the same second as the one before
+    numbers.append(crl()[0])
+    fleet.write_broker_files(rotate=True)
+    numbers.append(crl()[0])
+    assert numbers == sorted(set(numbers)), numbers  # strictly growing
+    fleet.layout.crl.write_text("garbage")
+    assert main(["provision", "list", "--fleet", str(fleet.root)]) == 2
+    assert "broker-config` rebuilds it" in capsys.readouterr().err
+    before = pki.utcnow()
+    fleet.write_broker_files()
+    number, issued = crl()
+    assert issued >= before.replace(microsecond=0) and number >= int(before.timestamp())  # its old number is lost
+    assert main(["provision", "list", "--fleet", str(fleet.root), "--json"]) == 0
+    ca = [r for r in json.loads(capsys.readouterr().out) if r["role"] == "ca"]
+    assert len(ca) == 1 and ca[0]["not_after"] == fleet.ca.cert.not_valid_after_utc.isoformat()
+
+
+def test_apply_refuses_a_coordinator_rename_or_a_taken_name_before_writing_anything(tmp_path, capsys):
+    root = tmp_path / "f"
+    fleet = make_fleet(root)
+    fleet.add_device("cam-1")
+    fleet.add_observer("dash")
+    settings = root / "fleet.toml"
+    good = settings.read_text()
+    for name, words in (("dash", "coordinator 'dash' is the name of an observer identity"),
+                        ("cam-1", "coordinator 'cam-1' is the name of a device identity"),
+                        ("coord-2", "a coordinator cannot be renamed")):
+        settings.write_text(good.replace('coordinator = "lepton-coordinator"', f'coordinator = "{name}"')
+                            .replace("port = 8883", "port = 18999"))
+        before = snapshot(root)
+        for command in (["apply"], ["coordinator"]):
+            assert main(["provision", *command, "--fleet", str(root)]) == 2
+            assert words in capsys.readouterr().err
+            assert snapshot(root) == before
+    settings.write_text(good)
+    with pytest.raises(ConfigError, match="'lepton-coordinator' is the coordinator's name in fleet.toml, not a device"):
+        fleet.add_device("lepton-coordinator")
 
 
 def test_a_revoked_observer_comes_back_only_with_rotate(tmp_path):
