@@ -287,8 +287,10 @@ def _observer(args) -> int:
     from lepton.provisioning.fleet import Fleet
 
     fleet = Fleet(args.fleet)
-    rc = _report(args, [fleet.add_observer(args.name, rotate=args.rotate)])
+    outcome = fleet.add_observer(args.name, rotate=args.rotate)
+    rc = _report(args, [outcome])
     if not args.json:
+        _broker_hint(fleet, outcome.written)
         print(f"key {fleet.layout.key(args.name)}, certificate {fleet.layout.cert(args.name)}, CA {fleet.layout.ca_cert}")
     return rc
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lepton.errors import ConfigError, as_value_error, describe_validation
 from lepton.protocol import DEFAULT_PREFIX, Topics, check_id
@@ -51,6 +51,15 @@ class BrokerSettings(_Strict):
         if not v.strip():
             raise ValueError("must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _host_named(self) -> "BrokerSettings":
+        # Devices check the server certificate against the host they connect to: one it does not name
+        # would make every device refuse the broker.
+        if self.host not in self.names:
+            raise ValueError(f"host {self.host!r} is not one of names {self.names} (the server certificate's): "
+                             "add it to names")
+        return self
 
 
 class PKISettings(_Strict):

@@ -297,8 +297,12 @@ def test_apply_rewrites_every_config_and_bundle_after_a_fleet_toml_edit(tmp_path
     settings = root / "fleet.toml"
     text = settings.read_text()
     assert 'host = "broker.example.net"' in text and "port = 8883" in text
+    settings.write_text(text.replace('host = "broker.example.net"', 'host = "broker2.example.net"'))
+    before = snapshot(root)  # a host the server certificate does not name: every device would refuse the broker
+    assert main(["provision", "apply", "--fleet", str(root)]) == 2
+    assert "host 'broker2.example.net' is not one of names" in capsys.readouterr().err and snapshot(root) == before
     settings.write_text(text.replace('host = "broker.example.net"', 'host = "broker2.example.net"')
-                        .replace("port = 8883", "port = 18883"))
+                        .replace('"broker.example.net",', '"broker2.example.net",').replace("port = 8883", "port = 18883"))
     revoked_before = {k: v for k, v in snapshot(root).items() if "cam-3" in k}
     assert main(["provision", "apply", "--fleet", str(root)]) == 0
     out = capsys.readouterr().out
