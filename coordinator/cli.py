@@ -142,10 +142,10 @@ def _run(args) -> int:
     from lepton.coordinator.app import Coordinator
 
     cfg = load_config(args.coordinator_config)
-    if args.coordinator_config is None:  # every key at its default: no file to name
-        return Coordinator(cfg).run()
-    with naming_config(args.coordinator_config):  # what start-up finds wrong with the files the config names
-        return Coordinator(cfg).run()
+    if args.coordinator_config is not None:  # the files the config names, worded as --check-config words them
+        with naming_config(args.coordinator_config):
+            check_files(cfg)
+    return Coordinator(cfg).run()
 
 
 def _snapshot(args) -> int:
