@@ -64,7 +64,7 @@ class PlannerConfig(_Section):
     default_compute_ms: float = Field(50.0, gt=0, description="inference time assumed when neither telemetry nor a bench profile knows it")
     debounce_s: float = Field(0.2, ge=0, description="events within this window are planned together")
     drift: float = Field(0.25, gt=0, description="relative change of a measured compute time or link that triggers a replan")
-    exclude_failed_s: float = Field(600.0, ge=0, description="a (model, device) that failed to load is kept out of plans this long")
+    exclude_failed_s: float = Field(600.0, ge=0, description="how long a model version that failed on a device stays out of its plans (an older version serves meanwhile)")
     queueing: bool = Field(False, description="add the planner's queueing term to the objective")
 
 

@@ -135,6 +135,13 @@ def m003_measured_stream_rate(db: Database) -> None:
     db["streams"].add_column("measured_hz", float)
 
 
+@migrations()
+def m004_failures_per_version(db: Database) -> None:
+    """A failure names the model version that failed: an older version may still serve on that device."""
+    db.execute("UPDATE failures SET version = '' WHERE version IS NULL")
+    db["failures"].transform(pk=("device", "model", "version"))
+
+
 def open_db(path: str | Path, synchronous: str = "FULL", create: bool = True) -> Database:
     """Open (and migrate) the fleet database at *path* for this thread.
 

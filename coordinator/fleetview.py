@@ -36,7 +36,9 @@ class FleetView:
 
     snapshot: dict
     streams: dict[str, tuple[str, str]] = field(default_factory=dict)
-    excluded: list[tuple[str, str]] = field(default_factory=list)  # (model, device)
+    excluded: list[tuple[str, str]] = field(default_factory=list)  # (model, device): no version of it can run there
+    # (device, model) -> the models row to hold there instead of the newest, which failed there
+    versions: dict[tuple[str, str], dict] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # why a stream was left out
 
 
@@ -77,8 +79,7 @@ def build(registry: FleetRegistry, params: dict, default_compute_ms: float = 50.
     snap_devices = [_device(d, links.get(d["id"]), d["id"] in online) for d in devices if d["capabilities"]]
     ids = [d["id"] for d in snap_devices]
     snap_streams = _streams(registry, view, online, set(ids), known)
-    view.excluded = [(f["model"], f["device"]) for f in registry.failures(since=now - exclude_failed_s)
-                     if f["device"] in ids]
+    view.excluded, view.versions = _failed(registry, ids, now - exclude_failed_s)
     used = sorted({s["model"] for s in snap_streams})
     measured = {k: v for k, v in registry.compute().items() if k[0] in ids}
     snap_models = [_model(known[name], measured, default_compute_ms, view.excluded, ids) for name in used]
@@ -92,6 +93,27 @@ def build(registry: FleetRegistry, params: dict, default_compute_ms: float = 50.
         "params": params,
     }
     return view
+
+
+def _failed(registry: FleetRegistry, ids: list[str], since: float):
+    """From the failures since *since*: the (model, device) pairs no known version can serve (excluded), and
+    per (device, model) the newest version that did not fail there, where the newest did. A device that
+    refuses a new version (bad signature, cannot load it) keeps the one before, instead of the stream
+    moving to other devices that would be sent the same new version."""
+    bad: dict[tuple[str, str], set[str]] = {}
+    for f in registry.failures(since=since):
+        if f["device"] in ids:
+            bad.setdefault((f["model"], f["device"]), set()).add(f["version"] or "")
+    versions = registry.known_versions()
+    excluded, fallback = [], {}
+    for (model, dev), failed in sorted(bad.items()):
+        rows = versions.get(model, [])
+        usable = [r for r in rows if r["version"] not in failed]
+        if rows and not usable:
+            excluded.append((model, dev))
+        elif usable and usable[0]["version"] != rows[0]["version"]:
+            fallback[(dev, model)] = usable[0]
+    return excluded, fallback
 
 
 def _streams(registry: FleetRegistry, view: FleetView, online: set[str], planned: set[str],

@@ -27,7 +27,8 @@ def contents(plan, view: FleetView, known: dict[str, dict], base_url: str) -> di
                     if rc.share > MIN_SHARE] for key in view.streams}
     out: dict[str, dict] = {}
     for dev in (d["id"] for d in view.snapshot["devices"] if d["online"]):
-        refs = [_ref(known[name], base_url) for name in sorted(set(plan.placement.get(dev, []))) if name in known]
+        refs = [_ref(view.versions.get((dev, name)) or known[name], base_url)
+                for name in sorted(set(plan.placement.get(dev, []))) if name in known]
         own = {sid: [m.Route(device=d, share=round(s, 4)) for d, s in routes[key]]
                for key, (origin, sid) in view.streams.items() if origin == dev}
         serve: dict[str, list[str]] = {}

@@ -188,8 +188,9 @@ class FleetRegistry:
         for model, state in msg.models.items():
             if state.state == "failed":
                 changes += self._model_failed(msg.device, model, state, now)
-            elif state.state == "loaded":
-                self.db.execute("DELETE FROM failures WHERE device = ? AND model = ?", [msg.device, model])
+            elif state.state == "loaded":  # that version works here (a newer one that failed stays failed)
+                self.db.execute("DELETE FROM failures WHERE device = ? AND model = ? AND version = ?",
+                                [msg.device, model, state.version])
                 if state.invoke_ms is not None:
                     self._add_compute(msg.device, model, state.invoke_ms, now)
         # Degraded: what this report says failed. (The failures rows outlive it: they keep the model away from
@@ -205,11 +206,11 @@ class FleetRegistry:
     def _model_failed(self, device: str, model: str, state: m.ModelState, now: float) -> list[Change]:
         """Record a failed model; every report of it restarts its exclusion window, so a model placed again once
         the window passed, that fails again, is kept away again."""
-        old = list(self.db.query("SELECT reason, version, at FROM failures WHERE device = ? AND model = ?",
-                                 [device, model]))
+        old = list(self.db.query("SELECT reason, version, at FROM failures WHERE device = ? AND model = ? "
+                                 "AND version = ?", [device, model, state.version]))
         self.db["failures"].upsert(
             {"device": device, "model": model, "version": state.version, "reason": state.reason, "at": now},
-            pk=("device", "model"),
+            pk=("device", "model", "version"),
         )
         if old and (old[0]["reason"], old[0]["version"]) == (state.reason, state.version) \
                 and now - old[0]["at"] < REFAILED_AFTER_S:
@@ -255,6 +256,15 @@ class FleetRegistry:
 
     def placements(self) -> dict[str, dict]:
         return {r["device"]: r for r in self.db.query("SELECT * FROM placement")}
+
+    def known_versions(self) -> dict[str, list[dict]]:
+        """Every known version of each model, by name, newest first."""
+        out: dict[str, list[dict]] = {}
+        for row in self.db.query("SELECT * FROM models"):
+            out.setdefault(row["name"], []).append(row)
+        for rows in out.values():
+            rows.sort(key=lambda r: _version_key(r["version"]), reverse=True)
+        return out
 
     def known_models(self) -> dict[str, dict]:
         """Newest version of each known model, by name."""

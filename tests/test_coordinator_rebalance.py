@@ -141,6 +141,45 @@ def test_degraded_clears_when_the_report_names_no_failure_and_a_repeat_failure_i
     assert events.count("model-failed") == 2 and "recovered" in events
 
 
+def test_a_new_version_the_devices_refuse_leaves_the_old_one_serving_where_it_was(fleet):
+    """digits 1.1.0 is signed with a key the devices do not trust. The device told to load it keeps serving
+    1.0.0 and reports 1.1.0 failed; the next plan must keep the stream there on 1.0.0, not take the model
+    off that device and send 1.1.0 to the next one (which refused it too, until the stream was unserved)."""
+    reg, reb, rec, _ = fleet
+    with reg.db.atomic():  # the stream is served on strong, with 1.0.0
+        reg.apply_reported(m.Reported(device="strong", generation=1, ts=time.time(), models={
+            "digits": m.ModelState(state="loaded", version="1.0.0", sha256=SHA, invoke_ms=2.0)}), time.time())
+    reg.set_models([
+        {"name": "digits", "version": v, "sha256": sha, "size": 200_000, "memory_mb": 4.0, "compute_ms": 3.0,
+         "family": "digits", "variant": "int8"} for v, sha in (("1.0.0", SHA), ("1.1.0", "ef" * 32))])
+    reb.plan_once("a new version in the registry")
+    sent = rec.take()
+    assert [(r.name, r.version) for r in sent["strong"].models] == [("digits", "1.1.0")]
+
+    def report(generation, state, version):
+        reason = "" if state == "loaded" else "signature check failed (still serving version 1.0.0)"
+        with reg.db.atomic():
+            return reg.apply_reported(m.Reported(device="strong", generation=generation, ts=time.time(), models={
+                "digits": m.ModelState(state=state, version=version, sha256=SHA if version == "1.0.0" else "ef" * 32,
+                                       reason=reason)}), time.time())
+
+    assert [c.kind for c in report(2, "failed", "1.1.0")] == ["failed"]
+    reb.plan_once("failed strong")
+    sent = rec.take()
+    assert set(sent) == {"strong"}, "the camera's routes did not change: it is not told anything new"
+    assert [(r.name, r.version) for r in sent["strong"].models] == [("digits", "1.0.0")]
+    assert sent["strong"].serve == {"weak": ["cam"]}
+    report(3, "loaded", "1.0.0")  # it runs the old version: the failure of the new one stays on record
+    reb.plan_once("timer")
+    assert rec.take() == {}, "no new generation: 1.0.0 stays, 1.1.0 is not tried again within the window"
+    row = list(reg.db.query("SELECT plan FROM plans ORDER BY id DESC LIMIT 1"))[0]
+    assert [(r["device"], r["share"]) for r in json.loads(row["plan"])["routes"]["cam"]] == [("strong", 1.0)]
+    with reg.db.atomic():  # past the exclusion window, the new version is tried again
+        reg.db.execute("UPDATE failures SET at = at - 700")
+    reb.plan_once("timer")
+    assert [(r.name, r.version) for r in rec.take()["strong"].models] == [("digits", "1.1.0")]
+
+
 def test_a_share_that_moves_by_measurement_noise_is_not_published_again(fleet):
     """One core at 80% holds 10 inputs/s of 80 ms: a stream measured at 10.1-10.2 Hz is split (~99% served),
     and its share moves a little with each measurement. Only a real move makes a new generation."""

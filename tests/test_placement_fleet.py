@@ -12,6 +12,7 @@ resume.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -164,6 +165,59 @@ def test_models_placed_fetched_served_and_failed_over(broker, prefix, tmp_path, 
     finally:
         for agent in agents.values():
             agent.signal(signal.SIGCONT)
+            agent.stop()
+        watch.close()
+        coord.stop()
+
+
+def test_a_version_the_devices_refuse_leaves_the_old_one_serving(broker, prefix, tmp_path):
+    """The operator adds digits-fleet 1.1.0 signed with a key the devices do not trust, and restarts the
+    coordinator. The camera refuses it and keeps serving 1.0.0; the coordinator must keep it there on 1.0.0.
+    (It used to take the model off the camera and send 1.1.0 to the worker, which refused it too: the stream
+    was unserved until the failures expired.)"""
+    topics = Topics(prefix)
+    private, public = make_keys(tmp_path / "keys")
+    stranger, stranger_pub = make_keys(tmp_path / "keys", "stranger")
+    models = tmp_path / "fleet-models"
+    spec = {"family": "digits", "labels": [str(i) for i in range(10)],
+            "preprocess": {"kind": "image", "image": {"color": "gray", "interpolation": "area"}},
+            "postprocess": {"kind": "classification"}}
+    Registry(models, trusted_keys=[public]).add(INT8_FILE, "digits-fleet", "1.0.0", spec, private)
+    config = coordinator_config(tmp_path, broker.port, prefix, liveness={"stale_after_s": 10.0},
+                                models={"dir": str(models), "trusted_keys": [str(public), str(stranger_pub)]},
+                                planner={"interval_s": 3600, "time_limit_s": 2})
+    coord = CoordinatorProcess(config).start()
+    watch = Watch(broker.port, topics)
+    cam_cfg = agent_cfg(tmp_path, broker.port, prefix, "cam", public, sources=DIGITS,
+                        streams=[{"id": "door", "source": "cam0", "model": "digits-fleet"}])
+    cam_cfg["models"]["dir"] = str(shutil.copytree(models, tmp_path / "cam-models"))  # 1.0.0, installed with the device
+    agents = {"cam": AgentProcess(cam_cfg, tmp_path).start(),
+              "w1": AgentProcess(agent_cfg(tmp_path, broker.port, prefix, "w1", public), tmp_path).start()}
+    try:
+        wait_for(lambda: watch.served_by().get("cam", 0) >= 10, 60, "results computed on the camera")
+        Registry(models, trusted_keys=[public, stranger_pub]).add(INT8_FILE, "digits-fleet", "1.1.0", spec, stranger)
+        coord.stop()
+        coord = CoordinatorProcess(config).start()
+        since = time.monotonic()
+        wait_for(lambda: any(s.version == "1.1.0" and s.state == "failed" and "signature check failed" in s.reason
+                             for r in watch.reported.get("cam", []) for s in r.models.values()),
+                 30, "the camera refusing 1.1.0")
+        refused = time.monotonic()
+        wait_for(lambda: (watch.desired.get("cam") or [(0, None)])[-1][0] > refused
+                 and [(r.name, r.version) for r in watch.desired["cam"][-1][1].models] == [("digits-fleet", "1.0.0")],
+                 20, "the camera told to hold 1.0.0 again")
+        time.sleep(4)
+        with watch.lock:
+            after = [(t, r) for t, r in watch.results if t >= since]
+        assert after and all(r.model.version == "1.0.0" and r.computed_on == "cam" for _, r in after)
+        gaps = [b[0] - a[0] for a, b in zip(after, after[1:])]
+        assert max(gaps) < 3.0, f"the stream stopped for {max(gaps):.1f} s"
+        assert time.monotonic() - after[-1][0] < 3.0, "results still flow"
+        told = [(d, r.version) for d, msgs in watch.desired.items() for t, msg in msgs if t >= since
+                for r in msg.models if r.version == "1.1.0"]
+        assert told == [("cam", "1.1.0")], f"only the device serving the stream tried the new version: {told}"
+    finally:
+        for agent in agents.values():
             agent.stop()
         watch.close()
         coord.stop()
