@@ -8,7 +8,8 @@
 ``run()`` is what ``lepton coordinator --config FILE`` does: start, tell
 systemd READY once the broker accepted the connection (until then STATUS says
 what it waits for and why), ping its watchdog while ingest and the rebalancer
-live (the agent's sd_notify helper), stop on SIGTERM or SIGINT.
+live (the agent's sd_notify helper), reload the model registry on SIGHUP
+(``systemctl reload``), stop on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
@@ -163,10 +164,32 @@ class Coordinator:
                 return False, f"the {name} thread is not running"
         return True, ""
 
+    def reload_models(self) -> bool:
+        """Read the model registry again (SIGHUP, ``systemctl reload``): new versions are offered and placed
+        at once, without a restart. A registry that cannot be read keeps what was offered; False then."""
+        try:
+            found = self.catalog.reload()
+        except ConfigError as exc:
+            log.error("model registry not reloaded, still offering %d model versions: %s", len(self.catalog.all()), exc)
+            return False
+        db = open_db(self.cfg.db.path, self.cfg.db.synchronous)
+        try:
+            reg = FleetRegistry(db)
+            with db.atomic():
+                reg.set_models([c.row() for c in found])
+                reg.event("models-reloaded", detail=f"{len(found)} model versions at {self.base_url}")
+        finally:
+            db.close()
+        if self.rebalancer:
+            self.rebalancer.request("models reloaded")
+        return True
+
     def run(self) -> int:
-        """Serve until SIGTERM or SIGINT; the exit status for the CLI."""
+        """Serve until SIGTERM or SIGINT; SIGHUP reloads the model registry. The exit status for the CLI."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
+        reload = threading.Event()
+        signal.signal(signal.SIGHUP, lambda *_: reload.set())  # served by the loop below, within a second
         self.start()
         watchdog = Watchdog(self.notifier, self.healthy)
         ready, said = False, ""
@@ -181,6 +204,9 @@ class Coordinator:
                 self.notifier.status(status)
                 said = status
             self.metrics.ingest_queue.set(self.ingest.depth())
+            if reload.is_set():
+                reload.clear()
+                self.reload_models()
             if self.stopping.wait(1.0 if ready else 0.1):
                 break
         self.stop()

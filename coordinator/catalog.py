@@ -1,8 +1,13 @@
 """The models the coordinator can place: its view of the model registry.
 
-Reads the registry directory (default: the shipped zoo) through
-``lepton.models.registry.Registry``: only models whose manifests validate and
-whose size, sha256 and signature verify are offered. Each model's bench
+Reads the registry directory (``[models] dir``; default: the shipped zoo)
+through ``lepton.models.registry.Registry``, and beside a configured
+directory the shipped zoo too, while the zoo's key is trusted (no
+``trusted_keys`` given, or the zoo's among them): a fleet that adds its own
+models keeps the zoo's, and a version in the directory wins over the same
+version in the zoo. Only models whose manifests validate and whose size,
+sha256 and signature verify are offered; ``reload`` reads again (the
+coordinator does on SIGHUP). Each model's bench
 profile (the inference time the planner assumes before any device has
 measured it) comes from a ``bench.json`` next to the manifest
 (``{"invoke_ms": 3.2}``), else the manifest's ``metrics.invoke_ms``, else the
@@ -57,8 +62,28 @@ class Catalog:
             self._root = _zoo_dir()
         return self._root
 
+    def roots(self) -> list[Path]:
+        """The registry directories read: the configured one, then the zoo while its key is trusted."""
+        roots = [self.root]
+        if self._root is not None and self._zoo_trusted():
+            zoo = _zoo_dir()
+            if zoo.is_dir() and zoo.resolve() != self.root.resolve():
+                roots.append(zoo)
+        return roots
+
+    def _zoo_trusted(self) -> bool:
+        if not self.trusted_keys:
+            return True  # the registry's default: the zoo key
+        try:
+            from lepton.models.registry import zoo_public_key
+
+            zoo = Path(zoo_public_key()).read_bytes()
+        except (ImportError, OSError):
+            return False
+        return any(_read(k) == zoo for k in self.trusted_keys)
+
     def reload(self) -> list[CatalogModel]:
-        """Read the registry again; ConfigError if its directory is missing."""
+        """Read the registry again; ConfigError if its directory is missing (what was offered stays then)."""
         if not self.root.is_dir():
             raise ConfigError(f"model registry directory {self.root} does not exist")
         try:
@@ -66,16 +91,20 @@ class Catalog:
         except ModuleNotFoundError:
             raise ConfigError("the model registry (lepton.models.registry) is not installed") from None
 
-        try:
-            checked = Registry(self.root, trusted_keys=self.trusted_keys or None).verify_all()
-        except LeptonError as exc:
-            raise ConfigError(f"model registry {self.root}: {exc}") from None
+        checked = []
+        for root in self.roots():
+            try:
+                checked += Registry(root, trusted_keys=self.trusted_keys or None).verify_all()
+            except LeptonError as exc:
+                raise ConfigError(f"model registry {root}: {exc}") from None
         found = {}
         for entry, problem in checked:
             if problem:  # devices would refuse it anyway: never offer it
                 log.warning("not offering %s %s: %s", entry.manifest.name, entry.manifest.version, problem)
                 continue
             man = entry.manifest
+            if (man.name, man.version) in found:
+                continue  # the configured directory's copy wins over the zoo's
             found[(man.name, man.version)] = CatalogModel(
                 name=man.name, version=man.version, sha256=man.sha256, size=man.size, path=Path(entry.path),
                 manifest_path=Path(entry.manifest_path), memory_mb=getattr(man, "memory_mb", None),
@@ -83,7 +112,7 @@ class Catalog:
                 family=getattr(man, "family", "") or "", variant=getattr(man, "variant", "") or "",
             )
         self._models = found
-        log.info("model registry %s: %d model versions", self.root, len(found))
+        log.info("model registry %s: %d model versions", " + ".join(str(r) for r in self.roots()), len(found))
         return list(found.values())
 
     def add(self, model: CatalogModel) -> None:
@@ -101,6 +130,13 @@ class Catalog:
         from lepton.coordinator.registry import _version_key
 
         return max(versions, key=lambda c: _version_key(c.version), default=None)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return Path(path).read_bytes()
+    except OSError:
+        return None
 
 
 def _zoo_dir() -> Path:

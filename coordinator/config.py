@@ -89,7 +89,7 @@ class HttpConfig(_Section):
 
 
 class ModelsConfig(_Section):
-    dir: str = Field("", description="model registry directory; default the shipped zoo")
+    dir: str = Field("", description="the fleet's model registry directory (`lepton models add --registry`; SIGHUP reads it again), offered beside the shipped zoo while the zoo's key is trusted; empty: the zoo alone")
     trusted_keys: list[str] = Field(default_factory=list, description="public keys whose manifest signatures are trusted")
 
 

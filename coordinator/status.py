@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # the CLI imports EVENT_KINDS at every start: keep sqlite_uti
 
 # Every kind of event the coordinator records (``FleetRegistry.event``), for ``lepton events --kind``.
 EVENT_KINDS = (
-    "coordinator-start", "device-new", "device-online", "device-capabilities", "device-offline", "device-stale",
+    "coordinator-start", "models-reloaded", "device-new", "device-online", "device-capabilities", "device-offline", "device-stale",
     "streams", "degraded", "recovered", "model-failed", "placement", "stream-skipped", "unserved", "plan-failed",
 )
 

@@ -229,7 +229,7 @@ def coordinator_config(settings: FleetSettings) -> dict:
         },
         "db": {"path": COORDINATOR_DB},
         "http": {"bind": http.bind, "port": http.port, "base_url": base_url},
-        "models": {"trusted_keys": trusted_keys(settings)},
+        "models": {"trusted_keys": trusted_keys(settings), **({"dir": settings.models.dir} if settings.models.dir else {})},
     }
 
 

@@ -90,6 +90,9 @@ class ModelKeys(_Strict):
     """Which signatures devices and the coordinator accept on model manifests."""
 
     trust_zoo: bool = Field(True, description="also trust the key that signs the shipped model zoo")
+    dir: str = Field("", description="the coordinator's own model registry on its host (`lepton models add "
+                     "--registry` there, then `systemctl reload lepton-coordinator`), offered beside the zoo's "
+                     "models while trust_zoo; empty: the zoo alone")
 
 
 class FleetSettings(_Strict):

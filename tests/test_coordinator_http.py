@@ -132,3 +132,31 @@ def test_port_in_use_is_a_clear_error(served):
     server, _, _ = served
     with pytest.raises(ConfigError, match="cannot listen"):
         ModelServer(server.catalog, "127.0.0.1", server.port)
+
+
+def test_a_configured_registry_is_offered_beside_the_zoo_while_the_zoo_key_is_trusted(tmp_path):
+    """A fleet that adds its own models ([models] dir) keeps offering the zoo's, unless it stopped trusting
+    the zoo's key; a version in its directory wins over the same version in the zoo."""
+    from test_placement_kit import INT8_FILE, make_keys
+
+    from lepton.models.registry import Registry, zoo_dir, zoo_public_key
+
+    private, public = make_keys(tmp_path / "keys")
+    spec = {"family": "digits", "labels": [str(i) for i in range(10)],
+            "preprocess": {"kind": "image", "image": {"color": "gray", "interpolation": "area"}},
+            "postprocess": {"kind": "classification"}}
+    own = tmp_path / "models"
+    Registry(own, trusted_keys=[public]).add(INT8_FILE, "digits-fleet", "1.0.0", spec, private)
+    zoo = {(c.name, c.version) for c in Catalog(zoo_dir()).reload()}
+    assert ("digits-int8", "1.0.0") in zoo
+
+    only_own = {(c.name, c.version) for c in Catalog(own, [public]).reload()}
+    assert only_own == {("digits-fleet", "1.0.0")}
+    both = Catalog(own, [public, zoo_public_key()])
+    assert {(c.name, c.version) for c in both.reload()} == zoo | {("digits-fleet", "1.0.0")}
+    assert both.roots() == [own, zoo_dir()]
+    # The same name and version in the fleet's directory, signed by the fleet: that copy is offered.
+    Registry(own, trusted_keys=[public]).add(INT8_FILE, "digits-int8", "1.0.0", spec, private)
+    mine = both
+    mine.reload()
+    assert mine.get("digits-int8", "1.0.0").manifest_path.parent.parent.parent == own

@@ -281,3 +281,50 @@ def test_unusable_database_is_one_clear_line(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == f"lepton: error: cannot open coordinator database {junk}: file is not a database"
     assert "Traceback" not in res.stderr
+
+
+def test_sighup_reloads_the_model_registry_without_a_restart(broker, prefix, tmp_path):
+    """`systemctl reload lepton-coordinator` (SIGHUP): a version added to the registry is offered over HTTP
+    and recorded for planning at once; a registry that cannot be read keeps what was offered."""
+    import shutil
+    import signal
+
+    from test_placement_kit import INT8_FILE, make_keys
+
+    from lepton.models.registry import Registry
+
+    private, public = make_keys(tmp_path / "keys")
+    spec = {"family": "digits", "labels": [str(i) for i in range(10)],
+            "preprocess": {"kind": "image", "image": {"color": "gray", "interpolation": "area"}},
+            "postprocess": {"kind": "classification"}}
+    models = tmp_path / "models"
+    Registry(models, trusted_keys=[public]).add(INT8_FILE, "digits-fleet", "1.0.0", spec, private)
+    coord = CoordinatorProcess(coordinator_config(tmp_path, broker.port, prefix,
+                                                  models={"dir": str(models), "trusted_keys": [str(public)]})).start()
+    db = tmp_path / "coordinator.db"
+
+    def versions():
+        return sorted(v for (v,) in db_rows(db, "SELECT version FROM models WHERE name = 'digits-fleet'"))
+
+    def served(version):
+        base = json.loads(db_rows(db, "SELECT value FROM meta WHERE key = 'http'")[0][0])
+        try:
+            with urllib.request.urlopen(f"{base}/models/digits-fleet/{version}/manifest.json", timeout=5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(lambda: db.exists() and versions() == ["1.0.0"] and served("1.0.0"), 20, "the coordinator up")
+        Registry(models, trusted_keys=[public]).add(INT8_FILE, "digits-fleet", "1.1.0", spec, private)
+        assert not served("1.1.0")
+        coord.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: versions() == ["1.0.0", "1.1.0"] and served("1.1.0"), 10, "1.1.0 offered after SIGHUP")
+        assert db_rows(db, "SELECT count(*) FROM events WHERE kind = 'models-reloaded'")[0][0] == 1
+        shutil.move(str(models), str(tmp_path / "models-gone"))  # unreadable now: keep offering what there was
+        coord.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "model registry not reloaded, still offering 2 model versions" in coord.log_text(), 10,
+                 "the failed reload in the log")
+        assert coord.alive() and versions() == ["1.0.0", "1.1.0"]
+    finally:
+        assert coord.stop() == 0

@@ -422,6 +422,20 @@ def test_apply_refuses_a_coordinator_rename_or_a_taken_name_before_writing_anyth
         fleet.add_device("lepton-coordinator")
 
 
+def test_the_coordinators_own_model_registry_comes_from_fleet_toml(tmp_path, capsys):
+    root = tmp_path / "f"
+    fleet = make_fleet(root)
+    config = fleet.layout.identity_dir("lepton-coordinator") / "coordinator.toml"
+    assert "dir =" not in config.read_text().split("[models]")[1]  # the zoo alone
+    settings = root / "fleet.toml"
+    text = settings.read_text()
+    assert text.endswith('[models]\ntrust_zoo = true\ndir = ""\n')
+    settings.write_text(text.replace('trust_zoo = true\ndir = ""', 'trust_zoo = true\ndir = "/etc/lepton/models"'))
+    assert main(["provision", "apply", "--fleet", str(root)]) == 0
+    models = config.read_text().split("[models]")[1]
+    assert 'dir = "/etc/lepton/models"' in models and "/etc/lepton/zoo.pub" in models
+
+
 def test_a_revoked_observer_comes_back_only_with_rotate(tmp_path):
     fleet = make_fleet(tmp_path / "f")
     fleet.add_observer("ops")

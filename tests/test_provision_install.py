@@ -74,8 +74,13 @@ def make_fleet(root: Path) -> Fleet:
 
 
 def verify_root(prefix: Path, units: list[str]) -> subprocess.CompletedProcess:
-    """systemd-analyze verify the installed units inside *prefix*, with the host's stock units beside them."""
+    """systemd-analyze verify the installed units inside *prefix*, with the host's stock units and the system's
+    kill (the coordinator's ExecReload) beside them."""
     shutil.copytree("/usr/lib/systemd/system", prefix / "usr/lib/systemd/system", symlinks=True, dirs_exist_ok=True)
+    kill = prefix / "bin" / "kill"
+    kill.parent.mkdir(parents=True, exist_ok=True)
+    kill.write_text("#!/bin/sh\n")
+    kill.chmod(0o755)
     return subprocess.run(["systemd-analyze", "verify", f"--root={prefix}", *units], capture_output=True, text=True)
 
 

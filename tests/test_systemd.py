@@ -46,17 +46,19 @@ def unit_values(path: Path, key: str) -> list[str]:
 
 def staged_root(tmp_path: Path, jetson: bool = False) -> Path:
     """A root with the units in /etc/systemd/system, the host's stock units, and an
-    executable where ExecStart points (install.sh puts the real venv there)."""
+    executable where each ExecStart and ExecReload points (install.sh puts the real venv there; the
+    system has kill)."""
     root = tmp_path / "root"
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
     unit_dir = root / "etc/systemd/system"
     unit_dir.mkdir(parents=True)
     for path in UNITS.values():
         shutil.copy(path, unit_dir / path.name)
-        exe = root / unit_values(path, "ExecStart")[0].split()[0].lstrip("/")
-        exe.parent.mkdir(parents=True, exist_ok=True)
-        exe.write_text("#!/bin/sh\n")
-        exe.chmod(0o755)
+        for command in unit_values(path, "ExecStart") + unit_values(path, "ExecReload"):
+            exe = root / command.split()[0].lstrip("/")
+            exe.parent.mkdir(parents=True, exist_ok=True)
+            exe.write_text("#!/bin/sh\n")
+            exe.chmod(0o755)
     if jetson:
         (unit_dir / "lepton-agent.service.d").mkdir()
         shutil.copy(JETSON, unit_dir / "lepton-agent.service.d/jetson.conf")
