@@ -209,15 +209,16 @@ def summary(output: dict, width: int = 60) -> str:
 def render_results(rows: list[dict], header: bool = True) -> str:
     """One line per result: when it was stored, where from, which model on which device, how long it took
     (invoke, and capture to storage), and what it found."""
-    lines = [f"{'RECEIVED':<19}  {'DEVICE/STREAM':<28} {'SEQ':>7}  {'MODEL':<16} {'ON':<12} {'INFER':>8} "
+    lines = [f"{'RECEIVED':<19}  {'DEVICE/STREAM':<28} {'SEQ':>7}  {'MODEL':<24} {'ON':<12} {'INFER':>8} "
              f"{'E2E':>8}  OUTPUT"] if header else []
     for r in rows:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["received_at"]))
-        model = r.get("model", {}).get("name", "?") if isinstance(r.get("model"), dict) else "?"
+        spec = r.get("model") if isinstance(r.get("model"), dict) else {}
+        model = f"{spec.get('name', '?')}@{spec.get('version', '?')}"
         e2e = (r["received_at"] - r["captured_at"]) * 1000.0 if isinstance(r.get("captured_at"), (int, float)) else None
         infer = f"{r['infer_ms']:.1f}ms" if isinstance(r.get("infer_ms"), (int, float)) else "-"
         output = r.get("output") if isinstance(r.get("output"), dict) else {}
         lines.append(f"{stamp:<19}  {r.get('device', '?') + '/' + r.get('stream', '?'):<28} {r.get('seq', 0):>7}  "
-                     f"{model:<16} {r.get('computed_on', '?'):<12} {infer:>8} "
+                     f"{model:<24} {r.get('computed_on', '?'):<12} {infer:>8} "
                      f"{'-' if e2e is None else f'{e2e:.0f}ms':>8}  {summary(output)}")
     return "\n".join(lines)

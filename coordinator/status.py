@@ -45,6 +45,7 @@ def fleet_status(db: Database, now: float | None = None) -> dict:
             "streams": streams.get(d["id"], []),
             "desired_generation": p.get("desired_gen"), "reported_generation": p.get("reported_gen"),
             "desired_models": [mr["name"] for mr in desired.get("models", [])],
+            "desired_versions": {mr["name"]: mr.get("version", "") for mr in desired.get("models", [])},
             "routes": {s: [f"{r['device']}:{r['share']:.2f}" for r in rs] for s, rs in desired.get("routes", {}).items()},
             "reported_models": {k: v.get("state") for k, v in reported.get("models", {}).items()},
         })
@@ -90,7 +91,8 @@ def render_status(status: dict) -> str:
     for d in status["devices"]:
         live = d["liveness"] + (" degraded" if d["degraded"] else "")
         seen = "-" if d["last_seen_s"] is None else f"{d['last_seen_s']:.0f}s"
-        models = ",".join(d["desired_models"]) or "-"
+        versions = d.get("desired_versions") or {}
+        models = ",".join(f"{n}@{versions[n]}" if versions.get(n) else n for n in d["desired_models"]) or "-"
         if d["reported_models"]:
             bad = [k for k, v in d["reported_models"].items() if v != "loaded"]
             models += f" ({'!' + ','.join(bad) if bad else 'loaded'})"

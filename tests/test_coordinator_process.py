@@ -148,6 +148,9 @@ def test_device_lost_is_planned_around_within_keepalive_bound(broker, prefix, tm
                               check=True, capture_output=True, text=True).stdout
         assert "cam->weak:0.89" in text and "(offline strong)" in text
         assert " AGENT " in text.splitlines()[0] and " standin " in text
+        weak_status = next(d for d in status["devices"] if d["id"] == "weak")
+        assert weak_status["desired_versions"] == {m: "1.0.0" for m in weak_status["desired_models"]} != {}
+        assert " digits@1.0.0" in text  # the version each device was told to hold
         assert "unserved: cam 11%" in text  # 10 Hz x 90 ms is more than 80% of one core
         events = json.loads(subprocess.run([sys.executable, "-m", "lepton.cli", "events", "--db", str(db), "--device",
                                             "weak", "--kind", "placement", "--json"],

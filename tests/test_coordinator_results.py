@@ -108,6 +108,7 @@ def test_table_says_what_each_result_found(fleet_db, capsys):
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:3] == ["RECEIVED", "DEVICE/STREAM", "SEQ"] and len(lines) == 3
     assert "cam-2/gate" in lines[1] and lines[1].rstrip().endswith("2 (0.900)") and "25ms" in lines[1]
+    assert lines[1].split()[4] == "digits-int8@1.0.0"  # the version: a rollout can be followed here
     assert "gw-1/pump" in lines[2] and lines[2].rstrip().endswith("ANOMALY (score 0.970)")
     assert summary({"boxes": [[1, 2, 3, 4]] * 20, "source": {"frame": 1}}, width=40).endswith("...")
     assert len(summary({"boxes": [[1, 2, 3, 4]] * 20}, width=40)) == 40
