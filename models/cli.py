@@ -309,6 +309,13 @@ def cmd_add(args) -> int:
         _print_json(_entry_json(entry, None))
     else:
         print(f"added {entry.label()} -> {entry.directory} (signed by key {entry.manifest.key_id})")
+    # A version signed with another key than its model's other versions is refused by every device that
+    # trusts only those: say so now, not when a rollout stalls.
+    others = sorted({e.manifest.key_id for e in registry.scan()[0] if e.name == entry.name
+                     and e.version != entry.version})
+    if others and entry.manifest.key_id not in others:
+        print(f"lepton models: warning: {entry.label()} is signed by key {entry.manifest.key_id}, its other "
+              f"versions by {', '.join(others)}: devices that trust only those will refuse it", file=sys.stderr)
     return 0
 
 

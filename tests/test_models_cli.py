@@ -133,6 +133,11 @@ def test_keygen_add_sign_verify_round_trip(capsys, tmp_path):
     assert run(capsys, *verify)[0] == 1
     assert run(capsys, "models", "sign", str(manifest), "--key", f"{keys}.key")[0] == 0
     assert run(capsys, *verify)[0] == 0
+    assert run(capsys, *add, "--version", "2.1.0")[2] == ""  # the same key as 2.0.0: no warning
+    stranger = tmp_path / "keys" / "stranger"
+    run(capsys, "models", "keygen", "--out", str(stranger))
+    code, _, err = run(capsys, *[a if a != f"{keys}.key" else f"{stranger}.key" for a in add], "--version", "2.2.0")
+    assert code == 0 and "warning: ocr 2.2.0 is signed by key" in err and "devices that trust only those" in err
 
 
 def test_sign_refuses_a_manifest_whose_file_does_not_match(capsys, zoo_copy, tmp_path):
