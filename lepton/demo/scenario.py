@@ -37,6 +37,7 @@ class Scenario:
         self.at_risk: list[tuple[str, str]] = []  # (origin, stream) served on the killed device
         self.failovers: dict[tuple[str, str], dict] = {}
         self.spiked = False
+        self.exited: list[str] = []  # processes that ended on their own, with their last log line
 
     # --- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -114,8 +115,10 @@ class Scenario:
         if self.killed:
             self._track_failover()
         for name in self.fleet.dead():
-            self.obs.note(f"{name} exited on its own: {self.fleet.procs[name].log_tail(1)}")
-            self.fleet.procs[name].popen = None
+            proc = self.fleet.procs[name]
+            self.exited.append(f"{name} exited on its own (status {proc.popen.returncode}): {proc.log_tail(1)}")
+            self.obs.note(self.exited[-1])
+            proc.popen = None
 
     def _kill_busiest_worker(self) -> None:
         """Kill the worker that serves most of other devices' streams in the last plan."""
@@ -172,7 +175,7 @@ class Scenario:
         if self.spiked:
             expected |= {f"{spike_device().id}/{st['id']}" for st in spike_device().streams}
         silent = sorted(name for name in expected if not streams.get(name, {}).get("results"))
-        problems = [f"no results from stream {name}" for name in silent]
+        problems = [f"no results from stream {name}" for name in silent] + list(self.exited)
         if self.duration and not self.failovers:
             if self.killed is None:
                 problems.append("no failover observed: stopped before a worker was killed")
