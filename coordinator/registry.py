@@ -291,5 +291,13 @@ class FleetRegistry:
 
 
 def _version_key(version: str) -> tuple:
-    """Order versions numerically where they are numbers ("1.10" > "1.9")."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in version.replace("-", ".").split("."))
+    """Versions in the order devices use (PEP 440, as ``lepton models add`` requires: "1.10" > "1.9",
+    "1.0.0rc1" < "1.0.0" = "1.0"); one that is not PEP 440 sorts below every one that is, numerically
+    where it has numbers."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return (1, Version(version), ())
+    except InvalidVersion:
+        return (0, None, tuple((0, int(p), "") if p.isdigit() else (1, 0, p)
+                               for p in version.replace("-", ".").split(".")))

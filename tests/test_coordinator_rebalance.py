@@ -343,3 +343,16 @@ def test_a_zero_slo_is_refused_by_the_protocol_as_by_the_snapshot():
                                            capabilities=None, streams=[bad]))
     with pytest.raises(ProtocolError, match="slo_ms"):
         decode("status", body)
+
+
+def test_the_newest_version_is_the_one_devices_call_newest(tmp_path):
+    """PEP 440 order, as the agent's older-version check uses: a release candidate comes before its release,
+    1.10 after 1.9. (Splitting on dots called 1.0.0rc1 newer than 1.0.0: devices would refuse it as older.)"""
+    reg = FleetRegistry(open_db(tmp_path / "c.db"))
+    reg.set_models([{"name": "digits", "version": v, "sha256": SHA, "size": 1, "memory_mb": 1.0, "compute_ms": 1.0,
+                     "family": "digits", "variant": ""} for v in ("1.0.0rc1", "1.0.0", "0.9")])
+    assert reg.known_models()["digits"]["version"] == "1.0.0"
+    assert [r["version"] for r in reg.known_versions()["digits"]] == ["1.0.0", "1.0.0rc1", "0.9"]
+    reg.set_models([{"name": "digits", "version": v, "sha256": SHA, "size": 1, "memory_mb": 1.0, "compute_ms": 1.0,
+                     "family": "digits", "variant": ""} for v in ("1.9", "1.10")])
+    assert reg.known_models()["digits"]["version"] == "1.10"
