@@ -171,7 +171,11 @@ class Reconciler:
             current = agent.runners.get(ref.name)
             if current is not None and (current.sha256, current.version) == (ref.sha256, ref.version):
                 runners[ref.name] = current
-                states[ref.name] = agent.model_states.get(ref.name) or _loaded(current, None)
+                # Its state, unless that state is about another version: told to keep the version it served
+                # after refusing a newer one, it reports that version loaded, not the refusal again.
+                prev = agent.model_states.get(ref.name)
+                same = prev is not None and prev.state == "loaded" and prev.version == current.version
+                states[ref.name] = prev if same else _loaded(current, None)
                 continue
             if current is None:
                 self._loading(ref)

@@ -167,19 +167,29 @@ class Coordinator:
     def reload_models(self) -> bool:
         """Read the model registry again (SIGHUP, ``systemctl reload``): new versions are offered and placed
         at once, without a restart. A registry that cannot be read keeps what was offered; False then."""
+        offered = self.catalog.all()
         try:
             found = self.catalog.reload()
         except ConfigError as exc:
-            log.error("model registry not reloaded, still offering %d model versions: %s", len(self.catalog.all()), exc)
+            log.error("model registry not reloaded, still offering %d model versions: %s", len(offered), exc)
             return False
-        db = open_db(self.cfg.db.path, self.cfg.db.synchronous)
+        except Exception:  # whatever it is, the coordinator goes on with what it offered
+            log.exception("model registry not reloaded, still offering %d model versions", len(offered))
+            return False
         try:
-            reg = FleetRegistry(db)
-            with db.atomic():
-                reg.set_models([c.row() for c in found])
-                reg.event("models-reloaded", detail=f"{len(found)} model versions at {self.base_url}")
-        finally:
-            db.close()
+            db = open_db(self.cfg.db.path, self.cfg.db.synchronous)
+            try:
+                reg = FleetRegistry(db)
+                with db.atomic():
+                    reg.set_models([c.row() for c in found])
+                    reg.event("models-reloaded", detail=f"{len(found)} model versions at {self.base_url}")
+            finally:
+                db.close()
+        except Exception:  # a reload must never stop the coordinator: serve what the database still says
+            log.exception("model registry reloaded but not recorded; still planning with the versions recorded before")
+            for model in offered:
+                self.catalog.add(model)
+            return False
         if self.rebalancer:
             self.rebalancer.request("models reloaded")
         return True

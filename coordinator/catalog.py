@@ -97,14 +97,17 @@ class Catalog:
                 checked += Registry(root, trusted_keys=self.trusted_keys or None).verify_all()
             except LeptonError as exc:
                 raise ConfigError(f"model registry {root}: {exc}") from None
+            except OSError as exc:  # e.g. a file the coordinator's user cannot read
+                raise ConfigError(f"model registry {root}: {exc.strerror or exc}"
+                                  + (f": {exc.filename}" if exc.filename else "")) from None
         found = {}
         for entry, problem in checked:
             if problem:  # devices would refuse it anyway: never offer it
                 log.warning("not offering %s %s: %s", entry.manifest.name, entry.manifest.version, problem)
                 continue
             man = entry.manifest
-            if (man.name, man.version) in found:
-                continue  # the configured directory's copy wins over the zoo's
+            if any(n == man.name and _same_version(v, man.version) for n, v in found):
+                continue  # the configured directory's copy wins over the zoo's (1.0 and 1.0.0 are one version)
             found[(man.name, man.version)] = CatalogModel(
                 name=man.name, version=man.version, sha256=man.sha256, size=man.size, path=Path(entry.path),
                 manifest_path=Path(entry.manifest_path), memory_mb=getattr(man, "memory_mb", None),
@@ -130,6 +133,12 @@ class Catalog:
         from lepton.coordinator.registry import _version_key
 
         return max(versions, key=lambda c: _version_key(c.version), default=None)
+
+
+def _same_version(a: str, b: str) -> bool:
+    from lepton.coordinator.registry import _version_key
+
+    return _version_key(a) == _version_key(b)
 
 
 def _read(path: Path) -> bytes | None:

@@ -13,9 +13,12 @@ replayed offline. Where a figure comes from, in order of trust:
   has (else the configured one); a stream whose origin is not online
   produces nothing and is left out; so is one whose model the registry lacks.
 - current: the models each device reported loaded.
-- a (model, device) that failed to load within ``exclude_failed_s`` gets no
-  compute time there (and the model no default), which the snapshot format
-  reads as "cannot run on that device": the next plan avoids it.
+- failures count per model version, for ``exclude_failed_s``: a device whose
+  newest version of a model failed there is to hold the newest that did not
+  (``FleetView.versions``); a (model, device) where every version in the
+  registry failed gets no compute time there (and the model no default),
+  which the snapshot format reads as "cannot run on that device": the next
+  plan avoids it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class FleetView:
     excluded: list[tuple[str, str]] = field(default_factory=list)  # (model, device): no version of it can run there
     # (device, model) -> the models row to hold there instead of the newest, which failed there
     versions: dict[tuple[str, str], dict] = field(default_factory=dict)
+    known: dict[str, dict] = field(default_factory=dict)  # newest version of each model, read with the rest
     skipped: list[str] = field(default_factory=list)  # why a stream was left out
 
 
@@ -75,7 +79,7 @@ def build(registry: FleetRegistry, params: dict, default_compute_ms: float = 50.
     online = {d["id"] for d in devices if d["liveness"] == "online"}
     known = registry.known_models()
     links = registry.links()
-    view = FleetView(snapshot={})
+    view = FleetView(snapshot={}, known=known)
     snap_devices = [_device(d, links.get(d["id"]), d["id"] in online) for d in devices if d["capabilities"]]
     ids = [d["id"] for d in snap_devices]
     snap_streams = _streams(registry, view, online, set(ids), known)

@@ -176,7 +176,7 @@ class FleetRegistry:
 
     # --- reported placement -----------------------------------------------------
     def apply_reported(self, msg: m.Reported, now: float) -> list[Change]:
-        """Store what the device runs; failures mark it degraded and exclude (model, device)."""
+        """Store what the device runs; failures (per version) mark it degraded and keep that version away."""
         if self.device(msg.device) is None:
             return []
         row = {"device": msg.device, "reported_gen": msg.generation, "reported": m.encode(msg).decode(), "reported_at": now}

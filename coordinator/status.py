@@ -48,6 +48,7 @@ def fleet_status(db: Database, now: float | None = None) -> dict:
             "desired_versions": {mr["name"]: mr.get("version", "") for mr in desired.get("models", [])},
             "routes": {s: [f"{r['device']}:{r['share']:.2f}" for r in rs] for s, rs in desired.get("routes", {}).items()},
             "reported_models": {k: v.get("state") for k, v in reported.get("models", {}).items()},
+            "reported_versions": {k: v.get("version", "") for k, v in reported.get("models", {}).items()},
         })
     return {"devices": devices, "last_plan": last_plan(db, now)}
 
@@ -94,7 +95,8 @@ def render_status(status: dict) -> str:
         versions = d.get("desired_versions") or {}
         models = ",".join(f"{n}@{versions[n]}" if versions.get(n) else n for n in d["desired_models"]) or "-"
         if d["reported_models"]:
-            bad = [k for k, v in d["reported_models"].items() if v != "loaded"]
+            said = d.get("reported_versions") or {}
+            bad = [f"{k} {said[k]}" if said.get(k) else k for k, v in d["reported_models"].items() if v != "loaded"]
             models += f" ({'!' + ','.join(bad) if bad else 'loaded'})"
         routes = " ".join(f"{s}->{'|'.join(r) or 'unserved'}" for s, r in d["routes"].items()) or ",".join(d["streams"]) or "-"
         gen = f"{d['desired_generation'] if d['desired_generation'] is not None else '-'}/" \

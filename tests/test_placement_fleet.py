@@ -206,7 +206,14 @@ def test_a_version_the_devices_refuse_leaves_the_old_one_serving(broker, prefix,
         wait_for(lambda: (watch.desired.get("cam") or [(0, None)])[-1][0] > refused
                  and [(r.name, r.version) for r in watch.desired["cam"][-1][1].models] == [("digits-fleet", "1.0.0")],
                  20, "the camera told to hold 1.0.0 again")
-        time.sleep(4)
+        # It reports the version it serves as loaded (not the refusal again), so it is not left degraded.
+        wait_for(lambda: (watch.reported.get("cam") or [None])[-1] is not None
+                 and watch.reported["cam"][-1].models["digits-fleet"].state == "loaded"
+                 and watch.reported["cam"][-1].models["digits-fleet"].version == "1.0.0", 10,
+                 "the camera reporting 1.0.0 loaded")
+        wait_for(lambda: db_rows(tmp_path / "coordinator.db", "SELECT degraded FROM devices WHERE id = 'cam'")
+                 == [(0,)], 10, "the camera no longer degraded")
+        time.sleep(2)
         with watch.lock:
             after = [(t, r) for t, r in watch.results if t >= since]
         assert after and all(r.model.version == "1.0.0" and r.computed_on == "cam" for _, r in after)
