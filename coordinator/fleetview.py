@@ -77,13 +77,14 @@ def build(registry: FleetRegistry, params: dict, default_compute_ms: float = 50.
     now = now or time.time()
     devices = registry.devices()
     online = {d["id"] for d in devices if d["liveness"] == "online"}
-    known = registry.known_models()
+    versions = registry.known_versions()  # one read: the newest, and the fallbacks, from the same rows
+    known = {name: rows[0] for name, rows in versions.items()}
     links = registry.links()
     view = FleetView(snapshot={}, known=known)
     snap_devices = [_device(d, links.get(d["id"]), d["id"] in online) for d in devices if d["capabilities"]]
     ids = [d["id"] for d in snap_devices]
     snap_streams = _streams(registry, view, online, set(ids), known)
-    view.excluded, view.versions = _failed(registry, ids, now - exclude_failed_s)
+    view.excluded, view.versions = _failed(registry, versions, ids, now - exclude_failed_s)
     used = sorted({s["model"] for s in snap_streams})
     measured = {k: v for k, v in registry.compute().items() if k[0] in ids}
     snap_models = [_model(known[name], measured, default_compute_ms, view.excluded, ids) for name in used]
@@ -99,7 +100,7 @@ def build(registry: FleetRegistry, params: dict, default_compute_ms: float = 50.
     return view
 
 
-def _failed(registry: FleetRegistry, ids: list[str], since: float):
+def _failed(registry: FleetRegistry, versions: dict[str, list[dict]], ids: list[str], since: float):
     """From the failures since *since*: the (model, device) pairs no known version can serve (excluded), and
     per (device, model) the newest version that did not fail there, where the newest did. A device that
     refuses a new version (bad signature, cannot load it) keeps the one before, instead of the stream
@@ -108,7 +109,6 @@ def _failed(registry: FleetRegistry, ids: list[str], since: float):
     for f in registry.failures(since=since):
         if f["device"] in ids:
             bad.setdefault((f["model"], f["device"]), set()).add(f["version"] or "")
-    versions = registry.known_versions()
     excluded, fallback = [], {}
     for (model, dev), failed in sorted(bad.items()):
         rows = versions.get(model, [])

@@ -268,12 +268,7 @@ class FleetRegistry:
 
     def known_models(self) -> dict[str, dict]:
         """Newest version of each known model, by name."""
-        newest: dict[str, dict] = {}
-        for row in self.db.query("SELECT * FROM models"):
-            cur = newest.get(row["name"])
-            if cur is None or _version_key(row["version"]) > _version_key(cur["version"]):
-                newest[row["name"]] = row
-        return newest
+        return {name: rows[0] for name, rows in self.known_versions().items()}
 
     def set_models(self, rows: list[dict]) -> None:
         """Replace the known models with what the model registry holds now."""

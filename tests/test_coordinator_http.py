@@ -137,14 +137,12 @@ def test_port_in_use_is_a_clear_error(served):
 def test_a_configured_registry_is_offered_beside_the_zoo_while_the_zoo_key_is_trusted(tmp_path):
     """A fleet that adds its own models ([models] dir) keeps offering the zoo's, unless it stopped trusting
     the zoo's key; a version in its directory wins over the same version in the zoo."""
+    from test_placement_kit import DIGITS_SPEC as spec
     from test_placement_kit import INT8_FILE, make_keys
 
     from lepton.models.registry import Registry, zoo_dir, zoo_public_key
 
     private, public = make_keys(tmp_path / "keys")
-    spec = {"family": "digits", "labels": [str(i) for i in range(10)],
-            "preprocess": {"kind": "image", "image": {"color": "gray", "interpolation": "area"}},
-            "postprocess": {"kind": "classification"}}
     own = tmp_path / "models"
     Registry(own, trusted_keys=[public]).add(INT8_FILE, "digits-fleet", "1.0.0", spec, private)
     zoo = {(c.name, c.version) for c in Catalog(zoo_dir()).reload()}

@@ -291,15 +291,14 @@ def test_sighup_reloads_the_model_registry_without_a_restart(broker, prefix, tmp
     and recorded for planning at once; a registry that cannot be read keeps what was offered."""
     import shutil
     import signal
+    import sqlite3
 
+    from test_placement_kit import DIGITS_SPEC as spec
     from test_placement_kit import INT8_FILE, make_keys
 
     from lepton.models.registry import Registry
 
     private, public = make_keys(tmp_path / "keys")
-    spec = {"family": "digits", "labels": [str(i) for i in range(10)],
-            "preprocess": {"kind": "image", "image": {"color": "gray", "interpolation": "area"}},
-            "postprocess": {"kind": "classification"}}
     models = tmp_path / "models"
     Registry(models, trusted_keys=[public]).add(INT8_FILE, "digits-fleet", "1.0.0", spec, private)
     coord = CoordinatorProcess(coordinator_config(tmp_path, broker.port, prefix,
@@ -307,10 +306,16 @@ def test_sighup_reloads_the_model_registry_without_a_restart(broker, prefix, tmp
     db = tmp_path / "coordinator.db"
 
     def versions():
-        return sorted(v for (v,) in db_rows(db, "SELECT version FROM models WHERE name = 'digits-fleet'"))
+        try:
+            return sorted(v for (v,) in db_rows(db, "SELECT version FROM models WHERE name = 'digits-fleet'"))
+        except sqlite3.OperationalError:  # the database exists, its tables not yet
+            return []
 
     def served(version):
-        base = json.loads(db_rows(db, "SELECT value FROM meta WHERE key = 'http'")[0][0])
+        try:
+            base = json.loads(db_rows(db, "SELECT value FROM meta WHERE key = 'http'")[0][0])
+        except (sqlite3.OperationalError, IndexError):
+            return False
         try:
             with urllib.request.urlopen(f"{base}/models/digits-fleet/{version}/manifest.json", timeout=5) as r:
                 return r.status == 200

@@ -23,7 +23,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from test_agent_standins import AgentProcess, agent_config, wait_for
 from test_coordinator_standins import CoordinatorProcess, coordinator_config, db_rows
-from test_placement_kit import INT8_FILE, make_keys
+from test_placement_kit import DIGITS_SPEC, INT8_FILE, make_keys
 
 from lepton.models.registry import Registry
 from lepton.protocol import Topics, decode
@@ -179,10 +179,7 @@ def test_a_version_the_devices_refuse_leaves_the_old_one_serving(broker, prefix,
     private, public = make_keys(tmp_path / "keys")
     stranger, stranger_pub = make_keys(tmp_path / "keys", "stranger")
     models = tmp_path / "fleet-models"
-    spec = {"family": "digits", "labels": [str(i) for i in range(10)],
-            "preprocess": {"kind": "image", "image": {"color": "gray", "interpolation": "area"}},
-            "postprocess": {"kind": "classification"}}
-    Registry(models, trusted_keys=[public]).add(INT8_FILE, "digits-fleet", "1.0.0", spec, private)
+    Registry(models, trusted_keys=[public]).add(INT8_FILE, "digits-fleet", "1.0.0", DIGITS_SPEC, private)
     config = coordinator_config(tmp_path, broker.port, prefix, liveness={"stale_after_s": 10.0},
                                 models={"dir": str(models), "trusted_keys": [str(public), str(stranger_pub)]},
                                 planner={"interval_s": 3600, "time_limit_s": 2})
@@ -195,7 +192,7 @@ def test_a_version_the_devices_refuse_leaves_the_old_one_serving(broker, prefix,
               "w1": AgentProcess(agent_cfg(tmp_path, broker.port, prefix, "w1", public), tmp_path).start()}
     try:
         wait_for(lambda: watch.served_by().get("cam", 0) >= 10, 60, "results computed on the camera")
-        Registry(models, trusted_keys=[public, stranger_pub]).add(INT8_FILE, "digits-fleet", "1.1.0", spec, stranger)
+        Registry(models, trusted_keys=[public, stranger_pub]).add(INT8_FILE, "digits-fleet", "1.1.0", DIGITS_SPEC, stranger)
         coord.stop()
         coord = CoordinatorProcess(config).start()
         since = time.monotonic()
