@@ -7,11 +7,11 @@ builds a backlog), preprocesses it and queues it for its own invoke thread
 GIL). For a model under OVERLAP_BELOW_MS the worker meanwhile postprocesses
 the frame before it and takes and preprocesses the one after, so the model
 runs back to back (at most two frames in hand); a slower model gets the
-newest frame once it is free. Results leave in the order frames were
-taken. The Result's JSON is built here (``ResultEncoder``: the bytes
-``encode(Result)`` gives, checked as Result checks them, without a pydantic
-model per result) and handed to delivery, which numbers, commits and
-publishes it. The frame's ``meta`` (e.g. ``{"truth": 3}``) travels in
+newest frame once it is free. A worker's results leave in the order it took
+its frames (with several workers, each finishes its own). The Result's JSON
+is built here (``ResultEncoder``: the bytes ``encode(Result)`` gives,
+checked as Result checks them, without a pydantic model per result) and
+handed to delivery, which numbers, commits and publishes it. The frame's ``meta`` (e.g. ``{"truth": 3}``) travels in
 ``output["source"]``, with the frame's number as ``frame``, so a consumer can
 check labels and losses.
 

@@ -315,7 +315,9 @@ def test_two_workers_never_hold_a_finished_frame_behind_an_idle_one(mobilenet):
     # At 10 fps a free worker takes each frame at once: beyond its invoke a result waits for
     # pre/postprocessing only (before the fix: 80-230 ms behind the idle worker's 0.25 s wait).
     assert np.percentile(waited, 95) < 0.04, f"capture to result beyond the invoke, p95 {np.percentile(waited, 95):.3f} s"
-    assert [f for f, _ in out] == sorted(f for f, _ in out)
+    # No frame order across the two workers: each finishes its own frames, and a worker the scheduler
+    # holds back 100 ms lets the other's next frame out first (seen once in CI). One worker keeps frame
+    # order (the tests above and below); seq numbers follow the order results are submitted.
 
 
 def test_a_slow_model_takes_the_newest_frame_when_it_is_free(mobilenet):

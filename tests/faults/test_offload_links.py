@@ -120,8 +120,10 @@ def crossover_mbps(f: dict) -> float:
 
 
 def converged(f: dict, capacity: float) -> bool:
-    """The cam's measured link is near the configured capacity (tbf delivers ~95% of it as goodput)."""
-    return all(0.75 * capacity <= f[k] <= 1.15 * capacity for k in ("up", "down"))
+    """The cam's measured link is near the configured capacity (tbf delivers ~95% of it as goodput; at
+    0.85 Mbit/s a probe once read 1.15x, its burst a larger share of a slow link). Still far from the
+    step before (at least 1.6x away), so a plan that passes was made on this link."""
+    return all(0.75 * capacity <= f[k] <= 1.25 * capacity for k in ("up", "down"))
 
 
 def wait_plan(fleet, capacity: float, since: float, timeout: float = 90.0) -> dict:
