@@ -30,7 +30,7 @@ from lepton.coordinator.metrics import Metrics
 from lepton.coordinator.rebalance import Rebalancer, planner_params
 from lepton.coordinator.registry import FleetRegistry
 from lepton.coordinator.retention import Retention
-from lepton.errors import ConfigError
+from lepton.errors import ConfigError, naming_config
 from lepton.protocol import Topics
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 class Coordinator:
     """Fleet registry, ingest, rebalancer, model HTTP server and metrics, around one MQTT connection."""
 
-    def __init__(self, config: CoordinatorConfig):
+    def __init__(self, config: CoordinatorConfig, config_path: str | None = None):
         self.cfg = config
+        self.config_path = config_path  # named in what start-up finds wrong with the files the config names
         self.topics = Topics(config.prefix)
         self.stopping = threading.Event()
         self.metrics = Metrics()
@@ -89,8 +90,13 @@ class Coordinator:
 
     # --- init steps ------------------------------------------------------------
     def _check_files(self) -> None:
-        """What --check-config checks, before anything is created: a missing file fails here, naming its key."""
-        check_files(self.cfg)
+        """What --check-config checks, before anything is created: a missing file fails here, naming the config
+        file (when there is one) and the key."""
+        if self.config_path is None:
+            check_files(self.cfg)
+            return
+        with naming_config(self.config_path):
+            check_files(self.cfg)
 
     def _load_models(self) -> None:
         self.catalog = Catalog(self.cfg.models.dir, self.cfg.models.trusted_keys)

@@ -141,11 +141,7 @@ def _run(args) -> int:
         return 0
     from lepton.coordinator.app import Coordinator
 
-    cfg = load_config(args.coordinator_config)
-    if args.coordinator_config is not None:  # the files the config names, worded as --check-config words them
-        with naming_config(args.coordinator_config):
-            check_files(cfg)
-    return Coordinator(cfg).run()
+    return Coordinator(load_config(args.coordinator_config), args.coordinator_config).run()
 
 
 def _snapshot(args) -> int:
