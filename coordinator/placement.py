@@ -21,8 +21,13 @@ MIN_SHARE = 1e-4  # shares below this are solver noise, not routing decisions
 SHARE_TOLERANCE = 0.02
 
 
-def contents(plan, view: FleetView, known: dict[str, dict], base_url: str) -> dict[str, dict]:
-    """Desired content (models, routes, serve) for every online device in the snapshot."""
+def contents(plan, view: FleetView, base_url: str) -> dict[str, dict]:
+    """Desired content (models, routes, serve) for every online device in the snapshot.
+
+    Models are named at the versions the plan was made with (``view.known``), or at the version a
+    device was told to keep (``view.versions``).
+    """
+    known = view.known
     routes = {key: [(rc.device, min(1.0, max(0.0, float(rc.share)))) for rc in plan.routes.get(key, [])
                     if rc.share > MIN_SHARE] for key in view.streams}
     out: dict[str, dict] = {}

@@ -187,7 +187,7 @@ class Rebalancer:
                 self.registry.event("plan-failed", detail=f"{trigger}: {exc}")
             log.error("plan failed (%s): %s", trigger, exc)
             return None
-        desired = placement.contents(result, view, view.known, self.base_url)  # the versions the plan was made with
+        desired = placement.contents(result, view, self.base_url)
         changed = self._store(result, view, desired, trigger, now)
         for msg in changed:
             self.bus.publish(self.topics.desired(msg.device), encode(msg), qos=1, retain=True)

@@ -17,8 +17,10 @@ if TYPE_CHECKING:  # the CLI imports EVENT_KINDS at every start: keep sqlite_uti
 
 # Every kind of event the coordinator records (``FleetRegistry.event``), for ``lepton events --kind``.
 EVENT_KINDS = (
-    "coordinator-start", "models-reloaded", "device-new", "device-online", "device-capabilities", "device-offline", "device-stale",
-    "streams", "degraded", "recovered", "model-failed", "placement", "stream-skipped", "unserved", "plan-failed",
+    "coordinator-start", "models-reloaded",
+    "device-new", "device-online", "device-capabilities", "device-offline", "device-stale",
+    "streams", "degraded", "recovered", "model-failed",
+    "placement", "stream-skipped", "unserved", "plan-failed",
 )
 
 

@@ -82,8 +82,9 @@ def _add_add(sub) -> None:
     p.add_argument("path", metavar="PATH", help="the .tflite file")
     p.add_argument("--name", required=True, help="model name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
     p.add_argument("--version", required=True, help="PEP 440 version, e.g. 1.2.0")
-    p.add_argument("--spec", required=True, metavar="SPEC.json", help="JSON: preprocess and postprocess (required), and optionally family, variant, task, labels, "
-                   "metrics, trained, notes; the zoo's manifests show every field (models/README.md)")
+    p.add_argument("--spec", required=True, metavar="SPEC.json",
+                   help="JSON: preprocess and postprocess (required), and optionally family, variant, task, "
+                   "labels, metrics, trained, notes; the zoo's manifests show every field (models/README.md)")
     p.add_argument("--key", required=True, metavar="KEY", help="Ed25519 private key (PEM) to sign with")
     p.add_argument("--trust", metavar="PUB", action="append", help="trust this public key when checking "
                    "the versions already installed; repeat for several (default: the zoo key); KEY's own "
