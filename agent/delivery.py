@@ -159,12 +159,19 @@ class Delivery:
                 self._coordinator(item[1], item[2])
             elif kind == "stop":
                 self._stop_request = item
+        # Acks first: on a full disk the rows they delete free the pages the commits need.
+        refused = None
+        if self._ack_due:
+            try:
+                self._ack(self._ack_due)
+                self._ack_due = 0
+            except Exception as exc:  # kept for the next round; the commits below may still fit
+                refused = exc
         while self._uncommitted:
             batch = [self._uncommitted[i] for i in range(min(self.cfg.batch_max, len(self._uncommitted)))]
             self._commit(batch)  # raises if the outbox refuses: the batch stays for the next round
-        if self._ack_due:
-            self._ack(self._ack_due)
-            self._ack_due = 0
+        if refused is not None:
+            raise refused
 
     def _failed(self, exc: Exception) -> None:
         """Log a failed step: in full the first time, then one line every FAILURE_LOG_S while it repeats."""
@@ -205,12 +212,17 @@ class Delivery:
         removed = self.outbox.ack(seq)
         if removed:
             self._acked_at = time.monotonic()
+        self._trim_marks()
+        log.debug("ack %d: %d result(s) deleted, %d held", seq, removed, self.outbox.depth)
+
+    def _trim_marks(self) -> None:
+        """Forget send marks of results no longer held (acked, dropped or expired): only the mark at or
+        below the floor, the oldest unacknowledged send, is still timed."""
         floor = self.outbox.floor
         while len(self._sent_marks) > 1 and self._sent_marks[1][0] <= floor:
             self._sent_marks.popleft()
         if not self.outbox.depth:
             self._sent_marks.clear()
-        log.debug("ack %d: %d result(s) deleted, %d held", seq, removed, self.outbox.depth)
 
     def _new_connection(self, generation: int) -> None:
         self._generation = generation
@@ -237,6 +249,7 @@ class Delivery:
         expired = self.outbox.expire()
         if expired:
             log.info("expired %d result(s) whose deadline passed (%d in all)", expired, self.outbox.expired)
+        self._trim_marks()
         # Only a coordinator known to be online is waited for: with none (or one
         # that said offline) a re-send would only feed the broker's queues.
         # Waited: since the oldest unacknowledged result went out, or since the last ack that deleted something
@@ -300,7 +313,8 @@ class Delivery:
         self._cursor, self._high = row.seq, max(self._high, row.seq)
         self.published += 1
         t = time.monotonic()
-        if not self._sent_marks or t - self._sent_marks[-1][1] >= 0.1:
+        # Marks time the wait for acks; a standalone device (no coordinator ever seen) waits for none.
+        if self.seen_coordinator and (not self._sent_marks or t - self._sent_marks[-1][1] >= 0.1):
             self._sent_marks.append((row.seq, t))
         return True
 

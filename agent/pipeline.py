@@ -50,7 +50,7 @@ from lepton.agent.outbox import Pending
 from lepton.errors import LeptonError
 from lepton.protocol import Topics, encode
 from lepton.protocol import messages as m
-from lepton.protocol.messages import MAX_DEPTH, SCHEMA_VERSION, too_deep
+from lepton.protocol.messages import MAX_DEPTH, MAX_INT, MAX_JSON_BYTES, SCHEMA_VERSION, too_deep
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,15 @@ class ResultEncoder:
             tail += f',"rtt_ms":{_nonneg("rtt_ms", rtt_ms)}'
         if deadline is not None:
             tail += f',"deadline":{_nonneg("deadline", deadline)}'
-        return self.head, f'{tail},"output":{body}}}'.encode()
+        tail = f'{tail},"output":{body}}}'.encode()
+        if len(self.head) + len(tail) + _SEQ_FLOOR_BYTES > MAX_JSON_BYTES:
+            # Stored, it would be refused by the coordinator and hold the device's acks at its seq.
+            raise ValueError(f"result of {len(self.head) + len(tail)} bytes or more exceeds the "
+                             f"{MAX_JSON_BYTES} a message may have (the coordinator would refuse it)")
+        return self.head, tail
+
+
+_SEQ_FLOOR_BYTES = 2 * len(str(MAX_INT)) + len(',"floor":')  # the most the seq and floor can add
 
 
 class ResultBuild:

@@ -214,6 +214,42 @@ def test_results_wait_in_memory_while_the_outbox_refuses_writes_and_none_is_lost
     assert delivery.lost_uncommitted == 0
 
 
+def test_on_a_full_outbox_acks_free_the_room_new_results_need(setup):
+    """A full disk refuses every commit that grows the file. The coordinator's ack deletes rows and frees
+    pages, so it is applied before the commits that wait: they then fit (before, the ack waited behind the
+    refused commits, and the outbox stayed full for good). SQLite's page limit gives the same SQLITE_FULL
+    that a full file system gives."""
+    make, wire, topics = setup
+    delivery, outbox = make()
+    big = Pending("s1", topics.result("dev1", "s1"),
+                  lambda seq, floor: json.dumps({"seq": seq, "floor": floor, "pad": "x" * 3000}).encode())
+    for _ in range(200):
+        delivery.submit(big)
+    wait_for(lambda: outbox.next_seq == 201, 10, "the first 200 committed")
+    with outbox._lock:
+        pages = outbox._db.execute("PRAGMA page_count").fetchone()[0]
+        outbox._db.execute(f"PRAGMA max_page_count={pages}")  # the disk is full from here on
+    delivery.ack(150)
+    for _ in range(20):
+        delivery.submit(big)
+    wait_for(lambda: outbox.floor == 151, 10, "the ack applied on the full disk")
+    wait_for(lambda: outbox.next_seq == 221, 10, "the 20 new results committed into the freed room")
+    assert delivery.lost_uncommitted == 0 and outbox.depth == 70
+
+
+def test_a_standalone_agent_keeps_no_send_marks(setup):
+    """With no coordinator no ack ever comes: nothing may grow per send (send marks time the wait for an
+    ack, and once grew by 10 a second for as long as a standalone agent ran)."""
+    make, wire, topics = setup
+    delivery, outbox = make(max_rows=50)
+    for _ in range(300):
+        delivery.submit(result(topics))
+        time.sleep(0.005)
+    wait_for(lambda: len(wire.seqs()) == 300, 10, "every result sent")
+    assert outbox.depth == 50 and outbox.dropped == 250
+    assert len(delivery._sent_marks) == 0
+
+
 def test_a_resend_keeps_to_the_ack_window_past_the_floor(setup):
     """After acks moved the floor, a re-send goes out from the floor and no further than ack_window past it (it
     once sent as many rows as the floor's seq number past it: with three devices, more than the broker queues for

@@ -26,6 +26,7 @@ from lepton.models.spec import parse_postprocess
 from lepton.errors import ProtocolError
 from lepton.protocol import Topics, decode, encode
 from lepton.protocol import messages as m
+from lepton.protocol.messages import MAX_INT, MAX_JSON_BYTES
 
 MODEL = m.ModelId(name="mobilenet96", version="1.0.0", sha256="ab" * 32)
 OUTPUT = {"top": [{"label": "tabby, tabby cat", "index": 281, "score": 0.004238802166487373},
@@ -94,6 +95,22 @@ def test_result_nesting_is_refused_exactly_where_decode_would_refuse_it(levels):
     else:
         with pytest.raises(ValueError, match="nested deeper"):
             ResultEncoder("d", "s").parts(*args)
+
+
+def test_result_size_is_refused_where_the_coordinator_would_refuse_it():
+    """A stored result the coordinator refuses would hold the device's acks at its seq: the encoder refuses
+    any result that could exceed the message limit with the largest seq and floor, and no smaller one."""
+    def parts(n):
+        return ResultEncoder("d", "s").parts(MODEL, 1.0, 1.0, 1.0, "d", None, None, {"blob": "a" * n})
+
+    head, tail = parts(0)
+    fits = MAX_JSON_BYTES - len(ResultBuild(head, tail)(MAX_INT, MAX_INT))  # characters of room left at most
+    head, tail = parts(fits)
+    largest = ResultBuild(head, tail)(MAX_INT, MAX_INT)
+    assert len(largest) == MAX_JSON_BYTES
+    assert decode("results", largest).seq == MAX_INT
+    with pytest.raises(ValueError, match=f"exceeds the {MAX_JSON_BYTES}"):
+        parts(fits + 1)
 
 
 def test_result_refuses_what_json_cannot_hold():
