@@ -44,6 +44,8 @@ KEEP_FOR_FLUSH_S = 1.5  # delivery: commit what the pipelines gave, publish it, 
 KEEP_FOR_PLACEMENT_S = 1.0  # offloaded inputs still out: their answers, or computed here
 AFTER_PLACEMENT_S = KEEP_FOR_FLUSH_S + KEEP_FOR_SESSION_S
 AFTER_PIPELINES_S = KEEP_FOR_PLACEMENT_S + AFTER_PLACEMENT_S
+KEEP_FOR_PIPELINES_S = 1.0  # frames in hand: their invokes and results
+AFTER_SOURCES_S = KEEP_FOR_PIPELINES_S + AFTER_PIPELINES_S
 
 
 def open_registry(cfg: AgentConfig) -> Any:
@@ -71,6 +73,10 @@ def check_references(cfg: AgentConfig, registry: Any = None, fetcher: Any = None
     """Every stream's model is here (registry or delivered cache) and fits its source; ConfigError naming the stream."""
     registry = registry or open_registry(cfg)
     fetcher = fetcher or make_fetcher(cfg, registry)
+    for index, source in enumerate(cfg.sources):
+        if source.get("type") == "video" and not os.path.isfile(source.get("path", "")):
+            raise ConfigError(f"sources[{index}].path: no such file {source.get('path')!r} "
+                              f"(source {source.get('id')!r}, video)")
     for index, stream in enumerate(cfg.streams):
         found = local_versions(fetcher, stream.model, stream.version or None)
         try:
@@ -84,9 +90,26 @@ def check_references(cfg: AgentConfig, registry: Any = None, fetcher: Any = None
         if kind != wants:
             raise ConfigError(f"streams[{index}]: model {stream.model!r} takes {kind} input but source "
                               f"{stream.source!r} ({source_type}) gives {wants}s")
+        if kind == "window":
+            _check_window(index, stream, entry.manifest.preprocess.window_spec, source_config(cfg, stream.source))
         if stream.offload_jpeg_quality and kind != "image":
             raise ConfigError(f"streams[{index}].offload_jpeg_quality: model {stream.model!r} takes {kind} input; "
                               "only image inputs can travel as JPEG")
+
+
+def _check_window(index: int, stream: Any, spec: Any, source: dict) -> None:
+    """A sensor's windows against the model's: other channels fail every window; another length is padded
+    or trimmed to the model's, which it allows, but a model rarely means what it says on a padded window."""
+    from lepton.agent.sources import validate_source_config
+
+    typed = validate_source_config(source)
+    if typed.channels != spec.channels:
+        raise ConfigError(f"streams[{index}]: model {stream.model!r} takes windows of {spec.channels} channel(s) "
+                          f"but source {stream.source!r} gives {typed.channels}")
+    if typed.length != spec.length:
+        log.warning("streams[%d]: model %r takes windows of %d samples; source %r gives %d, %s", index,
+                    stream.model, spec.length, stream.source, typed.length,
+                    "zero-padded to fit" if typed.length < spec.length else "only the newest kept")
 
 
 class Agent:
@@ -282,8 +305,10 @@ class Agent:
         self.delivery.stop(timeout=self._left(KEEP_FOR_SESSION_S))
 
     def _close_sources(self) -> None:
+        # stop_event already told every source to stop; one deadline for all their joins, so cameras blocked in
+        # a read (up to their timeout_s) cannot take the time the in-flight results need.
         for source in self.sources.values():
-            source.close()
+            source.close(timeout=self._left(AFTER_SOURCES_S))
 
     def _close_outbox(self) -> None:
         # the last step: what is left of the budget (at least a moment for an uncontended checkpoint)
@@ -412,9 +437,11 @@ class Agent:
     def stream_info(self, stream) -> m.StreamInfo:
         pipeline = self.pipelines.get(stream.id)
         rate = _source_rate(pipeline) if pipeline else None
-        if rate is None:  # not measured yet: the source's configured rate
-            typed = source_config(self.cfg, stream.source)
-            rate = float(typed.get("fps") or 0.0) or 10.0
+        if rate is None:  # not measured yet: the source's configured rate (a sensor's fps 0: fs / length)
+            from lepton.agent.sources import validate_source_config
+
+            typed = validate_source_config(source_config(self.cfg, stream.source))
+            rate = float(getattr(typed, "window_rate", 0.0) or getattr(typed, "fps", 0.0) or 0.0) or 10.0
         size = pipeline.payload_bytes() if pipeline else tensor_bytes(self.runners[stream.model].input)
         return m.StreamInfo(id=stream.id, model=stream.model, rate_hz=rate, payload_bytes=size,
                             slo_ms=stream.slo_ms)

@@ -47,7 +47,11 @@ def check(path: str, as_json: bool = False) -> int:
             tls_context(cfg.broker)
         check_references(cfg)
     if as_json:
-        print(json.dumps(cfg.model_dump(), indent=2))
+        from lepton.agent.sources import validate_source_config
+
+        whole = cfg.model_dump()
+        whole["sources"] = [validate_source_config(entry).model_dump() for entry in cfg.sources]  # defaults too
+        print(json.dumps(whole, indent=2))
     else:
         print(f"{path}: ok ({len(cfg.sources)} source(s), {len(cfg.streams)} stream(s), device {cfg.device_id})")
     return 0

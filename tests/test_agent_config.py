@@ -157,6 +157,40 @@ def test_check_config_names_the_file_for_a_model_it_does_not_have(tmp_path, caps
     assert err.startswith(f"lepton: error: config {path}: streams[0].model: no model named 'no-such-model'"), err
 
 
+def test_check_config_refuses_a_video_file_that_is_not_there(tmp_path, capsys):
+    """Found at check time, not when the daemon starts (and exits 2 with every other stream)."""
+    from lepton.cli import main
+
+    missing = tmp_path / "nope.mp4"
+    path = write(tmp_path, GOOD.replace('type = "synthetic"\nfps = 5', f'type = "video"\npath = "{missing}"'))
+    assert main(["agent", "--check-config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"lepton: error: config {path}: sources[0].path: no such file '{missing}' (source 'cam0', video)"
+
+
+def test_check_config_compares_a_sensor_window_with_the_model(tmp_path, capsys, caplog):
+    from lepton.cli import main
+
+    sensor = GOOD.replace('type = "synthetic"\nfps = 5', 'type = "sensor"\nchannels = 2').replace(
+        'model = "digits-int8"', 'model = "vibration"')
+    assert main(["agent", "--check-config", str(write(tmp_path, sensor))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("streams[0]: model 'vibration' takes windows of 3 channel(s) but source 'cam0' gives 2"), err
+    shorter = sensor.replace("channels = 2", "length = 64")
+    assert main(["agent", "--check-config", str(write(tmp_path, shorter))]) == 0  # allowed, but said
+    assert "takes windows of 256 samples; source 'cam0' gives 64, zero-padded to fit" in caplog.text
+
+
+def test_check_config_json_fills_in_source_defaults(tmp_path, capsys):
+    import json
+
+    from lepton.cli import main
+
+    assert main(["agent", "--check-config", str(write(tmp_path, GOOD)), "--json"]) == 0
+    source = json.loads(capsys.readouterr().out)["sources"][0]
+    assert source["fps"] == 5 and source["pattern"] == "digits" and "seed" in source and "width" in source
+
+
 def test_json_without_check_config_is_refused_before_anything_starts(tmp_path, capsys):
     """`--json` only shapes --check-config's output; with --config it was ignored and the daemon started."""
     from lepton.cli import main

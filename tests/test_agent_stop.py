@@ -111,3 +111,37 @@ def test_a_quiet_stop_is_quick(broker, prefix, tmp_path, silent):
         if silent:
             os.kill(broker.proc.pid, signal.SIGCONT)
     assert took < (STOP_BUDGET_S if silent else 2.0), f"stop took {took:.1f} s"
+
+
+def test_cameras_blocked_in_a_read_stop_within_budget_and_lose_nothing(broker, prefix, tmp_path):
+    """Network cameras whose server accepts and never answers hold their capture threads for timeout_s
+    (10 s). Each source's join once had 5 s of its own, outside the budget: two such cameras took the
+    whole of it, and the results in hand and the offline status got none."""
+    import socket
+
+    topics = Topics(prefix)
+    consumer = Consumer(broker.port, topics, tmp_path / "results.db").start()
+    with socket.socket() as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(8)  # connections complete in the backlog; nothing is ever read or written
+        url = f"rtsp://127.0.0.1:{blackhole.getsockname()[1]}/live"
+        data = agent_config(tmp_path, broker.port, prefix)
+        data["sources"] += [{"id": f"ip{i}", "type": "camera", "device": url, "timeout_s": 10.0} for i in range(2)]
+        data["streams"] += [{"id": f"door{i}", "source": f"ip{i}", "model": "digits-int8"} for i in range(2)]
+        agent = Agent(load_config(data=data))
+        agent.start()
+        try:
+            wait_for(lambda: emitted(agent) >= 3, 20, "results from the synthetic camera")
+            time.sleep(1.0)  # both network cameras are inside their open by now
+            started = time.monotonic()
+            agent.stop()
+            took = time.monotonic() - started
+            done = emitted(agent)
+            assert took <= STOP_BUDGET_S + 1.0, f"stop took {took:.1f} s (budget {STOP_BUDGET_S} s)"
+            status = wait_for(lambda: (s := consumer.last_status("dev1")) and s.state == "offline" and s, 5, "offline")
+            assert status.reason == "stopped", "the agent said offline itself, not the broker's last will"
+            wait_for(lambda: len(consumer.seqs("dev1")) >= done, 5, f"the {done} results made before the stop")
+            assert sorted(consumer.seqs("dev1")) == list(range(1, done + 1))
+        finally:
+            agent.stop()
+            consumer.close()

@@ -328,6 +328,19 @@ def test_csv_file_windows_and_malformed_lines(tmp_path, started, caplog):
     assert "line 6 rejected: 'abc' is not a number" in reasons
 
 
+def test_a_looped_csv_file_keeps_its_rate_across_passes(tmp_path, started):
+    """Two windows per pass at 20 windows/s: the start of each pass is paced like any other window (it once
+    went out at once, replacing the last window of the pass before and running the loop at 700/s)."""
+    path = tmp_path / "accel.csv"
+    path.write_text("".join(f"{i},{-i},{i * 2}\n" for i in range(8)))
+    source = started({"id": "csv", "type": "sensor", "mode": "csv", "path": str(path), "length": 4,
+                      "channels": 3, "fps": 20})
+    frames = collect(source, 1.0)
+    assert 15 <= len(frames) <= 23
+    assert source.stats()["frames_dropped"] == 0
+    assert [int(f.data[0, 0]) for f in frames[:6]] == [0, 4, 0, 4, 0, 4]
+
+
 def test_csv_from_a_serial_tty(started):
     master, slave = os.openpty()
     try:

@@ -62,8 +62,8 @@ class Source(Protocol):
     def stats(self) -> dict:
         """Counters: ``frames_in``, ``frames_dropped``, ``connected`` (and per-type extras)."""
 
-    def close(self) -> None:
-        """Stop the thread and release the device. Safe to call twice or before start()."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread and release the device, waiting at most *timeout* s. Safe to call twice or before start()."""
 
 
 class SourceConfig(BaseModel):

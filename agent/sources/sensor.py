@@ -67,7 +67,8 @@ class SensorConfig(SourceConfig):
             stray = sorted(keys & self.model_fields_set) if mode != self.mode else []
             if stray:
                 noun = "key" if len(stray) == 1 else "keys"
-                raise ValueError(f"{noun} {', '.join(stray)} belong to mode {mode!r}, not {self.mode!r}")
+                verb = "belongs" if len(stray) == 1 else "belong"
+                raise ValueError(f"{noun} {', '.join(stray)} {verb} to mode {mode!r}, not {self.mode!r}")
         if self.mode == "csv" and not self.path:
             raise ValueError("mode 'csv' needs path (a file, FIFO or serial tty)")
         if self.mode == "iio" and self.channels > 3:
@@ -121,6 +122,7 @@ class SensorSource(BaseSource):
         self._reject_logged = 0
         # Looked up here so a broken install fails at start-up, not in the thread.
         self._generate = load_vibration() if config.mode == "synthetic" else None
+        self._file_pacer = Pacer(config.window_rate)  # one for every pass of a looped file: it keeps the rate
 
     def set_fault(self, fault: bool | None) -> None:
         """Synthetic mode: force fault (True) or normal (False) windows; None returns to fault_rate/fault_every."""
@@ -174,7 +176,7 @@ class SensorSource(BaseSource):
 
     def _pump_file(self, reader: LineFile) -> str:
         cfg = self.config
-        window, pacer = _Window(cfg.length, cfg.channels), Pacer(cfg.window_rate)
+        window, pacer = _Window(cfg.length, cfg.channels), self._file_pacer
         lineno = published = 0
         while self.running():
             line = reader.readline()
