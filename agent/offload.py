@@ -43,7 +43,7 @@ from lepton.protocol.offload import OffloadHeader, decode_frame, encode_frame
 
 log = logging.getLogger(__name__)
 
-SUSPECT_AFTER = 3  # consecutive timeouts that make a target suspect
+SUSPECT_AFTER = 3  # requests in a row without a result (timeouts, error replies) that make a target suspect
 TICK_S = 0.05
 STOP_POLL_S = 0.25  # a worker waiting for an offload slot looks at the stop event this often
 
@@ -92,7 +92,7 @@ class Pending:
 class TargetState:
     inflight: int = 0
     rtt_ms: float | None = None  # moving average of answered round trips
-    timeouts_in_row: int = 0
+    timeouts_in_row: int = 0  # requests in a row that timed out or came back with an error
     suspect_until: float = 0.0
     stats: dict = field(default_factory=lambda: {"sent": 0, "replied": 0, "timeouts": 0, "errors": 0})
 
@@ -225,16 +225,18 @@ class OffloadClient:
             if pending is None:
                 self.late += 1
                 return
-            state = self._settle(pending)
+            state = self._target(pending.target)
             rtt_ms = (now - pending.sent) * 1000.0
-            if reply.error:
+            if reply.error:  # e.g. the model is not loaded there yet: computed here, like a timeout
                 state.stats["errors"] += 1
+                self._failed_to(state, pending.target)
             else:
+                self._settle(pending)
                 state.stats["replied"] += 1
                 state.timeouts_in_row = 0
                 state.rtt_ms = rtt_ms if state.rtt_ms is None else 0.8 * state.rtt_ms + 0.2 * rtt_ms
         if reply.error:
-            self._fallbacks.put(lambda: pending.done(None, f"{server}: {reply.error}", rtt_ms))
+            self._fall_back(pending, f"{server}: {reply.error}", rtt_ms)
             return
         if self.links is not None:
             self.links.add_offload(pending.nbytes, rtt_ms / 1000.0, reply.infer_ms)
@@ -245,6 +247,24 @@ class OffloadClient:
         state.inflight = max(0, state.inflight - 1)
         self._cond.notify_all()
         return state
+
+    def _failed_to(self, state: TargetState, target: str) -> None:
+        """One more request to *target* in a row that came back without a result (caller holds the lock)."""
+        state.timeouts_in_row += 1
+        if state.timeouts_in_row >= SUSPECT_AFTER:
+            state.suspect_until = time.monotonic() + self.timeout_s(target)
+
+    def _fall_back(self, pending: Pending, why: str, waited_ms: float) -> None:
+        """Hand a failed request to the fallback thread. Its slot stays taken until the fallback ran: a target
+        that fails fast must not let frames queue here faster than this device computes them."""
+        def job() -> None:
+            try:
+                pending.done(None, why, waited_ms)
+            finally:
+                with self._cond:
+                    self._settle(pending)
+
+        self._fallbacks.put(job)
 
     def _expire_loop(self, stop: threading.Event) -> None:
         while not stop.wait(TICK_S):
@@ -257,15 +277,12 @@ class OffloadClient:
             due = [p for p in self._pending.values() if p.deadline <= now]
             for p in due:
                 del self._pending[(p.target, p.request)]
-                state = self._settle(p)
+                state = self._target(p.target)
                 state.stats["timeouts"] += 1
-                state.timeouts_in_row += 1
-                if state.timeouts_in_row >= SUSPECT_AFTER:
-                    state.suspect_until = time.monotonic() + self.timeout_s(p.target)
+                self._failed_to(state, p.target)
         for p in due:
             waited = (now if now != float("inf") else time.monotonic()) - p.sent
-            self._fallbacks.put(lambda p=p, w=waited: p.done(None, f"no reply from {p.target} within {w:.1f} s",
-                                                             w * 1000.0))
+            self._fall_back(p, f"no reply from {p.target} within {waited:.1f} s", waited * 1000.0)
         return len(due)
 
     def _fallback_loop(self, stop: threading.Event) -> None:

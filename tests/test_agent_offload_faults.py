@@ -156,3 +156,38 @@ def test_an_input_that_cannot_be_sent_frees_its_slot_and_says_why(served):
              "10 results after the refused inputs")
     after = sorted((r for r in consumer.outputs("dev1") if r.captured_at >= since), key=lambda r: r.captured_at)
     assert {r.computed_on for r in after[:10]} == {"w"}, [r.computed_on for r in after[:10]]
+
+
+def test_a_target_that_answers_with_errors_cannot_pile_up_work_here(broker, prefix, tmp_path):
+    """w is up but does not hold the model (it is still being delivered there): each input comes back at once
+    with an error and is computed here, by a model slower than the camera. Its slot was freed at the error,
+    before the local result was made, so frames queued here without limit (25 a second at 30 fps against
+    200 ms) and every result came later than the one before. Now the slot is kept until the local result is
+    made, and error replies make w suspect like timeouts: results stay as fresh as the local model allows."""
+    topics = Topics(prefix)
+    consumer = Consumer(broker.port, topics, tmp_path / "results.db").start()
+    placer = Placer(broker.port, topics)
+    worker = AgentProcess(agent_config(tmp_path, broker.port, prefix, device="w", sources=[], streams=[]),
+                          tmp_path).start()  # no model placed on it: every input gets an error reply
+    data = agent_config(tmp_path, broker.port, prefix, offload={"timeout_s": 5.0, "max_inflight": 4})
+    data["sources"][0]["fps"] = 30.0
+    agent = Agent(load_config(data=data))
+    try:
+        agent.start()
+        wait_for(lambda: agent.runners.get("digits-int8") is not None, 20, "the model loaded here")
+        runner = agent.runners["digits-int8"]
+        infer = runner.infer
+        runner.infer = lambda tensor: (time.sleep(0.2), infer(tensor))[1]  # a local model slower than the camera
+        placed(placer, "w", models=[], serve={"dev1": [STREAM]})  # w is up, told to serve, holds no model
+        placed(placer, "dev1", models=[zoo_ref()], routes={STREAM: [("w", 1.0)]})
+        since = time.time()
+        time.sleep(6.0)
+        late = [r.inferred_at - r.captured_at for r in consumer.outputs("dev1") if r.captured_at >= since]
+        assert len(late) >= 10, f"{len(late)} results in 6 s"
+        assert max(late) < 2.0, f"a result came {max(late):.1f} s after its frame (newest {late[-1]:.1f} s)"
+        assert agent.pipelines[STREAM].stats()["offload_failed"] == 0, "the model is held here: computed"
+    finally:
+        agent.stop()
+        worker.stop()
+        placer.close()
+        consumer.close()
