@@ -3,9 +3,12 @@
 A result is committed here (WAL, ``synchronous=FULL``) before it is
 published, and deleted only when the coordinator's ``acks`` message says it
 committed that sequence number; the broker's PUBACK never deletes anything.
-Sequence numbers are per device, start at 1 and never repeat: the counter is
-stored in the same transaction as the rows it numbers, so a SIGKILL at any
-point leaves either both or neither.
+Sequence numbers are per device and never repeat: the counter is stored in
+the same transaction as the rows it numbers, so a SIGKILL at any point leaves
+either both or neither. A new file numbers from the clock in microseconds, so
+a file that replaces another (a re-imaged card, a deleted outbox) numbers
+above everything the old one did, and the coordinator, which dedupes on
+(device, seq), never takes a new result for one it already has.
 
 The outbox is bounded (rows and payload bytes). When full it drops the
 oldest result; results whose deadline passed are expired. Both are counted
@@ -24,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lepton.errors import ConfigError
+from lepton.errors import storage_error
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,22 @@ CREATE TABLE IF NOT EXISTS counters (
     value INTEGER NOT NULL
 );
 """
-COUNTERS = ("next_seq", "acked", "dropped", "expired")
+COUNTERS = ("next_seq", "acked", "dropped", "expired", "first_seq")
+SANE_CLOCK = 1_600_000_000  # 2020-09-13: a clock before this is unset (a device without RTC before NTP)
+
+
+def clock_seq(now: float | None = None) -> int:
+    """The first seq of a new outbox: the clock in microseconds (1 when the clock is plainly unset).
+
+    Above any seq an outbox created earlier on this device has reached, unless that one averaged
+    more than a million results a second (or the clock was wrong when either was created).
+    """
+    now = time.time() if now is None else now
+    if now < SANE_CLOCK:
+        log.warning("the clock reads %s, before 2020: a new outbox numbers from 1 (if it replaces an older one, "
+                    "the coordinator takes its first results for ones it already has)", time.ctime(now))
+        return 1
+    return int(now * 1_000_000)
 
 
 @dataclass(frozen=True)
@@ -76,7 +94,9 @@ class Row:
 class Outbox:
     """The outbox file. Thread-safe (one connection behind a lock); all writes are transactions."""
 
-    def __init__(self, path: str | Path, max_rows: int = 100000, max_bytes: int = 64 * 1024 * 1024):
+    def __init__(self, path: str | Path, max_rows: int = 100000, max_bytes: int = 64 * 1024 * 1024,
+                 first_seq: int | None = None):
+        """*first_seq*: where a new file numbers from (default ``clock_seq()``); an existing file keeps its count."""
         self.path = Path(path)
         self.max_rows, self.max_bytes = max_rows, max_bytes
         self._lock = threading.Lock()
@@ -90,12 +110,18 @@ class Outbox:
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(outbox)")}
             if "floor" not in columns:  # a file from before the column existed
                 self._db.execute("ALTER TABLE outbox ADD COLUMN floor INTEGER NOT NULL DEFAULT 0")
-            for name in COUNTERS:
-                self._db.execute("INSERT OR IGNORE INTO counters (name, value) VALUES (?, ?)",
-                                 (name, 1 if name == "next_seq" else 0))
+            self._tx(self._init_counters, first_seq)
             self._load()
         except (sqlite3.Error, OSError) as exc:
-            raise ConfigError(f"outbox {self.path}: cannot be opened: {exc}") from None
+            raise storage_error(f"outbox {self.path}: cannot be opened", self.path, exc) from None
+
+    def _init_counters(self, first_seq: int | None) -> None:
+        new = self._db.execute("SELECT 1 FROM counters WHERE name = 'next_seq'").fetchone() is None
+        # A file from before first_seq was kept numbered from 1.
+        first = (first_seq if first_seq is not None else clock_seq()) if new else 1
+        for name in COUNTERS:
+            self._db.execute("INSERT OR IGNORE INTO counters (name, value) VALUES (?, ?)",
+                             (name, first if name in ("next_seq", "first_seq") else 0))
 
     def _load(self) -> None:
         counters = dict(self._db.execute("SELECT name, value FROM counters"))
@@ -103,6 +129,7 @@ class Outbox:
         self.acked = counters["acked"]
         self.dropped = counters["dropped"]
         self.expired = counters["expired"]
+        self.first_seq = counters["first_seq"]
         self.depth, self.bytes = self._db.execute(
             "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
         low = self._db.execute("SELECT min(seq) FROM outbox").fetchone()[0]
@@ -129,7 +156,7 @@ class Outbox:
     def stats(self) -> dict[str, int]:
         """Depth, bytes, counters: what telemetry reports."""
         return {"depth": self.depth, "bytes": self.bytes, "dropped": self.dropped, "expired": self.expired,
-                "acked": self.acked, "next_seq": self.next_seq, "floor": self._floor}
+                "acked": self.acked, "next_seq": self.next_seq, "floor": self._floor, "first_seq": self.first_seq}
 
     # --- writing ---------------------------------------------------------------
     def enqueue(self, items: Sequence[Pending], now: float | None = None) -> list[Row]:

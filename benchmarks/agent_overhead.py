@@ -141,7 +141,8 @@ def pipeline_run(runner, seconds: float, workdir: Path, use_broker: bool, worker
         outbox.close()
         if broker:
             broker.stop()
-    return {"results_per_s": n / elapsed, "invoke_ms": invoke_ms, "committed": outbox_stats["next_seq"] - 1,
+    return {"results_per_s": n / elapsed, "invoke_ms": invoke_ms,
+            "committed": outbox_stats["next_seq"] - outbox_stats["first_seq"],  # a new outbox numbers from the clock
             "cpu_ms_per_result": {k: round(v, 3) for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v > 0.001},
             "published": delivery.published, "frames_dropped": source.stats()["frames_dropped"]}
 

@@ -1,7 +1,7 @@
 """Highest contiguous committed sequence number per device.
 
 A device deletes a result from its outbox only when the coordinator says it
-committed it. Sequence numbers are per device, start at 1 and never repeat;
+committed it. Sequence numbers are per device and never repeat;
 every result also carries ``floor``, the lowest seq still in the device's
 outbox (everything below it was acknowledged or dropped by the device). So the
 ack is ``max(contiguous, floor - 1)``, extended by every seq already stored

@@ -170,8 +170,10 @@ class Follower:
             page = list(self.db.query(f"SELECT {COLUMNS} FROM results WHERE device = ? AND seq > ? "
                                       "ORDER BY seq LIMIT ?", [d, hi, FOLLOW_BATCH]))
             for r in page:
-                if r["seq"] > hi + 1:
-                    holes.update(range(max(hi + 1, r["seq"] - MAX_HOLES), r["seq"]))
+                if r["seq"] > hi + 1:  # a gap: but nothing below the result's floor is coming (acked or dropped;
+                    # a new device, or a replaced outbox, starts far above anything before it)
+                    low = max(hi + 1, _floor(r), r["seq"] - MAX_HOLES)
+                    holes.update(range(low, r["seq"]))
                 hi = r["seq"]
             found += page
             if len(page) < FOLLOW_BATCH:
@@ -180,6 +182,15 @@ class Follower:
         kept = sorted(s for s in holes if s > ack)[-MAX_HOLES:]
         self.holes[d] = set(kept)
         return found
+
+
+def _floor(row: dict) -> int:
+    """The ``floor`` the stored result carries (1 when it cannot be read)."""
+    try:
+        floor = json.loads(row["payload"]).get("floor", 1)
+    except (ValueError, AttributeError):
+        return 1
+    return floor if isinstance(floor, int) else 1
 
 
 def result_json(row: dict) -> dict:
@@ -209,7 +220,7 @@ def summary(output: dict, width: int = 60) -> str:
 def render_results(rows: list[dict], header: bool = True) -> str:
     """One line per result: when it was stored, where from, which model on which device, how long it took
     (invoke, and capture to storage), and what it found."""
-    lines = [f"{'RECEIVED':<19}  {'DEVICE/STREAM':<28} {'SEQ':>7}  {'MODEL':<24} {'ON':<12} {'INFER':>8} "
+    lines = [f"{'RECEIVED':<19}  {'DEVICE/STREAM':<28} {'SEQ':>16}  {'MODEL':<24} {'ON':<12} {'INFER':>8} "
              f"{'E2E':>8}  OUTPUT"] if header else []
     for r in rows:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["received_at"]))
@@ -218,7 +229,7 @@ def render_results(rows: list[dict], header: bool = True) -> str:
         e2e = (r["received_at"] - r["captured_at"]) * 1000.0 if isinstance(r.get("captured_at"), (int, float)) else None
         infer = f"{r['infer_ms']:.1f}ms" if isinstance(r.get("infer_ms"), (int, float)) else "-"
         output = r.get("output") if isinstance(r.get("output"), dict) else {}
-        lines.append(f"{stamp:<19}  {r.get('device', '?') + '/' + r.get('stream', '?'):<28} {r.get('seq', 0):>7}  "
+        lines.append(f"{stamp:<19}  {r.get('device', '?') + '/' + r.get('stream', '?'):<28} {r.get('seq', 0):>16}  "
                      f"{model:<24} {r.get('computed_on', '?'):<12} {infer:>8} "
                      f"{'-' if e2e is None else f'{e2e:.0f}ms':>8}  {summary(output)}")
     return "\n".join(lines)

@@ -81,3 +81,35 @@ def as_value_error(check, *args, **kwargs):
         return check(*args, **kwargs)
     except LeptonError as exc:
         raise ValueError(str(exc)) from None
+
+
+# -- a database file that cannot be opened or written ------------------------------------------------------
+
+_SQLITE_IOERR, _SQLITE_FULL = 10, 13
+
+
+def storage_error(message: str, path, exc: BaseException) -> LeptonError:
+    """*exc* (sqlite3 or OS) on the database file *path*, as one line after *message*.
+
+    A full file system or an I/O error can come back: a LeptonError (exit 1; systemd restarts the service
+    until it does), saying how much room is left. Anything else is about the file itself (not a database, no
+    permission): a ConfigError (exit 2).
+    """
+    import errno
+    import shutil
+    from pathlib import Path
+
+    detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    code = getattr(exc, "sqlite_errorcode", None)
+    room = (code is not None and code & 0xFF in (_SQLITE_IOERR, _SQLITE_FULL)) or (
+        isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO))
+    if not room:
+        return ConfigError(f"{message}: {detail}")
+    where = Path(path).parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = f"; {shutil.disk_usage(where).free // 1024} KiB free on its file system"
+    except OSError:
+        free = ""
+    return LeptonError(f"{message}: {detail}{free} (is the disk full?)")

@@ -65,7 +65,7 @@ def setup(broker, prefix, tmp_path):
                                 "outbox": {"path": str(tmp_path / "o.db"), **outbox}})
         will = Outgoing(topics.status("dev1"), b"{}", 1, True)
         session = Session(cfg.broker, "dev1", topics, "dev1", will, lambda: [])
-        outbox_ = Outbox(cfg.outbox.path, cfg.outbox.max_rows, cfg.outbox.max_bytes)
+        outbox_ = Outbox(cfg.outbox.path, cfg.outbox.max_rows, cfg.outbox.max_bytes, first_seq=1)
         delivery = Delivery(outbox_, session, cfg.outbox)
         parts.update(session=session, outbox=outbox_, delivery=delivery)
         session.start()
@@ -332,7 +332,7 @@ def test_a_publish_that_raises_after_the_commit_does_not_commit_the_results_agai
     """The results were committed (numbered) before the publish failed: they must not be committed again under
     new numbers (the coordinator would store both copies)."""
     cfg = load_config(data={"device_id": "dev1", "outbox": {"path": str(tmp_path / "o.db")}})
-    session, outbox = _FlakySession(), Outbox(str(tmp_path / "o.db"))
+    session, outbox = _FlakySession(), Outbox(str(tmp_path / "o.db"), first_seq=1)
     delivery = Delivery(outbox, session, cfg.outbox)
     topics = Topics("t/v1")
     delivery.start()

@@ -212,7 +212,7 @@ def run_pipeline(runner, outbox: Outbox, fps: float = 2000, workers: int = 1):
 
 
 def test_staged_worker_emits_every_taken_frame_in_order_and_finishes_on_stop(tmp_path, mobilenet):
-    outbox = Outbox(tmp_path / "outbox.db")
+    outbox = Outbox(tmp_path / "outbox.db")  # numbering as the agent's: from the clock in microseconds
     stop, source, pipeline, _ = run_pipeline(mobilenet, outbox)
     try:
         time.sleep(1.0)
@@ -222,13 +222,13 @@ def test_staged_worker_emits_every_taken_frame_in_order_and_finishes_on_stop(tmp
         stop.set()
         assert pipeline.join(5), "workers finish their frames in hand and exit"
         source.close()
-    rows = outbox.pending(0, 100000)
+    rows, first = outbox.pending(0, 100000), outbox.first_seq
     outbox.close()
     assert len(rows) > 50 and pipeline.errors == 0
     results = [decode("results", r.payload) for r in rows]
     frames = [r.output["source"]["frame"] for r in results]
     assert frames == sorted(frames) and len(set(frames)) == len(frames), "one result per frame, in frame order"
-    assert [r.seq for r in results] == list(range(1, len(results) + 1))
+    assert [r.seq for r in results] == list(range(first, first + len(results)))
     assert all(r.model.name == "mobilenet96" and r.computed_on == "dev1" and r.infer_ms > 0 for r in results)
     assert all(len(r.output["top"]) == 5 and r.output["source"]["truth"] in range(10) for r in results)
     # Every frame taken from the source became a result: none was left in the invoke stage.
@@ -252,7 +252,7 @@ def test_staged_worker_counts_a_failing_invoke_and_carries_on(tmp_path, mobilene
                 raise ArithmeticError("flaky invoke")
             return self.inner._invoke_timed(tensor)
 
-    outbox = Outbox(tmp_path / "outbox.db")
+    outbox = Outbox(tmp_path / "outbox.db", first_seq=1)
     stop, source, pipeline, _ = run_pipeline(Flaky(mobilenet), outbox, fps=200)
     try:
         time.sleep(1.0)
@@ -270,7 +270,7 @@ def test_swap_mid_run_never_mixes_models(tmp_path, mobilenet):
     registry = default_registry()
     entry = registry.get("mobilenet224")
     other = ModelRunner.from_entry(entry)
-    outbox = Outbox(tmp_path / "outbox.db")
+    outbox = Outbox(tmp_path / "outbox.db", first_seq=1)
     stop, source, pipeline, _ = run_pipeline(mobilenet, outbox, fps=500)
     try:
         time.sleep(0.5)

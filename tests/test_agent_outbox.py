@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -29,7 +30,7 @@ def seqs(box: Outbox) -> list[int]:
 
 
 def test_numbers_from_one_in_order_and_payload_carries_seq_and_floor(tmp_path):
-    box = Outbox(tmp_path / "o.db")
+    box = Outbox(tmp_path / "o.db", first_seq=1)
     rows = box.enqueue([item(i) for i in range(3)])
     assert [r.seq for r in rows] == [1, 2, 3]
     assert [json.loads(r.payload) for r in rows][2] == {"seq": 3, "floor": 1, "tag": 2, "pad": ""}
@@ -39,25 +40,25 @@ def test_numbers_from_one_in_order_and_payload_carries_seq_and_floor(tmp_path):
 
 
 def test_ack_deletes_only_up_to_its_seq_and_counters_survive_reopen(tmp_path):
-    box = Outbox(tmp_path / "o.db")
+    box = Outbox(tmp_path / "o.db", first_seq=1)
     box.enqueue([item(i) for i in range(10)])
     assert box.ack(4) == 4
     assert seqs(box) == list(range(5, 11))
     assert box.ack(3) == 0  # an older ack changes nothing
     box.close()
-    again = Outbox(tmp_path / "o.db")
+    again = Outbox(tmp_path / "o.db", first_seq=1)
     assert seqs(again) == list(range(5, 11))
     assert again.stats() == {"depth": 6, "bytes": again.bytes, "dropped": 0, "expired": 0, "acked": 4,
-                                  "next_seq": 11, "floor": 5}
+                                  "next_seq": 11, "floor": 5, "first_seq": 1}
     assert again.enqueue([item()])[0].seq == 11  # never a seq twice
 
 
 def test_full_outbox_drops_oldest_and_counts(tmp_path):
-    box = Outbox(tmp_path / "o.db", max_rows=5)
+    box = Outbox(tmp_path / "o.db", max_rows=5, first_seq=1)
     box.enqueue([item(i) for i in range(8)])
     assert seqs(box) == [4, 5, 6, 7, 8]
     assert (box.dropped, box.floor) == (3, 4)
-    by_bytes = Outbox(tmp_path / "b.db", max_rows=1000, max_bytes=2048)
+    by_bytes = Outbox(tmp_path / "b.db", max_rows=1000, max_bytes=2048, first_seq=1)
     for _ in range(10):
         by_bytes.enqueue([item(size=400)])
     assert by_bytes.bytes <= 2048 and by_bytes.dropped == 10 - by_bytes.depth
@@ -65,7 +66,7 @@ def test_full_outbox_drops_oldest_and_counts(tmp_path):
 
 
 def test_expired_results_are_deleted_and_counted(tmp_path):
-    box = Outbox(tmp_path / "o.db")
+    box = Outbox(tmp_path / "o.db", first_seq=1)
     now = time.time()
     box.enqueue([item(0), item(1, deadline=now - 1), item(2, deadline=now + 60)])
     assert box.expire(now) == 1
@@ -74,21 +75,21 @@ def test_expired_results_are_deleted_and_counted(tmp_path):
 
 def test_ack_above_anything_numbered_moves_the_counter_on(tmp_path):
     """A replaced outbox must not number from 1 again: the coordinator would drop those as duplicates."""
-    box = Outbox(tmp_path / "o.db")
+    box = Outbox(tmp_path / "o.db", first_seq=1)
     box.enqueue([item()])
     box.ack(500)
     assert box.enqueue([item()])[0].seq == 501
 
 
 def test_wal_and_full_sync(tmp_path):
-    Outbox(tmp_path / "o.db").close()
+    Outbox(tmp_path / "o.db", first_seq=1).close()
     conn = sqlite3.connect(tmp_path / "o.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 def test_close_is_bounded_when_another_process_holds_the_file(tmp_path):
     """A stop must not wait the busy timeout (5 s) for another writer: close gives up in time, loses nothing."""
-    box = Outbox(tmp_path / "o.db")
+    box = Outbox(tmp_path / "o.db", first_seq=1)
     box.enqueue([item(i) for i in range(3)])
     other = sqlite3.connect(tmp_path / "o.db", isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # e.g. a backup or an inspection holding the write lock
@@ -99,13 +100,13 @@ def test_close_is_bounded_when_another_process_holds_the_file(tmp_path):
     finally:
         other.execute("ROLLBACK")
         other.close()
-    again = Outbox(tmp_path / "o.db")
+    again = Outbox(tmp_path / "o.db", first_seq=1)
     assert seqs(again) == [1, 2, 3]
     again.close()
 
 
 def test_close_gives_up_on_a_write_still_running(tmp_path):
-    box = Outbox(tmp_path / "o.db")
+    box = Outbox(tmp_path / "o.db", first_seq=1)
     box.enqueue([item()])
     box._lock.acquire()  # a write still in progress (e.g. waiting on a lock)
     try:
@@ -115,13 +116,13 @@ def test_close_gives_up_on_a_write_still_running(tmp_path):
     finally:
         box._lock.release()
     assert box.close(timeout=1.0) is True
-    assert seqs(Outbox(tmp_path / "o.db")) == [1]
+    assert seqs(Outbox(tmp_path / "o.db", first_seq=1)) == [1]
 
 
 WRITER = """
 import json, sys, time
 from lepton.agent.outbox import Outbox, Pending
-box = Outbox(sys.argv[1], max_rows=200)
+box = Outbox(sys.argv[1], max_rows=200, first_seq=1)
 print("ready", flush=True)
 n = 0
 while True:
@@ -165,7 +166,7 @@ class OutboxMachine(RuleBasedStateMachine):
         import tempfile
 
         self.path = os.path.join(tempfile.mkdtemp(), "o.db")
-        self.box = Outbox(self.path, max_rows=self.MAX)
+        self.box = Outbox(self.path, max_rows=self.MAX, first_seq=1)
         self.model: dict[int, bool] = {}  # held seq -> has a past deadline
         self.next = 1
         self.acked = self.dropped = self.expired = 0
@@ -197,7 +198,7 @@ class OutboxMachine(RuleBasedStateMachine):
     @rule()
     def crash(self):
         self.box._db.close()  # no checkpoint, no goodbye
-        self.box = Outbox(self.path, max_rows=self.MAX)
+        self.box = Outbox(self.path, max_rows=self.MAX, first_seq=1)
 
     @invariant()
     def matches_model(self):
@@ -216,3 +217,62 @@ def test_outbox_state_machine():
     test = OutboxMachine.TestCase
     test.settings = settings(max_examples=25, stateful_step_count=30, deadline=None)
     test().runTest()
+
+
+# -- where numbering starts ---------------------------------------------------------------
+
+
+def test_a_new_outbox_numbers_from_the_clock_and_an_existing_one_keeps_its_count(tmp_path):
+    from lepton.agent.outbox import clock_seq
+
+    before = int(time.time() * 1_000_000)
+    box = Outbox(tmp_path / "o.db")
+    first = box.enqueue([item()])[0].seq
+    assert before <= first <= int(time.time() * 1_000_000) and box.stats()["first_seq"] == first
+    box.close()
+    again = Outbox(tmp_path / "o.db")  # reopened: numbering goes on, the clock is not read again
+    assert again.enqueue([item()])[0].seq == first + 1 and again.first_seq == first
+    again.close()
+    assert clock_seq(1_000_000.0) == 1  # a clock plainly unset (1970): from 1, with a warning
+
+
+def test_an_outbox_from_before_first_seq_was_kept_goes_on_numbering(tmp_path):
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript("CREATE TABLE outbox (seq INTEGER PRIMARY KEY, stream TEXT NOT NULL, topic TEXT NOT NULL, "
+                     "payload BLOB NOT NULL, created REAL NOT NULL, deadline REAL);"
+                     "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+                     "INSERT INTO counters VALUES ('next_seq', 42), ('acked', 41), ('dropped', 0), ('expired', 0);")
+    db.close()
+    box = Outbox(path)
+    assert box.enqueue([item()])[0].seq == 42 and box.first_seq == 1
+    box.close()
+
+
+def test_a_replaced_outbox_numbers_above_the_old_one_and_none_of_its_results_is_lost(broker, prefix, tmp_path):
+    """The device's card is re-imaged (its outbox file is gone) and it keeps its identity. Its new outbox
+    numbered from 1 again: the coordinator, deduping on (device, seq), took each new result for an old one it
+    had, acked it, and the device deleted it: lost without a word."""
+    from test_agent_standins import AgentProcess, Consumer, agent_config, wait_for
+
+    from lepton.protocol import Topics
+
+    consumer = Consumer(broker.port, Topics(prefix), tmp_path / "results.db").start()
+    config = agent_config(tmp_path, broker.port, prefix)
+    try:
+        first = AgentProcess(config, tmp_path).start()
+        wait_for(lambda: len(consumer.seqs("dev1")) >= 20, 30, "results from the first outbox")
+        first.stop()
+        old = set(consumer.seqs("dev1"))
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{first.outbox_path}{suffix}").unlink(missing_ok=True)
+        second = AgentProcess(config, tmp_path).start()
+        wait_for(lambda: len(consumer.seqs("dev1")) >= len(old) + 20, 30, "results from the new outbox")
+        second.stop()
+        integrity, counters, held = second.outbox_state()
+        new = set(range(counters["first_seq"], counters["next_seq"]))
+        assert min(new) > max(old)
+        wait_for(lambda: consumer.stored("dev1") >= new - set(held), 10, "every result of the new outbox")
+        assert consumer.mismatched == [], "a new result was taken for an old one with the same seq"
+    finally:
+        consumer.close()

@@ -96,7 +96,8 @@ def test_digits_stream_publishes_correct_labels_then_stops_cleanly(broker, consu
         "digits-int8", entry.manifest.version, entry.manifest.sha256)
     assert all(r.computed_on == "dev1" and r.captured_at <= r.inferred_at and r.infer_ms > 0 for r in results)
     seqs = consumer.seqs("dev1")
-    assert seqs == sorted(seqs) and seqs[0] == 1
+    _, counters, _ = agent.outbox_state()  # a new outbox numbers from the clock in microseconds
+    assert seqs == sorted(seqs) and seqs[0] == counters["first_seq"] > 1
     telemetry = consumer.telemetry[-1]
     assert telemetry.models["digits-int8"].p50_ms > 0 and telemetry.frames_in > 0 and telemetry.link.rtt_ms is not None
     assert telemetry.streams["digits-cam"] == pytest.approx(20.0, rel=0.25)  # the source's 20 fps: the demand
@@ -111,7 +112,8 @@ def test_digits_stream_publishes_correct_labels_then_stops_cleanly(broker, consu
     status = retained_status(broker.port, topics, "dev1")
     assert (status.state, status.reason) == ("offline", "stopped")
     integrity, counters, held = agent.outbox_state()
-    assert integrity == "ok" and set(range(1, counters["next_seq"])) == consumer.stored("dev1") | set(held)
+    assert integrity == "ok" and set(range(counters["first_seq"], counters["next_seq"])) == (
+        consumer.stored("dev1") | set(held))
 
 
 def test_vibration_stream_flags_injected_faults(broker, consumer, topics, tmp_path, agents):
@@ -167,8 +169,9 @@ class OutboxWatch:
                 continue  # not created yet
             self.samples += 1
             floor = held[0] if held else counters["next_seq"]
-            if integrity != "ok" or floor - 1 > max(acked, self.consumer.acked.get("dev1", 0)):
-                self.violations.append(f"{integrity}: deleted up to {floor - 1}, acked {acked}")
+            deleted = floor - 1 if floor > counters["first_seq"] else 0  # below first_seq nothing was ever numbered
+            if integrity != "ok" or deleted > max(acked, self.consumer.acked.get("dev1", 0)):
+                self.violations.append(f"{integrity}: deleted up to {deleted}, acked {acked}")
 
     def __enter__(self):
         self._thread.start()
@@ -189,14 +192,15 @@ def outage(broker, consumer, topics, tmp_path, agents, seconds: float) -> None:
         time.sleep(seconds)
         _, during, _ = agent.outbox_state()
         broker.start()
-        produced = during["next_seq"] - 1
-        wait_for(lambda: consumer.acked.get("dev1", 0) >= produced, 30, f"every seq up to {produced} acked")
+        last, produced = during["next_seq"] - 1, during["next_seq"] - during["first_seq"]
+        wait_for(lambda: consumer.acked.get("dev1", 0) >= last, 30, f"every seq up to {last} acked")
     agent.signal(signal.SIGTERM)
     assert agent.wait(10) == 0
     integrity, counters, held = agent.outbox_state()
     seqs = consumer.seqs("dev1")
     assert integrity == "ok" and not watch.violations and watch.samples > 5
-    assert set(range(1, counters["next_seq"])) == set(seqs) | set(held), "a seq never arrived"
+    assert counters["first_seq"] == during["first_seq"]
+    assert set(range(counters["first_seq"], counters["next_seq"])) == set(seqs) | set(held), "a seq never arrived"
     assert seqs == sorted(seqs), "order per device not kept"
     assert not consumer.mismatched
     assert produced - 20 >= seconds * 20 * 0.5  # results kept flowing into the outbox during the outage
@@ -225,7 +229,7 @@ def test_sigkill_mid_stream_20_times_loses_nothing(broker, consumer, topics, tmp
                        sources=[dict(NOISE[0], fps=100.0)])
     cfg["outbox"]["batch_max"] = 8  # many small transactions: more moments to be killed in
     kills = 100 if long_run else 20
-    next_seq = 1
+    first_seq = next_seq = None
     for _ in range(kills):
         agent = restarted(agents, cfg, tmp_path, consumer)
         seen = len(consumer.seqs("dev1"))
@@ -235,17 +239,19 @@ def test_sigkill_mid_stream_20_times_loses_nothing(broker, consumer, topics, tmp
         acked = consumer.acked.get("dev1", 0)
         integrity, counters, held = agent.outbox_state()
         assert integrity == "ok"
-        assert counters["next_seq"] >= next_seq, "seq counter went backwards"
-        next_seq = counters["next_seq"]
+        assert first_seq is None or counters["first_seq"] == first_seq, "the outbox was replaced"
+        assert next_seq is None or counters["next_seq"] >= next_seq, "seq counter went backwards"
+        first_seq, next_seq = counters["first_seq"], counters["next_seq"]
         floor = held[0] if held else next_seq
-        assert floor - 1 <= max(acked, consumer.acked.get("dev1", 0)), "deleted before its ack"
+        assert floor - 1 <= max(acked, consumer.acked.get("dev1", 0), first_seq - 1), "deleted before its ack"
         assert set(range(floor, next_seq)) == set(held), "an unacknowledged result is missing"
     agent = restarted(agents, cfg, tmp_path, consumer)
     wait_for(lambda: consumer.acked.get("dev1", 0) >= next_seq - 1, 30, "the backlog acked")
     agent.signal(signal.SIGTERM)
     assert agent.wait(10) == 0
     integrity, counters, held = agent.outbox_state()
-    assert set(range(1, counters["next_seq"])) == consumer.stored("dev1") | set(held)
+    assert counters["first_seq"] == first_seq
+    assert set(range(first_seq, counters["next_seq"])) == consumer.stored("dev1") | set(held)
     assert not consumer.mismatched, "a seq was reused for a different result"
 
 

@@ -22,11 +22,11 @@ NOW = time.time()
 
 
 def store(db, device: str, seq: int, stream: str, received_at: float, output: dict, computed_on: str = "",
-          ack: bool = True) -> bytes:
+          ack: bool = True, floor: int = 1) -> bytes:
     """One result as ingest stores it: the payload the device sent, with its columns (and, with *ack*, the
     device's ack moved to it: what ingest does when the seqs below are all stored)."""
     captured = received_at - 0.025
-    payload = encode(m.Result(device=device, stream=stream, seq=seq, model=MODEL, captured_at=captured,
+    payload = encode(m.Result(device=device, stream=stream, seq=seq, floor=floor, model=MODEL, captured_at=captured,
                               inferred_at=captured + 0.01, infer_ms=5.0, computed_on=computed_on or device,
                               output=output))
     with write_tx(db):
@@ -170,6 +170,27 @@ def test_a_follower_sees_each_result_once_a_late_one_included_and_the_listing_st
     with write_tx(db):
         db.conn.execute("UPDATE acks SET seq = 20 WHERE device = 'cam-1'")
     assert follower.poll() == [] and follower.holes["cam-1"] == set()
+
+
+def test_a_follower_waits_for_no_seq_below_a_new_devices_floor(fleet_db):
+    """A device that appears while following numbers from its clock (1.8e15): the seqs below its first
+    result were 10,000 holes looked up at every poll. Only the seqs between its floor and the result can
+    still come."""
+    from lepton.coordinator.db import open_readonly
+    from lepton.coordinator.results import Follower
+
+    path, db, _ = fleet_db
+    follower = Follower(open_readonly(path))
+    first = 1795738306195468
+    with write_tx(db):
+        db.conn.execute("INSERT INTO streams (device, stream, model, rate_hz) VALUES ('cam-3', 'dock', ?, 10)",
+                        (MODEL.name,))
+        db.conn.execute("INSERT INTO acks (device, seq) VALUES ('cam-3', 0)")  # as ingest makes its row
+    store(db, "cam-3", first + 3, "dock", time.time(), digit(3), ack=False, floor=first)
+    assert [r["seq"] for r in follower.poll()] == [first + 3]
+    assert follower.holes["cam-3"] == {first, first + 1, first + 2}
+    store(db, "cam-3", first, "dock", time.time(), digit(0), floor=first)
+    assert [r["seq"] for r in follower.poll()] == [first]
 
 
 def test_follow_in_a_table_prints_its_header_with_the_first_results(tmp_path):

@@ -80,24 +80,24 @@ def wait_db(fleet: Fleet, expected: dict, timeout: float) -> DbReport:
         time.sleep(0.2)
 
 
-def wait_last_stored(fleet: Fleet, produced: dict[str, int], timeout: float) -> DbReport:
+def wait_last_stored(fleet: Fleet, produced: dict[str, range], timeout: float) -> DbReport:
     """Wait until each device's last numbered result is stored (results the outbox policy dropped
     never will be, so ``wait_db`` would wait them out); the report then."""
     deadline = time.monotonic() + timeout
     while True:
-        report = fleet.check_db({d: [n] for d, n in produced.items() if n})
+        report = fleet.check_db({d: [seqs[-1]] for d, seqs in produced.items() if seqs})
         if report.lost_total == 0 or time.monotonic() > deadline:
             return fleet.check_db(produced)
         time.sleep(0.2)
 
 
-def wait_stored(fleet: Fleet, timeout: float, settled_s: float = 2.0) -> tuple[float, dict[str, int]]:
+def wait_stored(fleet: Fleet, timeout: float, settled_s: float = 2.0) -> tuple[float, dict[str, range]]:
     """Wait, with the agents still running, until the coordinator has caught up with them.
 
     Takes what the devices numbered so far and waits until all of it is stored,
     again and again, until one such round takes less than *settled_s* (a long
     backlog drains while the devices keep producing). Returns (when the last
-    round was complete, time.monotonic(); the counts it waited for). Stopping
+    round was complete, time.monotonic(); the seqs it waited for). Stopping
     agents before this leaves what they still owe in their outboxes (a stopped
     agent re-sends nothing); TimeoutError names what is missing.
     """
@@ -111,22 +111,22 @@ def wait_stored(fleet: Fleet, timeout: float, settled_s: float = 2.0) -> tuple[f
             return time.monotonic(), expected
 
 
-def stop_all(fleet: Fleet, devices: list[str] | None = None) -> dict[str, int]:
-    """Stop the agents cleanly (each flushes what it holds to the broker); their produced counts."""
+def stop_all(fleet: Fleet, devices: list[str] | None = None) -> dict[str, range]:
+    """Stop the agents cleanly (each flushes what it holds to the broker); the seqs they numbered."""
     devices = devices or fleet.devices
     for dev in devices:
         fleet.stop(dev)
     return fleet.produced(devices)
 
 
-def finish(fleet: Fleet, timeout: float = 60.0, rounds: int = 3) -> tuple[dict[str, int], DbReport, int]:
+def finish(fleet: Fleet, timeout: float = 60.0, rounds: int = 3) -> tuple[dict[str, range], DbReport, int]:
     """Stop every agent and wait until the coordinator stored all they numbered.
 
     A clean stop publishes what the outbox holds, but a broker may still drop it
     (a queue over its limit) and a stopped agent re-sends nothing: those results
     wait in its outbox for its next run. So an agent that still owes results is
     started again (it re-sends on connect), given time, and stopped again.
-    Returns (produced, the database report, how many such restarts it took).
+    Returns (produced: per device the seqs it numbered, the database report, how many such restarts it took).
     """
     produced = stop_all(fleet)
     db = wait_db(fleet, produced, timeout=15)
@@ -140,6 +140,11 @@ def finish(fleet: Fleet, timeout: float = 60.0, rounds: int = 3) -> tuple[dict[s
         produced = {**produced, **stop_all(fleet, owing)}
         db = wait_db(fleet, produced, timeout=15)
     return produced, db, restarts
+
+
+def count(produced: dict[str, range]) -> int:
+    """How many results the devices numbered in all (``produced`` as ``Fleet.produced()`` gives it)."""
+    return sum(len(seqs) for seqs in produced.values())
 
 
 def lost_summary(report: DbReport, limit: int = 8) -> dict:

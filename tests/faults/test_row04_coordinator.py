@@ -92,7 +92,7 @@ def test_results_the_broker_dropped_are_resent_by_the_devices(fleet_factory, fig
         figures["reruns"] = reruns  # agents started again to re-send what a broker dropped at their stop
     rows = rowkit.stored(fleet.coordinator_db)
     broker_dropped = sys_dropped.wait_above(dropped_before, timeout=3) - dropped_before
-    figures.update(lost=db.lost_total, dups=db.duplicates, produced=sum(produced.values()),
+    figures.update(lost=db.lost_total, dups=db.duplicates, produced=rowkit.count(produced),
                    away_s=round(up - hang, 1), queue_limit=queue, broker_dropped=broker_dropped,
                    drop_notices=broker_drop_notices(fleet.broker.log_path), coordinator_will_s=will_s,
                    resends=resend_lines(fleet), drain_s=rowkit.drain_s(rows, wall(up)), integrity=db.integrity)
@@ -131,7 +131,7 @@ def kill_mid_burst(fleet, rng: random.Random, rate: float, timeout: float = 30.0
         time.sleep(0.005)
     time.sleep(rng.uniform(0.0, 0.01))
     fleet.kill("coordinator")
-    outstanding = sum(fleet.produced().values()) - db_rows(fleet)
+    outstanding = rowkit.count(fleet.produced()) - db_rows(fleet)
     return db_rows(fleet) - before, outstanding
 
 
@@ -167,7 +167,7 @@ def test_coordinator_killed_mid_burst_stores_each_result_once(fleet_factory, fig
     if reruns:
         figures["reruns"] = reruns  # agents started again to re-send what a broker dropped at their stop
     figures.update(lost=db.lost_total, dups=db.duplicates, kills=len(integrity), mid_burst=mid_burst,
-                   stored_before_kill=stored_before_kill, produced=sum(produced.values()),
+                   stored_before_kill=stored_before_kill, produced=rowkit.count(produced),
                    integrity_failures=sum(1 for v in integrity if v != "ok"), integrity=db.integrity,
                    extra=db.extra)
     assert all(v == "ok" for v in integrity), f"integrity after kills: {integrity}"

@@ -40,11 +40,12 @@ def wait_writing(fleet, devices: list[str], before: dict[str, int], timeout: flo
         time.sleep(0.01)
 
 
-def kill_round(fleet, rng: random.Random, numbered: dict[str, int], failures: list[str]) -> int:
+def kill_round(fleet, rng: random.Random, numbered: dict[str, range | None], failures: list[str]) -> int:
     """SIGKILL every agent at a random moment while it writes, check its outbox, start it again.
 
-    Appends integrity failures to *failures*, updates *numbered* (the highest seq
-    each outbox holds numbered) and returns how many outboxes numbered less than before.
+    Appends integrity failures to *failures*, updates *numbered* (the seqs each outbox
+    has numbered, ``range(first_seq, next_seq)``) and returns how many outboxes numbered
+    less than before or numbered from elsewhere (a replaced file: what the old one held is gone).
     """
     before = {d: fleet.outbox_counters(d)["next_seq"] for d in fleet.devices}
     wait_writing(fleet, fleet.devices, before)
@@ -56,8 +57,9 @@ def kill_round(fleet, rng: random.Random, numbered: dict[str, int], failures: li
         verdict = fleet.outbox_integrity(dev)
         if verdict != "ok":
             failures.append(f"{dev}: {verdict}")
-        after = fleet.outbox_counters(dev)["next_seq"] - 1
-        went_back += after < numbered[dev]
+        counters = fleet.outbox_counters(dev)
+        after, last = range(counters["first_seq"], counters["next_seq"]), numbered[dev]
+        went_back += last is not None and (after.start != last.start or after.stop < last.stop)
         numbered[dev] = after
         fleet.start(dev)
     return went_back
@@ -78,7 +80,7 @@ def test_agent_killed_mid_write_keeps_outbox_and_loses_nothing(fleet_factory, fi
     counter.wait_new(time.monotonic(), 10, timeout=30)
     fleet.cut("dev-2", "drop")
 
-    failures, went_back, numbered = [], 0, {d: 0 for d in fleet.devices}
+    failures, went_back, numbered = [], 0, {d: None for d in fleet.devices}
     for _ in range(kills):
         went_back += kill_round(fleet, rng, numbered, failures)
 
@@ -90,9 +92,9 @@ def test_agent_killed_mid_write_keeps_outbox_and_loses_nothing(fleet_factory, fi
         figures["reruns"] = reruns  # agents started again to re-send what a broker dropped at their stop
     figures.update(lost=db.lost_total, dups=db.duplicates, kills=kills * len(fleet.devices),
                    integrity_failures=len(failures), seq_went_back=went_back, seq_reused=rowkit.seq_reuse(fleet),
-                   produced=sum(produced.values()), dropped=sum(fleet.outbox_counters(d)["dropped"] for d in fleet.devices))
+                   produced=rowkit.count(produced), dropped=sum(fleet.outbox_counters(d)["dropped"] for d in fleet.devices))
     assert not failures, f"outbox integrity after SIGKILL: {failures}"
-    assert went_back == 0 and figures["seq_reused"] == 0, "a sequence number was given twice"
+    assert went_back == 0 and figures["seq_reused"] == 0, "a sequence number was given twice (or an outbox was replaced)"
     assert db.lost_total == 0, f"committed results never stored: {rowkit.lost_summary(db)}"
     assert db.duplicates == 0 and db.extra == 0 and figures["dropped"] == 0
 
@@ -134,7 +136,7 @@ def test_outbox_bound_holds_between_its_own_commits(tmp_path):
     """
     from lepton.agent.outbox import Outbox, Pending
 
-    box = Outbox(tmp_path / "outbox.db", max_rows=3, max_bytes=1024)
+    box = Outbox(tmp_path / "outbox.db", max_rows=3, max_bytes=1024, first_seq=1)
     reader = sqlite3.connect(tmp_path / "outbox.db")
     seen: list[tuple[int, int]] = []
 
@@ -217,7 +219,7 @@ def test_full_outbox_holds_its_bound_and_drops_the_oldest(fleet_factory, figures
 
     max_rows = max(r for r, _ in sizes["dev-1"].values())
     max_bytes = max(b for _, b in sizes["dev-2"].values())
-    figures.update(produced=sum(produced.values()), dropped=sum(dropped.values()), reported=sum(reported.values()),
+    figures.update(produced=rowkit.count(produced), dropped=sum(dropped.values()), reported=sum(reported.values()),
                    max_rows_seen=max_rows, row_bound=bounds["dev-1"]["max_rows"], max_bytes_seen=max_bytes,
                    byte_bound=bounds["dev-2"]["max_bytes"], offline_s=offline_s)
     lost = 0

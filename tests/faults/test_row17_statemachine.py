@@ -128,7 +128,7 @@ class Device:
 
     def __init__(self, name: str, root: Path) -> None:
         self.name, self.path = name, root / f"{name}.db"
-        self.box = Outbox(self.path, max_rows=MAX_ROWS)
+        self.box = Outbox(self.path, max_rows=MAX_ROWS, first_seq=1)
         self.abandoned: list[Outbox] = []
         self.connected = True
         self.tags: dict[int, str] = {}  # seq -> the tag of the result numbered with it
@@ -155,7 +155,7 @@ class Device:
     def crash(self) -> None:
         """SIGKILL: the file stays as the last commit left it; the process's memory is gone."""
         self.abandoned.append(self.box)
-        self.box = Outbox(self.path, max_rows=MAX_ROWS)
+        self.box = Outbox(self.path, max_rows=MAX_ROWS, first_seq=1)
         self.connected = False
 
     def close(self) -> None:

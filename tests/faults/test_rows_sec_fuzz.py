@@ -60,7 +60,9 @@ def agent_valid(kind: str, sender: str) -> dict:
         "desired": lambda: m.Desired(device=DEVICE, generation=99, ts=now, models=[m.ModelRef(
             name=MODEL, version="9.9.9", sha256="0" * 64, size=1, url="http://127.0.0.1:9/none")],
             routes={"s0": [m.Route(device=sender, share=1.0)]}),
-        "acks": lambda: m.Ack(device=DEVICE, seq=10**6),
+        # Above any seq the agent numbers (its outbox numbers from the clock in microseconds, ~1.8e15): an ack
+        # taken by mistake would delete its rows and move its counters on, which the outbox dump shows.
+        "acks": lambda: m.Ack(device=DEVICE, seq=10**17),
         "coordinator": lambda: m.CoordinatorStatus(state="offline", ts=now),
         "replies": lambda: m.Reply(server=sender, origin=DEVICE, request=1, model=MODEL, output={"k": 1}),
     }[kind]()
@@ -240,7 +242,7 @@ def test_fuzzed_payloads_are_refused_and_change_nothing(fleet_factory, figures, 
     counter = fleet.start_counter()
     coord = fleet.start_coordinator({"planner": {"interval_s": 3600}, "liveness": {"stale_after_s": 3600}})
     agent = fleet.start_agent(DEVICE, rate_hz=0.002, overrides={"telemetry": {"interval_s": 3600}})
-    counter.wait_acked({DEVICE: 1}, timeout=30)
+    counter.wait_acked({DEVICE: fleet.outbox_counters(DEVICE)["first_seq"]}, timeout=30)  # its first result
     before = wait_quiet(fleet, counter)
     placement_lines = len(lines(agent, "placement generation"))
     topics, fuzzer = Topics(fleet.prefix), fleet.mqtt_client("lxf-fuzzer")

@@ -11,9 +11,12 @@ ranges (gaps) and the longest silence between arrivals.
 questions by SQL: every (device, seq) stored exactly once, none missing,
 ``PRAGMA integrity_check`` ok. That is where "exactly once" is decided.
 
-``expected`` maps a device to the seqs it produced: an int n means 1..n, or
-any iterable of ints. None means "1 .. the highest seq seen", so only holes
-count as lost (a lost tail needs the real count from the device).
+``expected`` maps a device to the seqs it produced: any iterable of ints,
+e.g. the ``range(first_seq, next_seq)`` an agent's outbox numbered
+(``Fleet.produced()``), or an int n for 1..n (planted data and stand-ins
+that number from 1; an agent's outbox numbers from the clock in
+microseconds). None means "the lowest .. the highest seq seen", so only
+holes count as lost (a lost head or tail needs the real range from the device).
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ class DeliveryReport:
 def expected_sets(expected: Expected | None, seen: Mapping[str, set[int]]) -> dict[str, set[int]]:
     """Normalise an ``expected`` spec (see module doc) to a set per device."""
     if expected is None:
-        return {dev: set(range(1, max(seqs) + 1)) for dev, seqs in seen.items() if seqs}
+        return {dev: set(range(min(seqs), max(seqs) + 1)) for dev, seqs in seen.items() if seqs}
     out: dict[str, set[int]] = {}
     for dev, spec in expected.items():
         out[dev] = set(range(1, spec + 1)) if isinstance(spec, int) else set(spec)

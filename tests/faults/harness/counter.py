@@ -261,19 +261,21 @@ class ResultCounter:
         with self._lock:
             return next((t for t, d, s in self._acks if d == device and s >= seq), None)
 
-    def wait_acked(self, expected: dict[str, int], timeout: float) -> float:
-        """Wait until each device's ack reached its count in *expected*.
+    def wait_acked(self, expected: Expected, timeout: float) -> float:
+        """Wait until each device's ack reached the highest seq in *expected*: an int is that seq, an
+        iterable (e.g. ``Fleet.produced()``'s ranges) its highest member (nothing to wait for when empty).
 
         Returns when the last of the covering acks arrived (time.monotonic()).
         """
         unknown = set(expected) - set(self.devices)
         if unknown:
             raise ValueError(f"counter does not watch acks of {sorted(unknown)}: pass devices=")
+        upto = {d: n if isinstance(n, int) else max(n, default=0) for d, n in expected.items()}
         deadline = time.monotonic() + timeout
         while True:
-            behind = {d: (self.acked(d), n) for d, n in expected.items() if self.acked(d) < n}
+            behind = {d: (self.acked(d), n) for d, n in upto.items() if self.acked(d) < n}
             if not behind:
-                times = [self.acked_at(d, n) for d, n in expected.items() if n > 0]
+                times = [self.acked_at(d, n) for d, n in upto.items() if n > 0]
                 return max((t for t in times if t is not None), default=time.monotonic())
             if time.monotonic() > deadline:
                 raise TimeoutError(f"acks (have, want) still behind after {timeout}s: {behind}")

@@ -7,7 +7,7 @@
     fleet.start_agents(rate_hz=10)
     fleet.kill("broker"); t = fleet.mark("broker down"); time.sleep(5)
     fleet.start("broker"); fleet.mark("broker up")
-    counter.wait_for(fleet.produced(), timeout=60)
+    counter.wait_for(fleet.produced(), timeout=60)  # {device: range(first_seq, next_seq)}
 
 Process names: ``"broker"``, ``"coordinator"`` and each device id. With
 ``netns=True`` every agent runs in a namespace of its own behind a veth whose
@@ -55,6 +55,7 @@ class Fleet:
         self.use_proxy = proxy
         self.procs = ProcessGroup(self.root / "logs")
         self.marks: dict[str, float] = {}
+        self._first_seqs: dict[str, int] = {}  # device -> its outbox's first_seq, as produced() first read it
         self.broker: MosquittoBroker | None = None
         self.counter: ResultCounter | None = None
         self.proxies: dict[str, DelayProxy] = {}
@@ -223,7 +224,7 @@ class Fleet:
         return self.root / device / "outbox.db"
 
     def outbox_counters(self, device: str) -> dict[str, int]:
-        """The agent outbox's own counters (next_seq, acked, dropped, expired) and its depth, read-only."""
+        """The agent outbox's own counters (first_seq, next_seq, acked, dropped, expired) and its depth, read-only."""
         conn = sqlite3.connect(f"file:{self.outbox_path(device)}?mode=ro", uri=True, timeout=30)
         try:
             counters = dict(conn.execute("SELECT name, value FROM counters"))
@@ -240,9 +241,18 @@ class Fleet:
         finally:
             conn.close()
 
-    def produced(self, devices: list[str] | None = None) -> dict[str, int]:
-        """How many results each device has numbered so far (seqs 1..n), from its outbox: the ``expected`` set."""
-        return {dev: self.outbox_counters(dev)["next_seq"] - 1 for dev in devices or self.devices}
+    def produced(self, devices: list[str] | None = None) -> dict[str, range]:
+        """The seqs each device's outbox has numbered so far, ``range(first_seq, next_seq)``: the ``expected``
+        set (a new outbox numbers from the clock in microseconds, not from 1; ``len()`` is the count)."""
+        out = {}
+        for dev in devices or self.devices:
+            counters = self.outbox_counters(dev)
+            first = self._first_seqs.setdefault(dev, counters["first_seq"])
+            if counters["first_seq"] != first:  # what the old file numbered would drop out of the expected set
+                raise AssertionError(f"{dev}: its outbox numbers from {counters['first_seq']} now, from {first} "
+                                     "before: the file was replaced")
+            out[dev] = range(first, counters["next_seq"])
+        return out
 
     # --- processes by name ---------------------------------------------------------------
     def start(self, name: str, wait: float = 0.0) -> None:
@@ -373,7 +383,7 @@ class Fleet:
 
     # --- accounting ------------------------------------------------------------------------
     def report(self, expected: Expected | None = None) -> DeliveryReport:
-        """What the counter received against *expected* (default: 1..highest seen per device)."""
+        """What the counter received against *expected* (default: lowest..highest seen per device)."""
         if self.counter is None:
             raise RuntimeError("start_counter() first")
         return self.counter.report(expected)
