@@ -139,6 +139,8 @@ class Agent:
         self.offload_server: Any = None
         self.prober: Any = None
         self.placement: Any = None
+        self.collector: Any = None  # telemetry figures (made by init_metrics when metrics are on, else init_telemetry)
+        self.metrics: Any = None
         self.inbound_stop = threading.Event()  # set after in-flight offloads are answered, not with stop_event
         self.generation = 0  # the placement generation applied (none yet)
         self.started_at = 0.0
@@ -155,6 +157,7 @@ class Agent:
         try:
             self.init_models()
             self.init_outbox()
+            self.init_metrics()
             self.init_sources()
             self.init_session()
             self.init_delivery()
@@ -163,7 +166,6 @@ class Agent:
             self.start_sources()
             self.init_inbound()
             self.init_telemetry()
-            self.init_metrics()
             self.init_watchdog()
             self.report_ready()
         except BaseException:
@@ -237,18 +239,21 @@ class Agent:
         self.inbound.start(self.inbound_stop)
 
     def init_telemetry(self) -> None:
-        self.collector = Collector(self)
+        self.collector = self.collector or Collector(self)
+        self.collector.collect()  # figures for the first scrape, before the loop's first round
         self.telemetry = TelemetryLoop(self.collector, self.cfg.telemetry.interval_s)
         self.telemetry.start(self.stop_event)
         self._steps.append(lambda: self.telemetry.join(min(1.0, self._left(AFTER_PIPELINES_S))))
 
     def init_metrics(self) -> None:
+        """Bind the metrics port before the broker sees this device: a port taken stops the start (exit 2)
+        before the device has joined the fleet. Scrapes find figures once telemetry has some."""
         if not self.cfg.metrics.port:
             return
         from lepton.agent.metrics import MetricsServer
 
+        self.collector = Collector(self)
         self.metrics = MetricsServer(self.collector, self.cfg.metrics.port, self.cfg.metrics.bind)
-        self.collector.collect()
         self.metrics.start()
         self._steps.append(self.metrics.stop)
 
@@ -469,8 +474,9 @@ class Agent:
         link = "broker connected" if self.session and self.session.connected.is_set() else \
             f"broker unreachable ({self.session.last_error or 'connecting'})" if self.session else "starting"
         depth = self.outbox.depth if self.outbox else 0
-        return f"{len(self.pipelines)} stream(s), {rate:.1f} results/s, outbox {depth}, {link}"
-
+        waiting = self.delivery.uncommitted if self.delivery else 0
+        refused = f" (refuses writes: {waiting} result(s) wait in memory; is the disk full?)" if waiting else ""
+        return f"{len(self.pipelines)} stream(s), {rate:.1f} results/s, outbox {depth}{refused}, {link}"
 
 
 def _source_rate(pipeline: Any) -> float | None:

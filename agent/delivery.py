@@ -72,11 +72,17 @@ class Delivery:
         self._stop_request: tuple | None = None
         self.lost_uncommitted = 0  # dropped before they could be committed (the outbox refused writes that long)
         self._failure, self._failure_logged = "", 0.0
+        self._drop_logged = -FAILURE_LOG_S
 
     # --- from other threads -----------------------------------------------------
     def submit(self, item: Pending) -> None:
         """Hand one result over; it is committed, then published, by the delivery thread."""
         self.queue.put(("result", item))
+
+    @property
+    def uncommitted(self) -> int:
+        """Results that wait in memory because the outbox refuses writes (a full disk); 0 while it takes them."""
+        return len(self._uncommitted) if self._failure else 0
 
     def ack(self, seq: int) -> None:
         """The coordinator committed everything up to *seq*."""
@@ -122,6 +128,9 @@ class Delivery:
                 self._bound_uncommitted()
                 if self._stop_request is None:
                     time.sleep(TICK_S)
+            elif self._failure:
+                log.info("outbox %s: writes work again", self.outbox.path)
+                self._failure, self._failure_logged = "", 0.0
             stop = self._stop_request
             if stop is not None:
                 self._drain_pubacks()
@@ -177,9 +186,11 @@ class Delivery:
         """Log a failed step: in full the first time, then one line every FAILURE_LOG_S while it repeats."""
         now, what = time.monotonic(), f"{type(exc).__name__}: {exc}"
         if what != self._failure:
-            log.exception("delivery step failed (%d result(s) wait to be committed); retrying", len(self._uncommitted))
+            log.exception("delivery step failed on outbox %s (%d result(s) wait in memory to be committed); retrying",
+                          self.outbox.path, len(self._uncommitted))
         elif now - self._failure_logged >= FAILURE_LOG_S:
-            log.error("delivery still failing (%d result(s) wait to be committed): %s", len(self._uncommitted), what)
+            log.error("delivery still failing on outbox %s (%d result(s) wait in memory to be committed): %s",
+                      self.outbox.path, len(self._uncommitted), what)
         else:
             return
         self._failure, self._failure_logged = what, now
@@ -192,8 +203,11 @@ class Delivery:
             for _ in range(over):
                 self._uncommitted.popleft()
             self.lost_uncommitted += over
-            log.error("the outbox refuses writes: dropped the %d oldest uncommitted result(s) (%d in all)",
-                      over, self.lost_uncommitted)
+            now = time.monotonic()
+            if now - self._drop_logged >= FAILURE_LOG_S:  # it happens every round while the disk stays full
+                log.error("outbox %s refuses writes and %d result(s) wait in memory: dropping the oldest "
+                          "(%d dropped in all)", self.outbox.path, self.cfg.max_rows, self.lost_uncommitted)
+                self._drop_logged = now
 
     def _commit(self, batch: list[Pending]) -> None:
         """Commit *batch*, the oldest of ``_uncommitted``, and take it from there; then publish what is next."""

@@ -14,6 +14,23 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
+# Figures beyond the telemetry message: (kind, help) by name.
+EXTRA = {
+    "rss_bytes": ("gauge", "resident memory of the agent process"),
+    "outbox_bytes": ("gauge", "payload bytes held in the outbox"),
+    "outbox_uncommitted": ("gauge", "results waiting in memory because the outbox refuses writes (a full disk)"),
+    "published": ("counter", "results published to the broker, first sends and re-sends"),
+    "resent": ("counter", "results published again (no ack came, or after a reconnect)"),
+    "connected": ("gauge", "1 while connected to the broker"),
+    "reconnects": ("counter", "connections to the broker after the first"),
+    "errors": ("counter", "frames that failed in a pipeline"),
+    "offloaded": ("counter", "results computed on another device"),
+    "unserved": ("counter", "frames skipped: routed nowhere and the model not held here"),
+    "offload_served": ("counter", "inputs from other devices run here"),
+    "link_probes": ("counter", "link probes sent to measure the uplink"),
+}
+
+
 class _TelemetryCollector:
     """A prometheus-client collector that reads the agent's latest telemetry at scrape time."""
 
@@ -50,11 +67,16 @@ class _TelemetryCollector:
         yield gauge("outbox_depth", "results held until the coordinator acknowledges them", t.outbox_depth)
         yield counter("outbox_dropped", "results dropped because the outbox was full", t.outbox_dropped)
         yield counter("outbox_expired", "results expired past their deadline, never sent", t.outbox_expired)
-        yield gauge("link_rtt_seconds", "round-trip time to the broker", None if t.link.rtt_ms is None else t.link.rtt_ms / 1000)
-        yield gauge("link_up_bits_per_second", "measured (else configured) uplink", None if t.link.up_mbps is None else t.link.up_mbps * 1e6)
+        yield counter("offload_failed", "frames neither computed on another device nor here", t.offload_failed)
+        link = t.link
+        yield gauge("link_rtt_seconds", "round-trip time to the broker", None if link.rtt_ms is None else link.rtt_ms / 1000)
+        yield gauge("link_up_bits_per_second", "measured (else configured) uplink",
+                    None if link.up_mbps is None else link.up_mbps * 1e6)
+        yield gauge("link_down_bits_per_second", "measured (else configured) downlink",
+                    None if link.down_mbps is None else link.down_mbps * 1e6)
         for name, value in self.collector.extra.items():
-            kind = counter if name in ("published", "resent", "reconnects", "errors") else gauge
-            yield kind(name, f"{name.replace('_', ' ')}", value)
+            kind, doc = EXTRA.get(name, ("gauge", name.replace("_", " ")))
+            yield (counter if kind == "counter" else gauge)(name, doc, value)
         yield from _per_model_and_stream(t)
 
 
@@ -70,6 +92,11 @@ def _per_model_and_stream(t: Any) -> Iterator[Any]:
     g = GaugeMetricFamily("lepton_agent_stream_rate_hz", "frames per second each stream is asked to serve (its source's rate)", labels=["device", "stream"])
     for stream, rate in t.streams.items():
         g.add_metric([t.device, stream], rate)
+    yield g
+    g = GaugeMetricFamily("lepton_agent_download_ratio", "share fetched of each model being downloaded",
+                          labels=["device", "model"])
+    for model, share in t.downloads.items():
+        g.add_metric([t.device, model], share)
     yield g
 
 

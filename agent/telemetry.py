@@ -95,6 +95,7 @@ class Collector:
         self.extra = {
             "rss_bytes": float(self._process.memory_info().rss),
             "outbox_bytes": float(box["bytes"]),
+            "outbox_uncommitted": float(agent.delivery.uncommitted),
             "published": float(agent.delivery.published),
             "resent": float(agent.delivery.resent),
             "connected": 1.0 if agent.session.connected.is_set() else 0.0,

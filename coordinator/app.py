@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import threading
 import time
 
@@ -30,7 +31,7 @@ from lepton.coordinator.metrics import Metrics
 from lepton.coordinator.rebalance import Rebalancer, planner_params
 from lepton.coordinator.registry import FleetRegistry
 from lepton.coordinator.retention import Retention
-from lepton.errors import ConfigError, naming_config
+from lepton.errors import ConfigError, naming_config, storage_error
 from lepton.protocol import Topics
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,9 @@ class Coordinator:
 
     def start(self) -> "Coordinator":
         """Run each init step in order; a failing step undoes the ones before it."""
-        steps = (self._check_files, self._load_models, self._start_http, self._record_start, self._start_ingest,
-                 self._start_rebalancer, self._start_retention, self._connect, self._start_metrics)
+        # Ports are bound before the broker sees this coordinator: one taken stops the start before it acts.
+        steps = (self._check_files, self._load_models, self._start_http, self._start_metrics, self._record_start,
+                 self._start_ingest, self._start_rebalancer, self._start_retention, self._connect)
         try:
             for step in steps:
                 step()
@@ -114,17 +116,23 @@ class Coordinator:
         """Migrate the database; note the known models and planner params so snapshots replay exactly."""
         db = open_db(self.cfg.db.path, self.cfg.db.synchronous)
         try:
-            reg = FleetRegistry(db)
-            reg.set_models([c.row() for c in self.catalog.all()])
-            with db.atomic():
-                reg.set_meta("planner", planner_params(self.cfg.planner))
-                reg.set_meta("defaults", {"default_compute_ms": self.cfg.planner.default_compute_ms,
-                                          "exclude_failed_s": self.cfg.planner.exclude_failed_s})
-                reg.set_meta("http", self.base_url)
-                reg.set_meta("started_at", time.time())
-                reg.event("coordinator-start", detail=f"models at {self.base_url}, {len(self.catalog.all())} model versions")
+            self._note_start(db)
+        except sqlite3.DatabaseError as exc:  # e.g. a full disk: one line naming the file, not a traceback
+            raise storage_error(f"coordinator database {self.cfg.db.path}: cannot record the start", self.cfg.db.path,
+                                exc) from None
         finally:
             db.close()
+
+    def _note_start(self, db) -> None:
+        reg = FleetRegistry(db)
+        reg.set_models([c.row() for c in self.catalog.all()])
+        with db.atomic():
+            reg.set_meta("planner", planner_params(self.cfg.planner))
+            reg.set_meta("defaults", {"default_compute_ms": self.cfg.planner.default_compute_ms,
+                                      "exclude_failed_s": self.cfg.planner.exclude_failed_s})
+            reg.set_meta("http", self.base_url)
+            reg.set_meta("started_at", time.time())
+            reg.event("coordinator-start", detail=f"models at {self.base_url}, {len(self.catalog.all())} model versions")
 
     def _start_ingest(self) -> None:
         self.ingest = Ingest(self.cfg.db.path, self.topics, self._sink, self._changes, self.cfg.db.synchronous,
@@ -146,6 +154,7 @@ class Coordinator:
         self.bus = Bus(self.cfg.broker, self.topics, self.ingest.submit, http_url=self.base_url)
         self.bus.on_connected = self.rebalancer.republish
         self.rebalancer.bus_connected = self.bus.connected.is_set
+        self.rebalancer.ingest_ok = lambda: not self.ingest.failing
         self.bus.start()
 
     def _start_metrics(self) -> None:

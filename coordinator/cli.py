@@ -125,6 +125,8 @@ def _db_path(args) -> str:
     from lepton.coordinator.config import load_config
 
     if args.db:
+        if getattr(args, "config", None):
+            raise ConfigError("--db and --config both name a database: give one")
         return args.db
     return load_config(args.config or getattr(args, "coordinator_config", None)).db.path
 
@@ -139,6 +141,9 @@ def _run(args) -> int:
             check_files(cfg)
         print(f"{args.check_config}: valid (broker {cfg.broker.host}:{cfg.broker.port}, db {cfg.db.path})")
         return 0
+    if not args.coordinator_config:  # the defaults name a broker on this host: never join one by accident
+        raise ConfigError("the coordinator needs --config FILE (every key: docs/coordinator.md); "
+                          "`lepton coordinator --help` lists its subcommands")
     from lepton.coordinator.app import Coordinator
 
     return Coordinator(load_config(args.coordinator_config), args.coordinator_config).run()

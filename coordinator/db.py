@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sqlite_utils import Database, Migrations
 
-from lepton.errors import ConfigError
+from lepton.errors import ConfigError, storage_error
 
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
@@ -161,12 +161,13 @@ def open_db(path: str | Path, synchronous: str = "FULL", create: bool = True) ->
         db.execute("PRAGMA busy_timeout=30000")
         if create:
             db.enable_wal()
+            _refuse_newer(db, path)
             migrations.apply(db)
         db.execute(f"PRAGMA synchronous={synchronous.upper()}")
     except OSError as exc:
-        raise ConfigError(f"cannot create coordinator database {path}: {exc.strerror}") from None
+        raise storage_error(f"cannot create coordinator database {path}", path, exc) from None
     except sqlite3.DatabaseError as exc:
-        raise ConfigError(f"cannot open coordinator database {path}: {exc}") from None
+        raise storage_error(f"cannot open coordinator database {path}", path, exc) from None
     return db
 
 
@@ -201,9 +202,20 @@ def open_readonly(path: str | Path) -> Database:
         db.execute("PRAGMA busy_timeout=30000")
         if not db["devices"].exists():
             raise ConfigError(f"{path} is not a coordinator database")
+        _refuse_newer(db, path)
     except sqlite3.DatabaseError as exc:
         raise ConfigError(f"cannot read coordinator database {path}: {exc}") from None
     return db
+
+
+def _refuse_newer(db: Database, path: Path) -> None:
+    """A database a newer lepton migrated has a schema this one does not know: refused, before anything
+    reads or writes it (an older coordinator would write rows the newer schema does not expect)."""
+    known = {m.name for m in migrations._migrations}
+    newer = [m.name for m in migrations.applied(db) if m.name not in known]
+    if newer:
+        raise ConfigError(f"coordinator database {path} was migrated by a newer lepton ({', '.join(newer)}): "
+                          f"run that version, or restore a backup made by this one")
 
 
 def dump(db: Database) -> list[str]:

@@ -87,6 +87,7 @@ class Ingest:
         self.db_path, self.topics, self.sink = db_path, topics, sink
         self.on_changes, self.synchronous, self.batch_max = on_changes, synchronous, batch_max
         self.metrics = metrics
+        self.failing = False  # the last commit failed (e.g. a full disk): telemetry is not being stored
         self.queue: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
         self.tracker = AckTracker()
         self.committed = 0  # results newly stored since start (duplicates excluded)
@@ -158,8 +159,12 @@ class Ingest:
             started = time.perf_counter()
             try:
                 batch, acks, new_rows = self._write(items)
+                if self.failing:
+                    log.info("ingest commits work again")
+                self.failing = False
                 break
             except sqlite3.Error as exc:
+                self.failing = True
                 log.error("ingest commit of %d messages failed, retrying in %.1f s: %s", len(items), delay, exc)
                 self._reload({self._device_of(i) for i in items})
                 if stop.wait(delay):

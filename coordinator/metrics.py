@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from lepton.errors import ConfigError
+
 
 class Metrics:
     """The counters ingest and the rebalancer update."""
@@ -32,6 +34,9 @@ class Metrics:
 
     def serve(self, port: int, bind: str = "127.0.0.1"):
         """Expose /metrics on *bind*:*port*; returns the server (shut it down on stop)."""
-        server, thread = start_http_server(port, addr=bind, registry=self.registry)
+        try:
+            server, thread = start_http_server(port, addr=bind, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(f"metrics.port {port} on {bind}: {exc.strerror or exc}") from None
         thread.name = "metrics-http"
         return server

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 REPLAN_KINDS = {"new-device", "online", "offline", "stale", "streams", "failed"}
 KEEP_PLANS = 200  # recorded plans (each with its snapshot) kept for replay
 KEEP_EVENTS = 100_000
+FAILURE_LOG_S = 30.0  # a failure that repeats the same way is logged this often
 
 
 def planner_params(cfg) -> dict:
@@ -60,6 +61,9 @@ class Rebalancer:
         # Is the coordinator's own broker session up? While it is not, no device can be heard, so none is
         # called stale (the app wires it to the bus; alone, e.g. in tests, it is always up).
         self.bus_connected: Callable[[], bool] = lambda: True
+        self.ingest_ok: Callable[[], bool] = lambda: True  # False while ingest commits fail (telemetry unstored)
+        self._ingest_was_ok = True
+        self._failure, self._failure_logged = "", 0.0
 
     # --- from other threads -------------------------------------------------
     def notify(self, changes: list[Change]) -> None:
@@ -119,10 +123,21 @@ class Rebalancer:
                         trigger = self._collect(trigger)
                     self.plan_once(trigger)
                     next_timer = time.time() + self.cfg.interval_s
-            except Exception:  # a planning failure must not end the thread: the next trigger tries again
-                log.exception("rebalance failed")
+            except Exception as exc:  # a planning failure must not end the thread: the next trigger tries again
+                self._failed(exc)
                 next_timer = time.time() + self.cfg.interval_s
         self.db.close()
+
+    def _failed(self, exc: Exception) -> None:
+        """In full the first time; then one line every FAILURE_LOG_S while the same failure repeats."""
+        now, what = time.monotonic(), f"{type(exc).__name__}: {exc}"
+        if what != self._failure:
+            log.exception("rebalance failed")
+        elif now - self._failure_logged >= FAILURE_LOG_S:
+            log.error("rebalance still failing: %s", what)
+        else:
+            return
+        self._failure, self._failure_logged = what, now
 
     def _due(self, timer: bool) -> str:
         """What calls for a plan now ('' for nothing): stale devices, events, drift, the timer."""
@@ -132,8 +147,14 @@ class Rebalancer:
         sweep = now - self._swept >= 1.0  # telemetry wakes this thread often: sweep and check drift once a second
         if sweep:
             self._swept = now
+        # While ingest cannot store telemetry every device looks silent: none is called stale then, and each
+        # gets one period again once it can.
+        ingest_ok = self.ingest_ok()
+        if ingest_ok and not self._ingest_was_ok:
+            self.started = now
+        self._ingest_was_ok = ingest_ok
         # Give devices one period to report after a (re)start or reconnect before calling any of them stale.
-        if (sweep and self.bus_connected() and now - self.started >= self.stale_after_s
+        if (sweep and ingest_ok and self.bus_connected() and now - self.started >= self.stale_after_s
                 and self.registry.silent(now, self.stale_after_s)):
             with write_tx(self.db):
                 stale = self.registry.mark_stale(now, self.stale_after_s)

@@ -49,6 +49,7 @@ def fleet_status(db: Database, now: float | None = None) -> dict:
             "desired_models": [mr["name"] for mr in desired.get("models", [])],
             "desired_versions": {mr["name"]: mr.get("version", "") for mr in desired.get("models", [])},
             "routes": {s: [f"{r['device']}:{r['share']:.2f}" for r in rs] for s, rs in desired.get("routes", {}).items()},
+            "serve": {origin: sorted(ids) for origin, ids in desired.get("serve", {}).items()},  # others' streams
             "reported_models": {k: v.get("state") for k, v in reported.get("models", {}).items()},
             "reported_versions": {k: v.get("version", "") for k, v in reported.get("models", {}).items()},
         })
@@ -72,6 +73,13 @@ def events(db: Database, limit: int = 50, device: str = "", kind: str = "") -> l
     does not exist, so a typo is not mistaken for a quiet fleet)."""
     where, args = [], []
     if device:
+        known = {r["id"] for r in db.query("SELECT id FROM devices")} | {
+            r["device"] for r in db.query("SELECT DISTINCT device FROM events WHERE device != ''")}
+        if device not in known:  # a typo must not read as a quiet device
+            names = sorted(known)
+            listed = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+            raise ConfigError(f"--device {device!r}: no such device in this database"
+                              + (f" (devices: {listed})" if names else " (no device has reported yet)"))
         where.append("device = ?")
         args.append(device)
     if kind:
@@ -95,12 +103,11 @@ def render_status(status: dict) -> str:
         live = d["liveness"] + (" degraded" if d["degraded"] else "")
         seen = "-" if d["last_seen_s"] is None else f"{d['last_seen_s']:.0f}s"
         versions = d.get("desired_versions") or {}
-        models = ",".join(f"{n}@{versions[n]}" if versions.get(n) else n for n in d["desired_models"]) or "-"
-        if d["reported_models"]:
-            said = d.get("reported_versions") or {}
-            bad = [f"{k} {said[k]}" if said.get(k) else k for k, v in d["reported_models"].items() if v != "loaded"]
-            models += f" ({'!' + ','.join(bad) if bad else 'loaded'})"
+        models = _models_cell(d)
         routes = " ".join(f"{s}->{'|'.join(r) or 'unserved'}" for s, r in d["routes"].items()) or ",".join(d["streams"]) or "-"
+        serving = [f"{origin}/{sid}" for origin, ids in (d.get("serve") or {}).items() for sid in ids]
+        if serving:
+            routes = (f"{routes}; " if routes != "-" else "") + "serves " + ",".join(serving)
         gen = f"{d['desired_generation'] if d['desired_generation'] is not None else '-'}/" \
               f"{d['reported_generation'] if d['reported_generation'] not in (None, -1) else '-'}"
         load = "-" if d["load1"] is None else f"{d['load1']:.2f}"
@@ -118,6 +125,23 @@ def render_status(status: dict) -> str:
     else:
         lines.append("\nno plan yet")
     return "\n".join(lines)
+
+
+def _models_cell(d: dict) -> str:
+    """The models placed on a device and what it said of them: loaded, or which failed. An offline device's
+    last report is not its state now, so none is claimed; models it runs unplaced (from its own config,
+    before any placement) are named as such."""
+    versions = d.get("desired_versions") or {}
+    models = ",".join(f"{n}@{versions[n]}" if versions.get(n) else n for n in d["desired_models"]) or "-"
+    if not d["reported_models"] or d["liveness"] == "offline":
+        return models
+    said = d.get("reported_versions") or {}
+    bad = [f"{k} {said[k]}" if said.get(k) else k for k, v in d["reported_models"].items() if v != "loaded"]
+    if bad:
+        return f"{models} (!{','.join(bad)})"
+    if not d["desired_models"]:
+        return ",".join(sorted(d["reported_models"])) + " (loaded, not placed)"
+    return f"{models} (loaded)"
 
 
 def render_events(rows: list[dict]) -> str:

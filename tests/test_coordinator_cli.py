@@ -151,6 +151,55 @@ def test_events_refuses_a_kind_that_does_not_exist(tmp_path):
     assert res.returncode == 2 and "--limit: -1: give 1 or more" in res.stderr
 
 
+def test_events_refuses_a_device_it_has_never_heard_of(tmp_path):
+    from lepton.coordinator.db import open_db
+    from lepton.coordinator.registry import FleetRegistry
+
+    path = tmp_path / "c.db"
+    db = open_db(path)
+    FleetRegistry(db).event("placement", "cam-1", "models: digits")
+    db.conn.commit()
+    db.close()
+    res = lepton("events", "--db", str(path), "--device", "cam-2")
+    assert res.returncode == 2 and error_line(res).endswith("--device 'cam-2': no such device in this database "
+                                                            "(devices: cam-1)"), res.stderr
+    res = lepton("events", "--db", str(path), "--device", "cam-1")
+    assert res.returncode == 0 and "models: digits" in res.stdout
+
+
+def test_a_database_migrated_by_a_newer_lepton_is_refused_by_every_reader_and_the_coordinator(tmp_path):
+    """An older lepton read it without a word and wrote rows its schema did not expect."""
+    from lepton.coordinator.db import migrations, open_db
+    from lepton.errors import ConfigError
+
+    path = tmp_path / "c.db"
+    open_db(path).close()
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    conn.execute("INSERT INTO _sqlite_migrations (migration_set, name, applied_at) VALUES (?, ?, ?)",
+                 (migrations.name, "m099_future", "2027-01-01 00:00:00"))
+    conn.commit()
+    conn.close()
+    for command in ("status", "events", "results"):
+        res = lepton(command, "--db", str(path))
+        assert res.returncode == 2 and "migrated by a newer lepton (m099_future)" in error_line(res), res.stderr
+    with pytest.raises(ConfigError, match="migrated by a newer lepton"):
+        open_db(path)
+
+
+def test_the_coordinator_does_not_start_without_a_config():
+    """On its defaults it would connect to a broker on this host with the usual client id, and take over a
+    running coordinator's session."""
+    res = lepton("coordinator")
+    assert res.returncode == 2 and error_line(res).startswith("lepton: error: the coordinator needs --config FILE")
+
+
+def test_db_and_config_together_are_refused(tmp_path):
+    res = lepton("status", "--db", str(tmp_path / "c.db"), "--config", str(tmp_path / "c.toml"))
+    assert res.returncode == 2 and error_line(res) == "lepton: error: --db and --config both name a database: give one"
+
+
 def test_every_event_kind_the_coordinator_records_is_listed():
     """``--kind`` accepts what the coordinator writes: a kind added to the code without EVENT_KINDS fails here."""
     from lepton.coordinator.status import EVENT_KINDS
@@ -314,3 +363,26 @@ def test_refused_credentials_are_named_with_a_hint_and_retried(tmp_path, prefix)
         finally:
             coord.stop()
             notify.close()
+
+
+def test_the_status_table_says_what_a_device_serves_for_others_and_claims_nothing_for_an_offline_one():
+    from lepton.coordinator.status import render_status
+
+    def device(name, liveness, desired, reported, routes=None, serve=None):
+        return {"id": name, "agent_version": "0.1.0", "liveness": liveness, "degraded": False, "last_seen_s": 1.0,
+                "load1": 0.1, "outbox_depth": 0, "acked_seq": 0, "streams": [], "desired_generation": 1,
+                "reported_generation": 1, "desired_models": desired, "desired_versions": {},
+                "routes": routes or {}, "serve": serve or {},
+                "reported_models": {m: "loaded" for m in reported}, "reported_versions": {}}
+
+    table = render_status({"last_plan": None, "devices": [
+        device("cam-1", "online", ["digits"], ["digits"], routes={"door": ["worker:1.00"]}),
+        device("worker", "online", ["digits"], ["digits"], serve={"cam-1": ["door", "yard"]}),
+        device("gone", "offline", ["digits"], ["digits"]),
+        device("fresh", "online", [], ["vibration"]),
+    ]})
+    rows = {line.split()[0]: line for line in table.splitlines()[1:] if line.strip()}
+    assert "door->worker:1.00" in rows["cam-1"] and "digits (loaded)" in rows["cam-1"]
+    assert rows["worker"].rstrip().endswith("serves cam-1/door,cam-1/yard")
+    assert "(loaded)" not in rows["gone"] and "digits" in rows["gone"]
+    assert "vibration (loaded, not placed)" in rows["fresh"]

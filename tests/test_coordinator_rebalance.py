@@ -251,6 +251,28 @@ def test_no_device_is_called_stale_while_the_coordinator_itself_is_cut_off(fleet
     assert sweep() == ["strong", "weak"]
 
 
+def test_no_device_is_called_stale_while_ingest_cannot_store_telemetry(fleet):
+    """A full disk stops ingest: telemetry arrives but is not stored, so every device looks silent. Devices
+    were all called stale once it could store again, before the backlog was in; now the sweep waits while
+    ingest fails and gives devices one liveness period after it recovers."""
+    reg, reb, rec, _ = fleet
+
+    def sweep() -> list[str]:
+        reb._swept = 0.0
+        reb._due(False)
+        return sorted(d["id"] for d in reg.devices() if d["liveness"] == "stale")
+
+    reb.started = time.time() - 100
+    with reg.db.atomic():
+        reg.db.execute("UPDATE devices SET status_at = status_at - 60, telemetry_at = telemetry_at - 60")
+    reb.ingest_ok = lambda: False
+    assert sweep() == []
+    reb.ingest_ok = lambda: True
+    assert sweep() == [], "one period of grace after ingest recovers"
+    reb.started -= 16
+    assert sweep() == ["strong", "weak"]
+
+
 def test_drift_in_measured_compute_triggers_a_replan(fleet):
     reg, reb, rec, _ = fleet
     reb.plan_once("test")

@@ -496,3 +496,21 @@ def test_importing_the_planner_does_not_load_scipy():
             "print('scipy' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("penalty, verdict", [
+    # local 100 ms; on the peer 16 (L + R) / C + (4 + 4) / 2 + 20 = 56.4 ms at 10 Mbit/s: 43.6 ms faster
+    (500.0, "det is not loaded here: a load costs 500 ms in the plan, more than the 43.6 ms it would save"),
+    (0.0, "serves 100%"),
+])
+def test_explain_names_the_load_penalty_when_it_keeps_a_faster_device_unused(tmp_path, capsys, penalty, verdict):
+    """The peer would be 43.6 ms faster, but det is held on the camera only: with a load penalty above what the
+    move saves, the verdict said "full, or others cheaper" of a device the plan left idle."""
+    fleet = crossover_fleet(10.0)
+    fleet["current"] = {"cam": ["det"]}
+    fleet["params"]["migration_penalty_ms"] = penalty
+    path = tmp_path / "fleet.json"
+    path.write_text(json.dumps(fleet))
+    assert run_cli(["plan", "--snapshot", str(path), "--explain", "s", "--json"]) == 0
+    peer = next(d for d in json.loads(capsys.readouterr().out)["devices"] if d["device"] == "peer")
+    assert peer["verdict"].startswith(verdict), peer["verdict"]

@@ -94,12 +94,14 @@ def test_units_keep_the_promised_settings():
     """The settings docs/deploy.md and the fault plan rely on; loosening one must be deliberate."""
     for role, path in UNITS.items():
         v = {key: unit_values(path, key) for key in (
-            "Type", "WatchdogSec", "Restart", "StartLimitIntervalSec", "StartLimitBurst", "StateDirectory",
+            "Type", "WatchdogSec", "Restart", "RestartSec", "StartLimitIntervalSec", "StateDirectory",
             "DynamicUser", "ProtectSystem", "NoNewPrivileges", "CapabilityBoundingSet", "SystemCallFilter",
             "RestrictAddressFamilies", "MemoryDenyWriteExecute", "LoadCredential", "UMask")}
         assert v["Type"] == ["notify"] and v["Restart"] == ["on-failure"] and v["WatchdogSec"], role
         # Separate state directories: both may run on one host, as two different dynamic users.
-        assert v["StartLimitIntervalSec"] and v["StartLimitBurst"], role
+        # Restarted for ever, not given up on after a burst: a full disk or a taken port can come back on a
+        # device nobody watches (a Pi rebooted onto a full card was marked failed in 30 s, for good).
+        assert v["StartLimitIntervalSec"] == ["0"] and v["RestartSec"] == ["5"], role
         assert v["StateDirectory"] == [{"agent": "lepton", "coordinator": "lepton-coordinator"}[role]]
         assert v["DynamicUser"] == ["yes"] and v["ProtectSystem"] == ["strict"] and v["NoNewPrivileges"] == ["yes"]
         assert v["CapabilityBoundingSet"] == [""] and v["SystemCallFilter"][0] == "@system-service"

@@ -50,7 +50,8 @@ def explain_stream(snap: Snapshot, stream_id: str, result: Plan, show: int = SHO
         rows.append({
             "device": dev, "transfer_ms": _f(transfer[i]), "propagation_ms": _f(prop[i]),
             "compute_ms": _f(comp[i]), "static_ms": _f(static[i]), "share": shares.get(dev, 0.0),
-            "verdict": _verdict(prob, spec, s, i, static[i], cand, shares.get(dev, 0.0)),
+            "verdict": _verdict(prob, spec, s, i, static[i], cand, shares.get(dev, 0.0)) or
+                       _not_chosen(prob, result, spec, s, i, static, shares),
         })
     out["devices"] = rows
     out["more"] = n_dev - len(rows)
@@ -79,4 +80,23 @@ def _verdict(prob, spec, s: int, d: int, static: float, cand: set, share: float)
         return f"static latency {static:.1f} ms exceeds the SLO {spec.slo_ms:g} ms"
     if d not in cand:
         return f"not among the {prob.params.candidates_k} lowest-latency devices"
-    return "candidate, not used: full, or others cheaper"
+    return ""
+
+
+def _not_chosen(prob, result: Plan, spec, s: int, d: int, static: np.ndarray, shares: dict) -> str:
+    """Why a candidate that could serve the stream does not: the load its model would need against what it
+    would save, or how full the plan leaves it."""
+    dev = prob.dev_ids[d]
+    index = {name: i for i, name in enumerate(prob.dev_ids)}
+    served = sum(share * static[index[other]] for other, share in shares.items() if other in index)
+    saving = served - static[d] if shares else 0.0
+    weighted = float(prob.weight[s]) * saving
+    needs_load = (prob.s_model[s], d) not in prob.current and spec.model not in result.placement.get(dev, [])
+    if needs_load and prob.load_cost > 0 and saving > 0 and weighted <= prob.load_cost:
+        return (f"{spec.model} is not loaded here: a load costs {prob.load_cost:g} ms in the plan, more than the "
+                f"{weighted:.1f} ms it would save ({saving:.1f} ms faster x rate weight {prob.weight[s]:.2f})")
+    used = max((r.utilization for rs in result.routes.values() for r in rs if r.device == dev), default=0.0)
+    cap = prob.params.utilization_cap
+    if used >= cap - 0.01:
+        return f"full: the plan uses {used:.0%} of its CPU (cap {cap:.0%})"
+    return f"candidate, not used: others are cheaper for the fleet as a whole ({used:.0%} of its CPU used)"
