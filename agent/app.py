@@ -240,7 +240,8 @@ class Agent:
 
     def init_telemetry(self) -> None:
         self.collector = self.collector or Collector(self)
-        self.collector.collect()  # figures for the first scrape, before the loop's first round
+        if self.metrics is not None:  # figures for the first scrape, before the loop's first round
+            self.collector.collect()
         self.telemetry = TelemetryLoop(self.collector, self.cfg.telemetry.interval_s)
         self.telemetry.start(self.stop_event)
         self._steps.append(lambda: self.telemetry.join(min(1.0, self._left(AFTER_PIPELINES_S))))

@@ -152,7 +152,7 @@ class AgentConfig(_Section):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="the result outbox")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="inference")
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig, description="telemetry")
-    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Prometheus endpoint; every metric in [metrics.md](metrics.md)")
     models: ModelsConfig = Field(default_factory=ModelsConfig, description="model registry")
     link: LinkConfig = Field(default_factory=LinkConfig, description="link hints for the planner")
     offload: OffloadConfig = Field(default_factory=OffloadConfig, description="running inputs on other devices, and theirs here")

@@ -40,6 +40,7 @@ from functools import partial
 from lepton.agent.config import OutboxConfig
 from lepton.agent.outbox import Outbox, Pending, Row
 from lepton.agent.session import Outgoing, Session
+from lepton.repeats import Repeats
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class Delivery:
         self._ack_due = 0  # highest ack not yet applied to the outbox
         self._stop_request: tuple | None = None
         self.lost_uncommitted = 0  # dropped before they could be committed (the outbox refused writes that long)
-        self._failure, self._failure_logged = "", 0.0
+        self._repeats = Repeats(log, f"delivery on outbox {outbox.path}", FAILURE_LOG_S)
         self._drop_logged = -FAILURE_LOG_S
 
     # --- from other threads -----------------------------------------------------
@@ -82,7 +83,7 @@ class Delivery:
     @property
     def uncommitted(self) -> int:
         """Results that wait in memory because the outbox refuses writes (a full disk); 0 while it takes them."""
-        return len(self._uncommitted) if self._failure else 0
+        return len(self._uncommitted) if self._repeats.failing else 0
 
     def ack(self, seq: int) -> None:
         """The coordinator committed everything up to *seq*."""
@@ -128,9 +129,8 @@ class Delivery:
                 self._bound_uncommitted()
                 if self._stop_request is None:
                     time.sleep(TICK_S)
-            elif self._failure:
-                log.info("outbox %s: writes work again", self.outbox.path)
-                self._failure, self._failure_logged = "", 0.0
+            else:
+                self._repeats.worked()
             stop = self._stop_request
             if stop is not None:
                 self._drain_pubacks()
@@ -183,17 +183,7 @@ class Delivery:
             raise refused
 
     def _failed(self, exc: Exception) -> None:
-        """Log a failed step: in full the first time, then one line every FAILURE_LOG_S while it repeats."""
-        now, what = time.monotonic(), f"{type(exc).__name__}: {exc}"
-        if what != self._failure:
-            log.exception("delivery step failed on outbox %s (%d result(s) wait in memory to be committed); retrying",
-                          self.outbox.path, len(self._uncommitted))
-        elif now - self._failure_logged >= FAILURE_LOG_S:
-            log.error("delivery still failing on outbox %s (%d result(s) wait in memory to be committed): %s",
-                      self.outbox.path, len(self._uncommitted), what)
-        else:
-            return
-        self._failure, self._failure_logged = what, now
+        self._repeats.failed(exc, f"{len(self._uncommitted)} result(s) wait in memory to be committed")
 
     def _bound_uncommitted(self) -> None:
         """While the outbox refuses writes, results wait in memory, at most ``max_rows`` of them: past that the

@@ -108,17 +108,13 @@ class MetricsServer:
         self._server = None
 
     def start(self) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
 
-        from lepton.errors import ConfigError
+        from lepton.metrics_http import serve_metrics
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_TelemetryCollector(self.collector))
-        try:
-            self._server, thread = start_http_server(self.port, addr=self.bind, registry=registry)
-            thread.name = "metrics-http"
-        except OSError as exc:
-            raise ConfigError(f"metrics.port {self.port} on {self.bind}: {exc.strerror or exc}") from None
+        self._server = serve_metrics(registry, self.port, self.bind)
         log.info("Prometheus metrics on http://%s:%d/metrics", self.bind, self.port)
 
     def stop(self) -> None:

@@ -484,8 +484,12 @@ class StreamPipeline:
 
     def _offloaded(self, frame, target: str, reply: m.Reply, rtt_ms: float) -> None:
         model = m.ModelId(name=reply.model, version=reply.version or "0", sha256=reply.sha256)
+        try:  # on the inbound thread: a reply that makes no result (e.g. too large for a message) is a frame error
+            self._emit(frame, model, reply.output, reply.infer_ms, target, rtt_ms)
+        except (LeptonError, ValueError, TypeError, ArithmeticError) as exc:
+            self._failed(exc)
+            return
         self.offloaded += 1
-        self._emit(frame, model, reply.output, reply.infer_ms, target, rtt_ms)
 
     def _fallback(self, frame, plan: StreamPlan, tensor: np.ndarray | None, why: str) -> None:
         """An offload failed: compute here if the model is held (now or when it was sent), else count it.

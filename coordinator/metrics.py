@@ -6,9 +6,9 @@ the demo) from colliding on the global one.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from lepton.errors import ConfigError
+from lepton.metrics_http import serve_metrics
 
 
 class Metrics:
@@ -34,9 +34,4 @@ class Metrics:
 
     def serve(self, port: int, bind: str = "127.0.0.1"):
         """Expose /metrics on *bind*:*port*; returns the server (shut it down on stop)."""
-        try:
-            server, thread = start_http_server(port, addr=bind, registry=self.registry)
-        except OSError as exc:
-            raise ConfigError(f"metrics.port {port} on {bind}: {exc.strerror or exc}") from None
-        thread.name = "metrics-http"
-        return server
+        return serve_metrics(self.registry, port, bind)

@@ -24,6 +24,7 @@ from lepton.coordinator import fleetview, placement
 from lepton.coordinator.db import open_db, write_tx
 from lepton.coordinator.registry import Change, FleetRegistry
 from lepton.errors import LeptonError
+from lepton.repeats import Repeats
 from lepton.protocol import Topics, encode
 from lepton.protocol import messages as m
 
@@ -63,7 +64,7 @@ class Rebalancer:
         self.bus_connected: Callable[[], bool] = lambda: True
         self.ingest_ok: Callable[[], bool] = lambda: True  # False while ingest commits fail (telemetry unstored)
         self._ingest_was_ok = True
-        self._failure, self._failure_logged = "", 0.0
+        self._repeats = Repeats(log, "rebalance", FAILURE_LOG_S)
 
     # --- from other threads -------------------------------------------------
     def notify(self, changes: list[Change]) -> None:
@@ -123,21 +124,11 @@ class Rebalancer:
                         trigger = self._collect(trigger)
                     self.plan_once(trigger)
                     next_timer = time.time() + self.cfg.interval_s
+                self._repeats.worked()
             except Exception as exc:  # a planning failure must not end the thread: the next trigger tries again
-                self._failed(exc)
+                self._repeats.failed(exc)
                 next_timer = time.time() + self.cfg.interval_s
         self.db.close()
-
-    def _failed(self, exc: Exception) -> None:
-        """In full the first time; then one line every FAILURE_LOG_S while the same failure repeats."""
-        now, what = time.monotonic(), f"{type(exc).__name__}: {exc}"
-        if what != self._failure:
-            log.exception("rebalance failed")
-        elif now - self._failure_logged >= FAILURE_LOG_S:
-            log.error("rebalance still failing: %s", what)
-        else:
-            return
-        self._failure, self._failure_logged = what, now
 
     def _due(self, timer: bool) -> str:
         """What calls for a plan now ('' for nothing): stale devices, events, drift, the timer."""

@@ -102,7 +102,6 @@ def render_status(status: dict) -> str:
     for d in status["devices"]:
         live = d["liveness"] + (" degraded" if d["degraded"] else "")
         seen = "-" if d["last_seen_s"] is None else f"{d['last_seen_s']:.0f}s"
-        versions = d.get("desired_versions") or {}
         models = _models_cell(d)
         routes = " ".join(f"{s}->{'|'.join(r) or 'unserved'}" for s, r in d["routes"].items()) or ",".join(d["streams"]) or "-"
         serving = [f"{origin}/{sid}" for origin, ids in (d.get("serve") or {}).items() for sid in ids]

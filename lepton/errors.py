@@ -100,8 +100,9 @@ def storage_error(message: str, path, exc: BaseException) -> LeptonError:
     from pathlib import Path
 
     detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    code = getattr(exc, "sqlite_errorcode", None)
-    room = (code is not None and code & 0xFF in (_SQLITE_IOERR, _SQLITE_FULL)) or (
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; before, only the message tells
+    room = (code & 0xFF in (_SQLITE_IOERR, _SQLITE_FULL) if code is not None
+            else any(text in detail for text in ("disk is full", "disk I/O error"))) or (
         isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO))
     if not room:
         return ConfigError(f"{message}: {detail}")

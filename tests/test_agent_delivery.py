@@ -229,9 +229,10 @@ def test_on_a_full_outbox_acks_free_the_room_new_results_need(setup):
     with outbox._lock:
         pages = outbox._db.execute("PRAGMA page_count").fetchone()[0]
         outbox._db.execute(f"PRAGMA max_page_count={pages}")  # the disk is full from here on
-    delivery.ack(150)
     for _ in range(20):
         delivery.submit(big)
+    wait_for(lambda: delivery.uncommitted == 20, 10, "the 20 refused, waiting in memory")
+    delivery.ack(150)  # arrives while they wait: with the commits first, it waited behind them for good
     wait_for(lambda: outbox.floor == 151, 10, "the ack applied on the full disk")
     wait_for(lambda: outbox.next_seq == 221, 10, "the 20 new results committed into the freed room")
     assert delivery.lost_uncommitted == 0 and outbox.depth == 70
@@ -248,6 +249,20 @@ def test_a_standalone_agent_keeps_no_send_marks(setup):
     wait_for(lambda: len(wire.seqs()) == 300, 10, "every result sent")
     assert outbox.depth == 50 and outbox.dropped == 250
     assert len(delivery._sent_marks) == 0
+
+
+def test_send_marks_of_results_the_outbox_dropped_are_forgotten(setup):
+    """With a coordinator that does not ack, drop-oldest moves the floor: marks below it time nothing."""
+    make, wire, topics = setup
+    delivery, outbox = make(coordinator="online", max_rows=20, resend_after_s=600.0)
+    wait_for(lambda: delivery.coordinator == "online", 5, "the coordinator's status")
+    for _ in range(300):
+        delivery.submit(result(topics))
+        time.sleep(0.005)
+    wait_for(lambda: outbox.dropped == 280, 10, "the oldest dropped")
+    time.sleep(1.0)  # a timer round or two
+    floor = outbox.floor
+    assert all(seq >= floor for seq, _ in list(delivery._sent_marks)[1:]) and len(delivery._sent_marks) <= 3
 
 
 def test_a_resend_keeps_to_the_ack_window_past_the_floor(setup):

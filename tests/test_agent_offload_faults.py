@@ -191,3 +191,32 @@ def test_a_target_that_answers_with_errors_cannot_pile_up_work_here(broker, pref
         worker.stop()
         placer.close()
         consumer.close()
+
+
+def test_a_failed_input_keeps_its_slot_until_it_is_computed_here(tmp_path):
+    """The slot of a request that failed (here: timed out) is taken until its fallback has run: a target that
+    fails fast cannot let inputs queue here faster than this device computes them."""
+    from lepton.agent.config import OffloadConfig
+    from lepton.agent.offload import OffloadClient
+
+    client = OffloadClient("dev1", Topics("t/v1"), lambda msg: (0, 1), OffloadConfig(timeout_s=0.2, max_inflight=1))
+    stop = threading.Event()
+    client.start(stop)
+    computing, release = threading.Event(), threading.Event()
+
+    def fallback(reply, why, waited_ms):  # the local model, slow
+        computing.set()
+        release.wait(10)
+
+    tensor = np.zeros((1, 8, 8, 1), np.uint8)
+    try:
+        assert client.request("w", STREAM, "m", "1", tensor, time.time(), fallback) == ""
+        assert computing.wait(5), "the timed-out input is being computed here"
+        why = client.request("w", STREAM, "m", "1", tensor, time.time(), lambda *a: None)
+        assert why == "1 requests to w already waiting", why  # its slot is still taken
+        release.set()
+        wait_for(lambda: client.stats()["w"]["inflight"] == 0, 5, "the slot freed once computed")
+    finally:
+        release.set()
+        stop.set()
+        client.join(2)

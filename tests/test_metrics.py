@@ -45,9 +45,27 @@ def test_agent_metrics_carry_telemetry_and_counters_are_counters(broker, prefix,
         for name in ("outbox_uncommitted", "connected", "rss_bytes", "link_down_bits_per_second", "outbox_depth"):
             assert got.get(f"# TYPE lepton_agent_{name}") == "gauge", name
         assert got['lepton_agent_outbox_uncommitted{device="dev1"}'] == "0.0"
+        exported = {key.split()[-1].removesuffix("_total") for key in got if key.startswith("# TYPE lepton_agent_")}
+        assert exported == documented("lepton_agent_"), "docs/metrics.md and the endpoint differ"
         assert got['lepton_agent_connected{device="dev1"}'] == "1.0"
     finally:
         agent.stop()
+
+
+def documented(prefix: str) -> set[str]:
+    """Metric names docs/metrics.md lists (without _total)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "metrics.md").read_text()
+    return {name.removesuffix("_total") for name in re.findall(r"`(" + prefix + r"[a-z0-9_]+)`", text)}
+
+
+def test_the_coordinators_metrics_are_the_documented_ones():
+    from lepton.coordinator.metrics import Metrics
+
+    names = {metric.name for metric in Metrics().registry.collect()}
+    assert names == documented("lepton_") - documented("lepton_agent_")
 
 
 def test_an_agent_whose_metrics_port_is_taken_stops_before_it_joins_the_fleet(broker, prefix, tmp_path):
