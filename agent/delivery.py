@@ -213,7 +213,10 @@ class Delivery:
                     break
 
     def _ack(self, seq: int) -> None:
+        renumbered = self.outbox.renumbered
         removed = self.outbox.ack(seq)
+        if self.outbox.renumbered != renumbered:  # every held result has a new seq: send them all again
+            self._resend_all("numbered again above the coordinator's ack")
         if removed:
             self._acked_at = time.monotonic()
         self._trim_marks()

@@ -19,6 +19,7 @@ lets the coordinator acknowledge past the gap.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
@@ -91,6 +92,18 @@ class Row:
         return self.deadline is not None and self.deadline < now
 
 
+def _renumbered(payload: bytes, seq: int, floor: int) -> bytes:
+    """A stored result's payload with its ``seq`` and ``floor`` replaced."""
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return payload
+    if not isinstance(body, dict):
+        return payload
+    body["seq"], body["floor"] = seq, floor
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
 class Outbox:
     """The outbox file. Thread-safe (one connection behind a lock); all writes are transactions."""
 
@@ -130,6 +143,7 @@ class Outbox:
         self.dropped = counters["dropped"]
         self.expired = counters["expired"]
         self.first_seq = counters["first_seq"]
+        self.renumbered = 0  # times this process numbered the held results again above an ack (_renumber_above)
         self.depth, self.bytes = self._db.execute(
             "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
         low = self._db.execute("SELECT min(seq) FROM outbox").fetchone()[0]
@@ -199,21 +213,43 @@ class Outbox:
         with self._lock:
             if seq <= self.acked:
                 return 0
+            if seq >= self.next_seq:
+                self._renumber_above(seq)
+                return 0
             n, freed = self._db.execute(
                 "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox WHERE seq <= ?", (seq,)).fetchone()
             updates = [("UPDATE counters SET value = ? WHERE name = 'acked'", (seq,))]
-            if seq >= self.next_seq:
-                # An ack above anything ever numbered here means this outbox was
-                # replaced: numbering again from 1 would make the coordinator
-                # drop new results as duplicates. Number on past the ack.
-                log.warning("ack %d is above the outbox's next seq %d (outbox replaced?): numbering from %d",
-                            seq, self.next_seq, seq + 1)
-                updates.append(("UPDATE counters SET value = ? WHERE name = 'next_seq'", (seq + 1,)))
             self._tx(self._delete_upto, seq, updates)
             self.acked = seq
-            self.next_seq = max(self.next_seq, seq + 1)
             self._removed(n, freed)
             return n
+
+    def _renumber_above(self, ack: int) -> None:
+        """An ack above anything numbered here: the coordinator holds results of an older outbox of this device
+        numbered above this one (it replaced that one while the clock was behind). It stored none of these:
+        it refuses what comes at or below a device's ack unstored. So nothing is deleted: every held result is
+        numbered again, in order, from ``ack + 1``, its payload with it (caller holds the lock)."""
+        rows = self._db.execute("SELECT seq, stream, topic, payload, created, deadline FROM outbox ORDER BY seq").fetchall()
+        first = ack + 1
+        shift = first - (rows[0][0] if rows else self.next_seq)
+        log.warning("ack %d is above the outbox's next seq %d (it replaced an older outbox while the clock was "
+                    "behind?): the %d result(s) held are numbered again from %d", ack, self.next_seq, len(rows), first)
+        moved = [(r[0] + shift, r[1], r[2], _renumbered(bytes(r[3]), r[0] + shift, first), r[4], r[5], first)
+                 for r in rows]
+
+        def renumber() -> None:
+            self._db.execute("DELETE FROM outbox")
+            self._db.executemany("INSERT INTO outbox (seq, stream, topic, payload, created, deadline, floor) "
+                                 "VALUES (?, ?, ?, ?, ?, ?, ?)", moved)
+            self._db.execute("UPDATE counters SET value = ? WHERE name = 'acked'", (ack,))
+            self._db.execute("UPDATE counters SET value = ? WHERE name = 'next_seq'", (self.next_seq + shift,))
+
+        self._tx(renumber)
+        self.acked, self.next_seq = ack, self.next_seq + shift
+        self.bytes = sum(len(r[3]) for r in moved)
+        self._floor = first
+        self.lost_upto = ack
+        self.renumbered += 1
 
     def _insert_bounded(self, rows: list[Row], next_seq: int, size: int, trim: list[int]) -> None:
         """Insert *rows* and drop the oldest past the bounds in the same transaction, so no

@@ -88,6 +88,7 @@ class Ingest:
         self.on_changes, self.synchronous, self.batch_max = on_changes, synchronous, batch_max
         self.metrics = metrics
         self.failing = False  # the last commit failed (e.g. a full disk): telemetry is not being stored
+        self._below_logged: dict[str, float] = {}  # device -> when results below its ack were last logged
         self.queue: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
         self.tracker = AckTracker()
         self.committed = 0  # results newly stored since start (duplicates excluded)
@@ -201,11 +202,45 @@ class Ingest:
         with write_tx(self.db):
             for item in items:
                 self._one(item, batch, now)
+            self._refuse_below_acks(batch)
             cur = self.db.conn.executemany(INSERT_RESULT, batch.rows)
             new_rows = max(cur.rowcount, 0)
             acks = {d: self.tracker.committed(d, seqs, batch.floors[d]) for d, seqs in batch.seqs.items()}
             self.db.conn.executemany(SAVE_ACK, list(acks.items()))
         return batch, acks, new_rows
+
+    def _refuse_below_acks(self, batch: _Batch) -> None:
+        """Results at or below their device's ack that are not stored already are not stored now either.
+
+        Everything at or below an ack was stored or dropped by the device, so such a result comes from an
+        outbox that replaced the device's older one while its clock was behind (it numbers from the clock),
+        below what the older one numbered. Stored, it would be acked with the older results and deleted
+        unsent; refused, the ack (above anything the new outbox numbered) makes the device number it again
+        above the ack and send it once more.
+        """
+        for device, seqs in list(batch.seqs.items()):
+            acked = self.tracker.acked.get(device, 0)
+            low = sorted({s for s in seqs if s <= acked})
+            if not low:
+                continue
+            stored: set[int] = set()
+            for i in range(0, len(low), 500):
+                chunk = low[i:i + 500]
+                stored.update(r[0] for r in self.db.execute(
+                    f"SELECT seq FROM results WHERE device = ? AND seq IN ({','.join('?' * len(chunk))})",
+                    [device, *chunk]))
+            refused = set(low) - stored
+            if not refused:
+                continue  # re-sends of results already stored: acked again below
+            batch.rows = [r for r in batch.rows if r[0] != device or r[1] not in refused]
+            batch.seqs[device] = [s for s in seqs if s not in refused]
+            now = time.monotonic()
+            if now - self._below_logged.get(device, float("-inf")) >= 60.0:
+                self._below_logged[device] = now
+                log.warning("device %s sent %d result(s) numbered at or below its ack %d (seq %d..%d) that were "
+                            "never stored: its outbox numbers below an older one (replaced while its clock was "
+                            "behind?); not stored, the ack makes it number them again above %d",
+                            device, len(refused), acked, min(refused), max(refused), acked)
 
     def _one(self, item: Inbound, batch: _Batch, now: float) -> None:
         parsed = None

@@ -73,12 +73,21 @@ def test_expired_results_are_deleted_and_counted(tmp_path):
     assert seqs(box) == [1, 3] and box.expired == 1
 
 
-def test_ack_above_anything_numbered_moves_the_counter_on(tmp_path):
-    """A replaced outbox must not number from 1 again: the coordinator would drop those as duplicates."""
+def test_an_ack_above_anything_numbered_numbers_the_held_results_again_above_it(tmp_path):
+    """The coordinator acks 500 to an outbox that numbered only 1-3: it holds an older outbox's results up to
+    500 (this one replaced it with the clock behind) and stored none of these. They are kept, numbered from
+    501 in their order, their payloads with them (the ack once deleted them unsent)."""
     box = Outbox(tmp_path / "o.db", first_seq=1)
-    box.enqueue([item()])
-    box.ack(500)
-    assert box.enqueue([item()])[0].seq == 501
+    box.enqueue([item(tag) for tag in range(3)])
+    assert box.ack(500) == 0
+    held = box.pending(0, 10)
+    assert [r.seq for r in held] == [501, 502, 503] and box.floor == 501
+    assert [json.loads(r.payload) for r in held] == [{"seq": 501 + t, "floor": 501, "tag": t, "pad": ""} for t in range(3)]
+    assert box.enqueue([item(9)])[0].seq == 504
+    box.close()
+    again = Outbox(tmp_path / "o.db")
+    assert again.stats()["acked"] == 500 and seqs(again) == [501, 502, 503, 504]
+    assert again.ack(502) == 2 and seqs(again) == [503, 504]
 
 
 def test_wal_and_full_sync(tmp_path):
@@ -276,3 +285,54 @@ def test_a_replaced_outbox_numbers_above_the_old_one_and_none_of_its_results_is_
         assert consumer.mismatched == [], "a new result was taken for an old one with the same seq"
     finally:
         consumer.close()
+
+
+def test_an_outbox_replaced_while_the_clock_was_behind_loses_nothing_at_a_real_coordinator(broker, prefix, tmp_path):
+    """A re-imaged Pi boots with its clock at the image's build date, before NTP: its new outbox numbers
+    below the old one's results, which the coordinator holds and has acked. The coordinator refuses the new
+    ones (at or below the ack, never stored), the device numbers them again above the ack, and each is
+    stored once. Before, the ack deleted them unsent."""
+    import sqlite3 as sq
+
+    from test_agent_standins import AgentProcess, agent_config, wait_for
+    from test_coordinator_standins import CoordinatorProcess, coordinator_config
+
+    coordinator = CoordinatorProcess(coordinator_config(tmp_path, broker.port, prefix)).start()
+    db_path = tmp_path / "coordinator.db"
+
+    def stored() -> list[tuple[int, float]]:
+        try:
+            conn = sq.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)
+        except sq.OperationalError:
+            return []  # not made yet
+        try:
+            return conn.execute("SELECT seq, captured_at FROM results WHERE device = 'dev1' ORDER BY seq").fetchall()
+        except sq.OperationalError:
+            return []
+        finally:
+            conn.close()
+
+    config = agent_config(tmp_path, broker.port, prefix)
+    try:
+        old = AgentProcess(config, tmp_path).start()
+        wait_for(lambda: len(stored()) >= 20, 60, "results of the first outbox stored")
+        old.stop()
+        before = stored()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{old.outbox_path}{suffix}").unlink(missing_ok=True)
+        behind = before[0][0] - 10**9  # the clock 1000 s behind when the new file was made
+        Outbox(old.outbox_path, first_seq=behind).close()
+        new = AgentProcess(config, tmp_path).start()
+        wait_for(lambda: len(stored()) >= len(before) + 20, 60, "results of the new outbox stored")
+        new.stop()
+        integrity, counters, held = new.outbox_state()
+        # Numbered again from the old results' ack + 1 and on from there: what the new outbox made.
+        made = counters["next_seq"] - 1 - before[-1][0]
+        assert made >= 20 and counters["acked"] >= before[-1][0]
+        wait_for(lambda: len(stored()) == len(before) + made - len(held), 20, "every result the new outbox made")
+        after = stored()
+        assert all(seq > before[-1][0] for seq, _ in after[len(before):]), "stored below the older results"
+        assert len({captured for _, captured in after}) == len(after), "a result stored twice"
+        assert not [seq for seq, _ in after if behind <= seq < before[0][0]]
+    finally:
+        coordinator.stop()
