@@ -67,15 +67,21 @@ def test_stuck_invokes_on_every_stream_still_stop_within_budget_and_say_offline(
     agent, release = hung_agent(tmp_path, broker.port, prefix)
     took, done = timed_stop(agent, release)
     try:
-        assert took <= STOP_BUDGET_S + 1.0, f"stop took {took:.1f} s (budget {STOP_BUDGET_S} s)"
         # The time left after the stuck pipelines still went to flushing and to the offline status.
-        status = wait_for(lambda: (s := consumer.last_status("dev1")) and s.state == "offline" and s, 5, "offline")
-        assert status.reason == "stopped", "the agent said offline itself, not the broker's last will"
-        wait_for(lambda: len(consumer.seqs("dev1")) >= done, 5, f"the {done} results made before the stop")
-        first = agent.outbox.first_seq  # a new outbox numbers from the clock in microseconds
-        assert sorted(consumer.seqs("dev1")) == list(range(first, first + done))
+        stopped_in_budget_said_offline_and_delivered(agent, consumer, took, done)
     finally:
         consumer.close()
+
+
+def stopped_in_budget_said_offline_and_delivered(agent: Agent, consumer: Consumer, took: float, done: int) -> None:
+    """The stop took no more than the budget, the agent said offline itself, and each of the *done* results
+    made before the stop reached the consumer."""
+    assert took <= STOP_BUDGET_S + 1.0, f"stop took {took:.1f} s (budget {STOP_BUDGET_S} s)"
+    status = wait_for(lambda: (s := consumer.last_status("dev1")) and s.state == "offline" and s, 5, "offline")
+    assert status.reason == "stopped", "the agent said offline itself, not the broker's last will"
+    wait_for(lambda: len(consumer.seqs("dev1")) >= done, 5, f"the {done} results made before the stop")
+    first = agent.outbox.first_seq  # a new outbox numbers from the clock in microseconds
+    assert sorted(consumer.seqs("dev1")) == list(range(first, first + done))
 
 
 def test_stuck_invokes_and_a_silent_broker_stop_within_10_s_and_keep_every_result(broker, prefix, tmp_path):
@@ -138,13 +144,7 @@ def test_cameras_blocked_in_a_read_stop_within_budget_and_lose_nothing(broker, p
             started = time.monotonic()
             agent.stop()
             took = time.monotonic() - started
-            done = emitted(agent)
-            assert took <= STOP_BUDGET_S + 1.0, f"stop took {took:.1f} s (budget {STOP_BUDGET_S} s)"
-            status = wait_for(lambda: (s := consumer.last_status("dev1")) and s.state == "offline" and s, 5, "offline")
-            assert status.reason == "stopped", "the agent said offline itself, not the broker's last will"
-            wait_for(lambda: len(consumer.seqs("dev1")) >= done, 5, f"the {done} results made before the stop")
-            first = agent.outbox.first_seq  # a new outbox numbers from the clock in microseconds
-            assert sorted(consumer.seqs("dev1")) == list(range(first, first + done))
+            stopped_in_budget_said_offline_and_delivered(agent, consumer, took, emitted(agent))
         finally:
             agent.stop()
             consumer.close()

@@ -131,7 +131,8 @@ def test_config_errors_use_the_agents_words(tmp_path, prefix):
 
 # --- lepton events --kind ------------------------------------------------------------------------
 
-def test_events_refuses_a_kind_that_does_not_exist(tmp_path):
+def one_event_db(tmp_path):
+    """A coordinator database with one event: a placement on cam-1."""
     from lepton.coordinator.db import open_db
     from lepton.coordinator.registry import FleetRegistry
 
@@ -140,6 +141,11 @@ def test_events_refuses_a_kind_that_does_not_exist(tmp_path):
     FleetRegistry(db).event("placement", "cam-1", "models: digits")
     db.conn.commit()
     db.close()
+    return path
+
+
+def test_events_refuses_a_kind_that_does_not_exist(tmp_path):
+    path = one_event_db(tmp_path)
     res = lepton("events", "--db", str(path), "--kind", "placment")
     assert res.returncode == 2
     line = error_line(res)
@@ -152,14 +158,7 @@ def test_events_refuses_a_kind_that_does_not_exist(tmp_path):
 
 
 def test_events_refuses_a_device_it_has_never_heard_of(tmp_path):
-    from lepton.coordinator.db import open_db
-    from lepton.coordinator.registry import FleetRegistry
-
-    path = tmp_path / "c.db"
-    db = open_db(path)
-    FleetRegistry(db).event("placement", "cam-1", "models: digits")
-    db.conn.commit()
-    db.close()
+    path = one_event_db(tmp_path)
     res = lepton("events", "--db", str(path), "--device", "cam-2")
     assert res.returncode == 2 and error_line(res).endswith("--device 'cam-2': no such device in this database "
                                                             "(devices: cam-1)"), res.stderr
