@@ -335,4 +335,4 @@ def _with_floor(payload: bytes, floor: int) -> bytes:
     if not isinstance(body, dict) or body.get("floor", 1) >= floor:
         return payload
     body["floor"] = floor
-    return json.dumps(body, separators=(",", ":")).encode()
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()  # as the pipeline wrote it

@@ -52,18 +52,28 @@ COUNTERS = ("next_seq", "acked", "dropped", "expired", "first_seq")
 SANE_CLOCK = 1_600_000_000  # 2020-09-13: a clock before this is unset (a device without RTC before NTP)
 
 
-def clock_seq(now: float | None = None) -> int:
-    """The first seq of a new outbox: the clock in microseconds (1 when the clock is plainly unset).
+RANDOM_SPAN = 2**40  # microseconds, about 12.7 days: how far above the clock a new outbox may start
 
-    Above any seq an outbox created earlier on this device has reached, unless that one averaged
-    more than a million results a second (or the clock was wrong when either was created).
+
+def clock_seq(now: float | None = None) -> int:
+    """The first seq of a new outbox: the clock in microseconds plus a random offset below RANDOM_SPAN.
+
+    Above any seq an earlier outbox of this device reached when the clock moved on by more than
+    RANDOM_SPAN between their creations. Otherwise (a re-imaged device boots with its image's date
+    until NTP sets the clock, so both outboxes were made "at" about the same time) the new range
+    lands far above or far below the old one, and only rarely inside it: about one chance in
+    RANDOM_SPAN / results the old one made. Far below is what the coordinator refuses and the
+    device numbers again (docs/protocol.md, delivery rule 8). A clock before 2020 counts as
+    unset: from 1 plus the offset, with a warning.
     """
+    import secrets
+
     now = time.time() if now is None else now
     if now < SANE_CLOCK:
-        log.warning("the clock reads %s, before 2020: a new outbox numbers from 1 (if it replaces an older one, "
-                    "the coordinator takes its first results for ones it already has)", time.ctime(now))
-        return 1
-    return int(now * 1_000_000)
+        log.warning("the clock reads %s, before 2020: a new outbox numbers from a random start instead",
+                    time.ctime(now))
+        return 1 + secrets.randbelow(RANDOM_SPAN)
+    return int(now * 1_000_000) + secrets.randbelow(RANDOM_SPAN)
 
 
 @dataclass(frozen=True)
@@ -101,7 +111,7 @@ def _renumbered(payload: bytes, seq: int, floor: int) -> bytes:
     if not isinstance(body, dict):
         return payload
     body["seq"], body["floor"] = seq, floor
-    return json.dumps(body, separators=(",", ":")).encode()
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class Outbox:

@@ -210,37 +210,43 @@ class Ingest:
         return batch, acks, new_rows
 
     def _refuse_below_acks(self, batch: _Batch) -> None:
-        """Results at or below their device's ack that are not stored already are not stored now either.
+        """Results at or below their device's ack that are not stored already, as sent, are not stored now.
 
         Everything at or below an ack was stored or dropped by the device, so such a result comes from an
-        outbox that replaced the device's older one while its clock was behind (it numbers from the clock),
-        below what the older one numbered. Stored, it would be acked with the older results and deleted
-        unsent; refused, the ack (above anything the new outbox numbered) makes the device number it again
-        above the ack and send it once more.
+        outbox that replaced the device's older one and numbers below (or, rarely, among) its results: a
+        re-imaged device's clock is behind until NTP sets it. Stored, it would be acked with the older
+        results and deleted unsent. Refused, the device is acked up to the highest seq stored for it, which
+        is above anything the new outbox numbered, and the device numbers what it holds again above that
+        (``Outbox._renumber_above``) and sends it once more. A re-send of a result stored already (the same
+        seq and capture time) is acked as before.
         """
         for device, seqs in list(batch.seqs.items()):
             acked = self.tracker.acked.get(device, 0)
-            low = sorted({s for s in seqs if s <= acked})
+            low = {row[1]: row[5] for row in batch.rows if row[0] == device and row[1] <= acked}
             if not low:
                 continue
-            stored: set[int] = set()
-            for i in range(0, len(low), 500):
-                chunk = low[i:i + 500]
-                stored.update(r[0] for r in self.db.execute(
-                    f"SELECT seq FROM results WHERE device = ? AND seq IN ({','.join('?' * len(chunk))})",
-                    [device, *chunk]))
-            refused = set(low) - stored
+            ordered = sorted(low)
+            stored: dict[int, float] = {}
+            for i in range(0, len(ordered), 500):
+                chunk = ordered[i:i + 500]
+                stored.update(self.db.execute(
+                    f"SELECT seq, captured_at FROM results WHERE device = ? AND seq IN ({','.join('?' * len(chunk))})",
+                    [device, *chunk]).fetchall())
+            refused = {seq for seq, captured in low.items() if stored.get(seq) != captured}
             if not refused:
                 continue  # re-sends of results already stored: acked again below
             batch.rows = [r for r in batch.rows if r[0] != device or r[1] not in refused]
             batch.seqs[device] = [s for s in seqs if s not in refused]
+            top = self.db.execute("SELECT max(seq) FROM results WHERE device = ?", [device]).fetchone()[0] or acked
+            self.tracker.forget(device)  # acked up to what is stored, gaps of the older outbox included
+            self.tracker.acked[device] = max(acked, top)
             now = time.monotonic()
             if now - self._below_logged.get(device, float("-inf")) >= 60.0:
                 self._below_logged[device] = now
-                log.warning("device %s sent %d result(s) numbered at or below its ack %d (seq %d..%d) that were "
-                            "never stored: its outbox numbers below an older one (replaced while its clock was "
-                            "behind?); not stored, the ack makes it number them again above %d",
-                            device, len(refused), acked, min(refused), max(refused), acked)
+                log.warning("device %s sent %d result(s) numbered at or below its ack %d (seq %d..%d) that are not "
+                            "stored: its outbox numbers below or among an older one's results (replaced while its "
+                            "clock was behind?); refused, and acked up to %d so that it numbers them again above",
+                            device, len(refused), acked, min(refused), max(refused), max(acked, top))
 
     def _one(self, item: Inbound, batch: _Batch, now: float) -> None:
         parsed = None

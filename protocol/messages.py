@@ -13,7 +13,7 @@ import math
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lepton.errors import ProtocolError
 from lepton.protocol.topics import ID_PATTERN
@@ -188,6 +188,14 @@ class Result(Message):
     def _finite(cls, value: dict[str, Any]) -> dict[str, Any]:
         _check_finite(value)
         return value
+
+    @model_validator(mode="after")
+    def _floor_at_most_seq(self) -> "Result":
+        # The floor is the lowest seq the device still holds, this one included: a floor above it would
+        # move the device's ack past results it never sent.
+        if self.floor > self.seq:
+            raise ValueError(f"floor {self.floor} is above seq {self.seq}")
+        return self
 
 
 class Ack(Message):

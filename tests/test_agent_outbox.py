@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -232,17 +233,18 @@ def test_outbox_state_machine():
 
 
 def test_a_new_outbox_numbers_from_the_clock_and_an_existing_one_keeps_its_count(tmp_path):
-    from lepton.agent.outbox import clock_seq
+    from lepton.agent.outbox import RANDOM_SPAN, clock_seq
 
     before = int(time.time() * 1_000_000)
     box = Outbox(tmp_path / "o.db")
     first = box.enqueue([item()])[0].seq
-    assert before <= first <= int(time.time() * 1_000_000) and box.stats()["first_seq"] == first
+    assert before <= first <= int(time.time() * 1_000_000) + RANDOM_SPAN and box.stats()["first_seq"] == first
+    assert len({clock_seq(1.8e9) for _ in range(20)}) == 20  # the random offset: two outboxes made at once differ
     box.close()
     again = Outbox(tmp_path / "o.db")  # reopened: numbering goes on, the clock is not read again
     assert again.enqueue([item()])[0].seq == first + 1 and again.first_seq == first
     again.close()
-    assert clock_seq(1_000_000.0) == 1  # a clock plainly unset (1970): from 1, with a warning
+    assert 1 <= clock_seq(1_000_000.0) <= RANDOM_SPAN  # a clock plainly unset (1970): a random start, a warning
 
 
 def test_an_outbox_from_before_first_seq_was_kept_goes_on_numbering(tmp_path):
@@ -287,11 +289,14 @@ def test_a_replaced_outbox_numbers_above_the_old_one_and_none_of_its_results_is_
         consumer.close()
 
 
-def test_an_outbox_replaced_while_the_clock_was_behind_loses_nothing_at_a_real_coordinator(broker, prefix, tmp_path):
+@pytest.mark.parametrize("start, old_results", [(-10**9, 20), (5, 100)], ids=["below", "among"])
+def test_an_outbox_replaced_while_the_clock_was_behind_loses_nothing_at_a_real_coordinator(
+        broker, prefix, tmp_path, start, old_results):
     """A re-imaged Pi boots with its clock at the image's build date, before NTP: its new outbox numbers
-    below the old one's results, which the coordinator holds and has acked. The coordinator refuses the new
-    ones (at or below the ack, never stored), the device numbers them again above the ack, and each is
-    stored once. Before, the ack deleted them unsent."""
+    below the old one's results (here 1000 s below), or among them, which the coordinator holds and has
+    acked. The coordinator refuses the new ones (at or below the ack, not stored as sent) and acks up to the
+    highest seq it holds; the device numbers them again above it, and each is stored once. Before, the ack
+    deleted them unsent (below), or the coordinator took them for the old results (among)."""
     import sqlite3 as sq
 
     from test_agent_standins import AgentProcess, agent_config, wait_for
@@ -315,12 +320,12 @@ def test_an_outbox_replaced_while_the_clock_was_behind_loses_nothing_at_a_real_c
     config = agent_config(tmp_path, broker.port, prefix)
     try:
         old = AgentProcess(config, tmp_path).start()
-        wait_for(lambda: len(stored()) >= 20, 60, "results of the first outbox stored")
+        wait_for(lambda: len(stored()) >= old_results, 60, "results of the first outbox stored")
         old.stop()
         before = stored()
         for suffix in ("", "-wal", "-shm"):
             Path(f"{old.outbox_path}{suffix}").unlink(missing_ok=True)
-        behind = before[0][0] - 10**9  # the clock 1000 s behind when the new file was made
+        behind = before[0][0] + start  # where the clock put the new file's first seq
         Outbox(old.outbox_path, first_seq=behind).close()
         new = AgentProcess(config, tmp_path).start()
         wait_for(lambda: len(stored()) >= len(before) + 20, 60, "results of the new outbox stored")
@@ -333,6 +338,6 @@ def test_an_outbox_replaced_while_the_clock_was_behind_loses_nothing_at_a_real_c
         after = stored()
         assert all(seq > before[-1][0] for seq, _ in after[len(before):]), "stored below the older results"
         assert len({captured for _, captured in after}) == len(after), "a result stored twice"
-        assert not [seq for seq, _ in after if behind <= seq < before[0][0]]
+        assert [row for row in after if row[0] <= before[-1][0]] == before, "an older result replaced"
     finally:
         coordinator.stop()

@@ -18,7 +18,7 @@ from lepton.protocol import encode
 from lepton.protocol import messages as m
 
 MODEL = m.ModelId(name="digits-int8", version="1.0.0", sha256="0" * 64)
-NOW = time.time()
+NOW = time.time()  # set again by fleet_db: "the last minute" is the minute before each test, not before collection
 
 
 def store(db, device: str, seq: int, stream: str, received_at: float, output: dict, computed_on: str = "",
@@ -45,6 +45,8 @@ def digit(label: int, score: float = 0.9) -> dict:
 @pytest.fixture
 def fleet_db(tmp_path):
     """cam-1 (door, yard) and cam-2 (gate): old results an hour ago, new ones in the last minute."""
+    global NOW
+    NOW = time.time()
     path = tmp_path / "coordinator.db"
     db = open_db(path)
     payloads = {}

@@ -99,6 +99,17 @@ def test_nan_in_result_output_is_refused():
         decode("results", raw)
 
 
+def test_a_result_whose_floor_is_above_its_seq_is_refused():
+    """The floor is the lowest seq the device still holds: one above the result's own seq would move the
+    device's ack past results it never sent."""
+    doc = json.loads(encode(result()))
+    doc["floor"] = doc["seq"]
+    assert decode("results", json.dumps(doc).encode()).floor == doc["seq"]
+    doc["floor"] = doc["seq"] + 1
+    with pytest.raises(ProtocolError, match="floor 8 is above seq 7"):
+        decode("results", json.dumps(doc).encode())
+
+
 def test_offload_frame_roundtrip_and_size_check():
     tensor = np.arange(96 * 96 * 3, dtype=np.uint8).reshape(1, 96, 96, 3)
     header = OffloadHeader(origin="cam-1", stream="s1", request=5, model="mobilenet96", dtype="uint8", shape=list(tensor.shape))

@@ -541,7 +541,10 @@ def test_the_documented_consumer_gets_each_result_once_and_what_came_while_it_wa
         time.sleep(0.3)
         dev.publish(T.result("cam-a", "door"), result(3))  # while it is stopped: its session queues it
         consumer, lines = start()
-        assert lines.get(timeout=20) == "cam-a door 3 3 0.5"
+        line = lines.get(timeout=20)
+        if line == "cam-a door 2 2 0.5":  # stopped before its ack of 2 went out: the broker sends it again, as
+            line = lines.get(timeout=20)  # docs/protocol.md says (seen lives in memory)
+        assert line == "cam-a door 3 3 0.5"
         with pytest.raises(queue.Empty):
             lines.get(timeout=0.5)
     finally:
