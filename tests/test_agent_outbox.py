@@ -260,43 +260,15 @@ def test_an_outbox_from_before_first_seq_was_kept_goes_on_numbering(tmp_path):
     box.close()
 
 
-def test_a_replaced_outbox_numbers_above_the_old_one_and_none_of_its_results_is_lost(broker, prefix, tmp_path):
-    """The device's card is re-imaged (its outbox file is gone) and it keeps its identity. Its new outbox
-    numbered from 1 again: the coordinator, deduping on (device, seq), took each new result for an old one it
-    had, acked it, and the device deleted it: lost without a word."""
-    from test_agent_standins import AgentProcess, Consumer, agent_config, wait_for
-
-    from lepton.protocol import Topics
-
-    consumer = Consumer(broker.port, Topics(prefix), tmp_path / "results.db").start()
-    config = agent_config(tmp_path, broker.port, prefix)
-    try:
-        first = AgentProcess(config, tmp_path).start()
-        wait_for(lambda: len(consumer.seqs("dev1")) >= 20, 30, "results from the first outbox")
-        first.stop()
-        old = set(consumer.seqs("dev1"))
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{first.outbox_path}{suffix}").unlink(missing_ok=True)
-        second = AgentProcess(config, tmp_path).start()
-        wait_for(lambda: len(consumer.seqs("dev1")) >= len(old) + 20, 30, "results from the new outbox")
-        second.stop()
-        integrity, counters, held = second.outbox_state()
-        new = set(range(counters["first_seq"], counters["next_seq"]))
-        assert min(new) > max(old)
-        wait_for(lambda: consumer.stored("dev1") >= new - set(held), 10, "every result of the new outbox")
-        assert consumer.mismatched == [], "a new result was taken for an old one with the same seq"
-    finally:
-        consumer.close()
-
-
-@pytest.mark.parametrize("start, old_results", [(-10**9, 20), (5, 100)], ids=["below", "among"])
-def test_an_outbox_replaced_while_the_clock_was_behind_loses_nothing_at_a_real_coordinator(
-        broker, prefix, tmp_path, start, old_results):
-    """A re-imaged Pi boots with its clock at the image's build date, before NTP: its new outbox numbers
-    below the old one's results (here 1000 s below), or among them, which the coordinator holds and has
-    acked. The coordinator refuses the new ones (at or below the ack, not stored as sent) and acks up to the
-    highest seq it holds; the device numbers them again above it, and each is stored once. Before, the ack
-    deleted them unsent (below), or the coordinator took them for the old results (among)."""
+@pytest.mark.parametrize("start, old_results", [(None, 20), (-10**9, 20), (5, 100)], ids=["as-made", "below", "among"])
+def test_a_replaced_outbox_loses_nothing_at_a_real_coordinator(broker, prefix, tmp_path, start, old_results):
+    """The device's card is re-imaged (its outbox file is gone) and it keeps its identity. Numbering from 1
+    again, the coordinator, deduping on (device, seq), took each new result for an old one, acked it, and the
+    device deleted it. As made now, a new outbox starts at the clock plus a random offset: above the old
+    one, or far below it. A re-imaged Pi boots with its clock at the image's build date, before NTP, so it
+    may also number below the old results (here 1000 s below) or among them. The coordinator refuses what
+    comes at or below the ack and is not stored as sent, and acks up to the highest seq it holds; the device
+    numbers those again above it. Each result is stored once, above the old ones."""
     import sqlite3 as sq
 
     from test_agent_standins import AgentProcess, agent_config, wait_for
@@ -325,14 +297,16 @@ def test_an_outbox_replaced_while_the_clock_was_behind_loses_nothing_at_a_real_c
         before = stored()
         for suffix in ("", "-wal", "-shm"):
             Path(f"{old.outbox_path}{suffix}").unlink(missing_ok=True)
-        behind = before[0][0] + start  # where the clock put the new file's first seq
-        Outbox(old.outbox_path, first_seq=behind).close()
+        if start is not None:  # where a clock that was behind put the new file's first seq
+            Outbox(old.outbox_path, first_seq=before[0][0] + start).close()
         new = AgentProcess(config, tmp_path).start()
         wait_for(lambda: len(stored()) >= len(before) + 20, 60, "results of the new outbox stored")
         new.stop()
         integrity, counters, held = new.outbox_state()
-        # Numbered again from the old results' ack + 1 and on from there: what the new outbox made.
-        made = counters["next_seq"] - 1 - before[-1][0]
+        if counters["first_seq"] > before[-1][0]:  # numbered above the old results from the start
+            made = counters["next_seq"] - counters["first_seq"]
+        else:  # numbered again from the old results' ack + 1 and on from there
+            made = counters["next_seq"] - 1 - before[-1][0]
         assert made >= 20 and counters["acked"] >= before[-1][0]
         wait_for(lambda: len(stored()) == len(before) + made - len(held), 20, "every result the new outbox made")
         after = stored()
