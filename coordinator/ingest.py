@@ -210,29 +210,30 @@ class Ingest:
         return batch, acks, new_rows
 
     def _refuse_below_acks(self, batch: _Batch) -> None:
-        """Results at or below their device's ack that are not stored already, as sent, are not stored now.
+        """Results at or below their device's ack whose seq is not stored are not stored now either.
 
         Everything at or below an ack was stored or dropped by the device, so such a result comes from an
         outbox that replaced the device's older one and numbers below (or, rarely, among) its results: a
         re-imaged device's clock is behind until NTP sets it. Stored, it would be acked with the older
         results and deleted unsent. Refused, the device is acked up to the highest seq stored for it, which
         is above anything the new outbox numbered, and the device numbers what it holds again above that
-        (``Outbox._renumber_above``) and sends it once more. A re-send of a result stored already (the same
-        seq and capture time) is acked as before.
+        (``Outbox._renumber_above``) and sends it once more. A re-send of a seq stored already is acked as
+        before.
         """
         for device, seqs in list(batch.seqs.items()):
             acked = self.tracker.acked.get(device, 0)
-            low = {row[1]: row[5] for row in batch.rows if row[0] == device and row[1] <= acked}
+            low = sorted({s for s in seqs if s <= acked})
             if not low:
                 continue
-            ordered = sorted(low)
-            stored: dict[int, float] = {}
-            for i in range(0, len(ordered), 500):
-                chunk = ordered[i:i + 500]
-                stored.update(self.db.execute(
-                    f"SELECT seq, captured_at FROM results WHERE device = ? AND seq IN ({','.join('?' * len(chunk))})",
-                    [device, *chunk]).fetchall())
-            refused = {seq for seq, captured in low.items() if stored.get(seq) != captured}
+            stored: set[int] = set()
+            for i in range(0, len(low), 500):
+                chunk = low[i:i + 500]
+                stored.update(r[0] for r in self.db.execute(
+                    f"SELECT seq FROM results WHERE device = ? AND seq IN ({','.join('?' * len(chunk))})",
+                    [device, *chunk]))
+            # A stored seq is taken for a re-send, whatever its payload says now: a device may build a re-sent
+            # result again (this one's agent does not), and a wrong "not a re-send" here would ack its gaps.
+            refused = set(low) - stored
             if not refused:
                 continue  # re-sends of results already stored: acked again below
             batch.rows = [r for r in batch.rows if r[0] != device or r[1] not in refused]
