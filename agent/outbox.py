@@ -5,10 +5,11 @@ published, and deleted only when the coordinator's ``acks`` message says it
 committed that sequence number; the broker's PUBACK never deletes anything.
 Sequence numbers are per device and never repeat: the counter is stored in
 the same transaction as the rows it numbers, so a SIGKILL at any point leaves
-either both or neither. A new file numbers from the clock in microseconds, so
-a file that replaces another (a re-imaged card, a deleted outbox) numbers
-above everything the old one did, and the coordinator, which dedupes on
-(device, seq), never takes a new result for one it already has.
+either both or neither. A new file numbers from the clock in microseconds
+plus a random offset (``clock_seq``), so a file that replaces another (a
+re-imaged card, a deleted outbox) numbers above everything the old one did,
+or, when the clock was behind, far below it, where the coordinator's refusal
+and ``_renumber_above`` take over (docs/protocol.md, delivery rule 8).
 
 The outbox is bounded (rows and payload bytes). When full it drops the
 oldest result; results whose deadline passed are expired. Both are counted
@@ -50,8 +51,6 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 COUNTERS = ("next_seq", "acked", "dropped", "expired", "first_seq")
 SANE_CLOCK = 1_600_000_000  # 2020-09-13: a clock before this is unset (a device without RTC before NTP)
-
-
 RANDOM_SPAN = 2**40  # microseconds, about 12.7 days: how far above the clock a new outbox may start
 
 
