@@ -1,13 +1,18 @@
 """A loaded model as the agent uses it: a ModelRunner, plus the demo's emulated slowdown.
 
-``runtime.slowdown`` (>= 1) emulates a slower CPU on one machine: after each
-invoke the runner pauses ``(slowdown - 1)`` x the invoke's duration, and the
-invoke time it reports includes the pause, so the planner sees the device as
-the slow one it stands for. The pause happens outside the interpreter lock.
+``runtime.slowdown`` (>= 1) emulates a slower CPU on one machine: each invoke
+takes ``slowdown`` x the median of this host's recent invoke times (the
+invoke, then a pause outside the interpreter lock), and the invoke time it
+reports is that, so the planner sees the device as the slow one it stands for.
+The median, not the invoke's own duration: one invoke slowed by the host's
+other work would otherwise be multiplied too (at a slowdown of 400, a 1 ms
+stall of the host became a device 400 ms slower than it stands for, and the
+planner moved its streams on it).
 """
 
 from __future__ import annotations
 
+import collections
 import statistics
 import time
 from typing import Any
@@ -18,11 +23,15 @@ from lepton.agent.pipeline import model_json
 from lepton.protocol import messages as m
 
 
+HOST_WINDOW = 15  # recent host invoke times whose median an emulated slow device scales
+
+
 class Runner:
     """Preprocess, invoke (slowed down if configured), postprocess; delegates the rest to the ModelRunner."""
 
     def __init__(self, inner: Any, slowdown: float = 1.0, entry: Any = None) -> None:
         self.inner, self.slowdown, self.entry = inner, max(1.0, float(slowdown)), entry
+        self._host_ms: collections.deque[float] = collections.deque(maxlen=HOST_WINDOW)
         self.name, self.version, self.sha256 = inner.name, inner.version, inner.sha256
         self.input = inner.input
         self.model_id = m.ModelId(name=self.name, version=self.version or "0", sha256=self.sha256)
@@ -46,8 +55,10 @@ class Runner:
             outputs = self.inner.invoke(tensor)
             ms = (time.perf_counter() - start) * 1000.0
         if self.slowdown > 1.0:
-            time.sleep((self.slowdown - 1.0) * ms / 1000.0)
-            ms *= self.slowdown
+            self._host_ms.append(ms)
+            emulated = self.slowdown * statistics.median(self._host_ms)
+            time.sleep(max(0.0, emulated - ms) / 1000.0)
+            ms = max(ms, emulated)
         return outputs, ms
 
     def postprocess(self, outputs: list[np.ndarray], tensor: np.ndarray | None = None) -> dict:
