@@ -28,7 +28,7 @@ else:  # pragma: no cover
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # TOML is typed: `port = "1883"` or `interval_s = true` is a mistake
 
 
 class BrokerConfig(_Section):

@@ -26,7 +26,7 @@ DEFAULT_COORDINATOR = "lepton-coordinator"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # TOML is typed: a quoted number or a bool for a number is a mistake
 
 
 class BrokerSettings(_Strict):

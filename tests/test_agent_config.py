@@ -61,6 +61,10 @@ def test_every_field_has_a_description_and_a_default():
     (GOOD.replace("[outbox]", '[outbox]\npolicy = "drop-newest"'), "outbox.policy"),
     (GOOD.replace("[broker]", '[broker]\ntls_cert = "c.pem"\ntls_key = "k.pem"'), "tls_cert needs tls_ca"),
     ("device_id = ", "not valid TOML"),
+    # TOML is typed: a bool or a quoted number where a number belongs is named, not coerced (true read as 1)
+    (GOOD.replace("fps = 5", "fps = true"), "fps"),
+    (GOOD.replace("port = 1884", 'port = "1884"'), "broker.port"),
+    (GOOD.replace("deadline_s = 2", "deadline_s = false"), "deadline_s"),
 ])
 def test_bad_config_is_one_line_naming_the_key(tmp_path, text, named):
     with pytest.raises(ConfigError) as err:

@@ -385,3 +385,17 @@ def test_the_status_table_says_what_a_device_serves_for_others_and_claims_nothin
     assert rows["worker"].rstrip().endswith("serves cam-1/door,cam-1/yard")
     assert "(loaded)" not in rows["gone"] and "digits" in rows["gone"]
     assert "vibration (loaded, not placed)" in rows["fresh"]
+
+
+@pytest.mark.parametrize("text, named", [('[broker]\nport = "1883"\n', "broker.port"),
+                                         ("[planner]\ninterval_s = true\n", "planner.interval_s")])
+def test_a_value_of_the_wrong_toml_type_is_named_not_coerced(tmp_path, text, named):
+    """TOML is typed: a quoted port or a bool for a number is a mistake (it read as 1883 and 1 s before)."""
+    from lepton.coordinator.config import load_config
+    from lepton.errors import ConfigError
+
+    path = tmp_path / "coordinator.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")) as err:
+        load_config(path)
+    assert err.value.exit_code == 2

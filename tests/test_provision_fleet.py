@@ -330,6 +330,19 @@ def test_apply_rewrites_every_config_and_bundle_after_a_fleet_toml_edit(tmp_path
     assert snapshot(root) == before
 
 
+def test_a_fleet_toml_value_of_the_wrong_type_is_named_and_nothing_is_written(tmp_path, capsys):
+    """TOML is typed: a quoted port is a mistake to name (it was read as the number and written on)."""
+    root = tmp_path / "f"
+    fleet = make_fleet(root)
+    fleet.add_device("cam-1")
+    settings = root / "fleet.toml"
+    settings.write_text(settings.read_text().replace("port = 8883", 'port = "18883"'))
+    before = snapshot(root)
+    assert main(["provision", "apply", "--fleet", str(root)]) == 2
+    assert "broker.port" in capsys.readouterr().err
+    assert snapshot(root) == before
+
+
 def test_broker_rotate_renews_the_server_certificate_and_the_crl_and_list_marks_what_expires(tmp_path, capsys):
     """The broker's server certificate and the CRL expire too (every client is refused then), and nothing
     renewed them: broker-config --rotate does; list shows both and marks what is due."""

@@ -69,7 +69,7 @@ class Source(Protocol):
 class SourceConfig(BaseModel):
     """Keys every source has. Subclasses fix ``type`` and add their own keys."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # `fps = true` is refused, not read as 1.0
 
     id: str = Field(description="source id that streams refer to: 1-64 of A-Z a-z 0-9 _ . -")
     type: str = Field(description="source type: camera, video, synthetic or sensor")
