@@ -25,6 +25,12 @@ each device's results in order.
 
 A re-sent result carries the current ``floor`` so the coordinator can
 acknowledge past results this device dropped or expired meanwhile.
+
+Deadlines are wall-clock times (a result's capture time plus the stream's
+``deadline_s``). When the wall clock is set (NTP steps a Pi that booted at
+its image's date forward by months), every held deadline moves with it, in
+the outbox and in memory, so a result expires ``deadline_s`` after its
+capture however the clock was set meanwhile (lepton.clock).
 """
 
 from __future__ import annotations
@@ -35,11 +41,13 @@ import queue
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from functools import partial
 
 from lepton.agent.config import OutboxConfig
 from lepton.agent.outbox import Outbox, Pending, Row
 from lepton.agent.session import Outgoing, Session
+from lepton.clock import STEP_S, StepWatch, wall_offset
 from lepton.repeats import Repeats
 
 log = logging.getLogger(__name__)
@@ -74,11 +82,13 @@ class Delivery:
         self.lost_uncommitted = 0  # dropped before they could be committed (the outbox refused writes that long)
         self._repeats = Repeats(log, f"delivery on outbox {outbox.path}", FAILURE_LOG_S)
         self._drop_logged = -FAILURE_LOG_S
+        self._clock = StepWatch()  # deadlines held here and in the outbox are on the wall clock as of its last check
+        self._deadline_shift = 0.0  # a clock step the outbox's deadlines have yet to be moved by (a write failed)
 
     # --- from other threads -----------------------------------------------------
     def submit(self, item: Pending) -> None:
         """Hand one result over; it is committed, then published, by the delivery thread."""
-        self.queue.put(("result", item))
+        self.queue.put(("result", item, wall_offset()))  # the clock it was made on: set before its commit, it moves
 
     @property
     def uncommitted(self) -> int:
@@ -119,7 +129,7 @@ class Delivery:
                 except queue.Empty:
                     break
             failed = False
-            for step in (partial(self._handle, items), self._timers, self._send):
+            for step in (self._follow_clock, partial(self._handle, items), self._timers, self._send):
                 try:  # each on its own: rows already held still go out (and expire) while commits fail
                     step()
                 except Exception as exc:  # the outbox thread must outlive any one bad moment (e.g. a full disk)
@@ -159,7 +169,7 @@ class Delivery:
         for item in items:
             kind = item[0]
             if kind == "result":
-                self._uncommitted.append(item[1])
+                self._uncommitted.append(self._on_clock(item[1], item[2]))
             elif kind == "ack":
                 self._ack_due = max(self._ack_due, item[1])
             elif kind == "connected":
@@ -176,11 +186,31 @@ class Delivery:
                 self._ack_due = 0
             except Exception as exc:  # kept for the next round; the commits below may still fit
                 refused = exc
-        while self._uncommitted:
+        while self._uncommitted and not self._deadline_shift:  # not among deadlines yet to be moved by a step
             batch = [self._uncommitted[i] for i in range(min(self.cfg.batch_max, len(self._uncommitted)))]
             self._commit(batch)  # raises if the outbox refuses: the batch stays for the next round
         if refused is not None:
             raise refused
+
+    def _follow_clock(self) -> None:
+        """Move every held deadline with a step of the wall clock (before anything is committed or expired)."""
+        step = self._clock.check()
+        if step:
+            self._uncommitted = deque(replace(p, deadline=p.deadline + step) if p.deadline is not None else p
+                                      for p in self._uncommitted)
+            self._deadline_shift += step
+            log.warning("the wall clock was set %s by %.1f s: deadlines of held results move with it",
+                        "forward" if step > 0 else "back", abs(step))
+        if self._deadline_shift:
+            self.outbox.shift_deadlines(self._deadline_shift)  # raises on a full disk: tried again next round
+            self._deadline_shift = 0.0
+
+    def _on_clock(self, item: Pending, offset: float) -> Pending:
+        """*item*, made when the wall clock was *offset* from the boot clock, on the clock of the last check."""
+        step = self._clock.offset - offset
+        if item.deadline is None or abs(step) < STEP_S:
+            return item
+        return replace(item, deadline=item.deadline + step)
 
     def _failed(self, exc: Exception) -> None:
         self._repeats.failed(exc, f"{len(self._uncommitted)} result(s) wait in memory to be committed")
@@ -253,7 +283,7 @@ class Delivery:
         if now < self._next_tick:
             return
         self._next_tick = now + TICK_S
-        expired = self.outbox.expire()
+        expired = self.outbox.expire() if not self._deadline_shift else 0  # not on deadlines yet to be moved
         if expired:
             log.info("expired %d result(s) whose deadline passed (%d in all)", expired, self.outbox.expired)
         self._trim_marks()
@@ -305,7 +335,7 @@ class Delivery:
                     return
 
     def _publish(self, row: Row, payload: bytes, now: float) -> bool:
-        if row.expired(now):
+        if row.expired(now) and not self._deadline_shift:
             self._cursor = row.seq  # expire() deletes and counts it; it is never sent
             return True
         # Only on the connection whose "connected" event was handled here (its re-send starts at the floor);

@@ -6,6 +6,10 @@ a model that failed to load, new measurements); the thread itself finds
 stale devices (no telemetry for ``stale_after_s``) and measured compute, link
 or stream-rate figures that drifted past ``drift`` from what the last plan
 assumed (a load spike is a stream rate that jumped).
+Its timers run on the monotonic clock; when the wall clock is set (NTP steps
+a host that booted at a wrong date), the times devices were last heard and
+models failed move with the step (``FleetRegistry.shift_clock``), so the
+fleet is neither called stale at once nor kept online for the step's length.
 Events within ``debounce_s`` are planned together. Each plan builds a
 snapshot from the registry (``fleetview``), solves it with the planner, and
 publishes a new retained ``placement/desired`` generation only to devices
@@ -20,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from lepton.clock import StepWatch
 from lepton.coordinator import fleetview, placement
 from lepton.coordinator.db import open_db, write_tx
 from lepton.coordinator.registry import Change, FleetRegistry
@@ -65,6 +70,8 @@ class Rebalancer:
         self.ingest_ok: Callable[[], bool] = lambda: True  # False while ingest commits fail (telemetry unstored)
         self._ingest_was_ok = True
         self._repeats = Repeats(log, "rebalance", FAILURE_LOG_S)
+        self._clock = StepWatch()
+        self._clock_checked = time.monotonic()
 
     # --- from other threads -------------------------------------------------
     def notify(self, changes: list[Change]) -> None:
@@ -88,12 +95,12 @@ class Rebalancer:
         give devices one liveness period to be heard before any is called stale (the outage silenced them all)."""
         with self._lock:
             self._republish = True
-            self.started = time.time()
+            self.started = time.monotonic()
         self._wake.set()
 
     # --- the thread -------------------------------------------------------------
     def start(self, stop: threading.Event) -> None:
-        self.started = time.time()
+        self.started = time.monotonic()
         self._thread = threading.Thread(target=self._run, args=(stop,), name="rebalancer", daemon=True)
         self._thread.start()
 
@@ -106,46 +113,47 @@ class Rebalancer:
         self.db = open_db(self.db_path, self.synchronous)
         self.registry = FleetRegistry(self.db)
         if not hasattr(self, "started"):
-            self.started = time.time()
+            self.started = time.monotonic()
 
     def _run(self, stop: threading.Event) -> None:
         self.attach()
-        next_timer = time.time() + min(1.0, self.cfg.interval_s)  # a first plan soon after start
+        next_timer = time.monotonic() + min(1.0, self.cfg.interval_s)  # a first plan soon after start
         while not stop.is_set():
-            self._wake.wait(timeout=max(0.0, min(1.0, next_timer - time.time())))
+            self._wake.wait(timeout=max(0.0, min(1.0, next_timer - time.monotonic())))
             self._wake.clear()
             if stop.is_set():
                 break
             try:
-                trigger = self._due(time.time() >= next_timer)
+                trigger = self._due(time.monotonic() >= next_timer)
                 if trigger:
                     if self.cfg.debounce_s and not trigger.startswith("timer"):
                         stop.wait(self.cfg.debounce_s)  # let a burst of events arrive: plan them together
                         trigger = self._collect(trigger)
                     self.plan_once(trigger)
-                    next_timer = time.time() + self.cfg.interval_s
+                    next_timer = time.monotonic() + self.cfg.interval_s
                 self._repeats.worked()
             except Exception as exc:  # a planning failure must not end the thread: the next trigger tries again
                 self._repeats.failed(exc)
-                next_timer = time.time() + self.cfg.interval_s
+                next_timer = time.monotonic() + self.cfg.interval_s
         self.db.close()
 
     def _due(self, timer: bool) -> str:
         """What calls for a plan now ('' for nothing): stale devices, events, drift, the timer."""
         if self._take_republish():
             self._republish_all()
-        now = time.time()
-        sweep = now - self._swept >= 1.0  # telemetry wakes this thread often: sweep and check drift once a second
+        self._follow_clock()
+        now, tick = time.time(), time.monotonic()
+        sweep = tick - self._swept >= 1.0  # telemetry wakes this thread often: sweep and check drift once a second
         if sweep:
-            self._swept = now
+            self._swept = tick
         # While ingest cannot store telemetry every device looks silent: none is called stale then, and each
         # gets one period again once it can.
         ingest_ok = self.ingest_ok()
         if ingest_ok and not self._ingest_was_ok:
-            self.started = now
+            self.started = tick
         self._ingest_was_ok = ingest_ok
         # Give devices one period to report after a (re)start or reconnect before calling any of them stale.
-        if (sweep and ingest_ok and self.bus_connected() and now - self.started >= self.stale_after_s
+        if (sweep and ingest_ok and self.bus_connected() and tick - self.started >= self.stale_after_s
                 and self.registry.silent(now, self.stale_after_s)):
             with write_tx(self.db):
                 stale = self.registry.mark_stale(now, self.stale_after_s)
@@ -156,6 +164,21 @@ class Rebalancer:
         if drift:
             trigger = f"{trigger}; {drift}" if trigger else drift
         return trigger or ("timer" if timer else "")
+
+    def _follow_clock(self) -> None:
+        """Move the stored liveness and failure times with a step of the wall clock (see the module doc)."""
+        step, tick = self._clock.check(), time.monotonic()
+        since, self._clock_checked = tick - self._clock_checked, tick
+        if not step:
+            return
+        now = time.time()
+        # Times written after the step, on the new clock, lie within the time since the last check: kept.
+        with write_tx(self.db):
+            moved = self.registry.shift_clock(step, now - since - 1.0, now + 1.0)
+            self.registry.event("clock-step", detail=f"the wall clock was set {'forward' if step > 0 else 'back'} "
+                                f"by {abs(step):.1f} s; {moved} stored time(s) of devices moved with it", now=now)
+        log.warning("the wall clock was set %s by %.1f s: when devices were last heard and models failed moved "
+                    "with it", "forward" if step > 0 else "back", abs(step))
 
     def _collect(self, trigger: str) -> str:
         with self._lock:

@@ -218,6 +218,17 @@ class FleetRegistry:
         self.event("model-failed", device, f"{model} {state.version}: {state.reason}", now=now)
         return [Change("failed", device, model)]
 
+    def shift_clock(self, step: float, keep_from: float, keep_to: float) -> int:
+        """Move the stored times that liveness and failure windows compare with the wall clock by *step* s (the
+        clock was set by that much); times within [keep_from, keep_to] were written on the new clock and stay.
+        How many moved."""
+        moved = 0
+        for table, column in (("devices", "status_at"), ("devices", "telemetry_at"), ("failures", "at")):
+            moved += self.db.execute(
+                f"UPDATE {table} SET {column} = {column} + ? WHERE {column} IS NOT NULL AND {column} NOT BETWEEN ? AND ?",
+                [step, keep_from, keep_to]).rowcount
+        return moved
+
     # --- liveness sweep (rebalancer) ------------------------------------------------
     def silent(self, now: float, stale_after_s: float) -> list[dict]:
         """Online devices that sent nothing for longer than *stale_after_s* (a read: no lock taken)."""

@@ -14,6 +14,13 @@ found by a binary search over ``seq`` on the (device, seq) primary key. A
 result re-sent late (a device that was offline for days) has an old seq and
 a new arrival time; it is pruned with its neighbours.
 
+Arrival times are the coordinator's wall clock. A step of it must not delete
+what it did not mean to: set forward by 90 days, every stored result looked
+older than 30 days, though the devices had deleted them on ack. So results
+that arrived during this run are never pruned before the run has lasted
+``keep_results_days`` on the boot clock, however the wall clock moved (the
+steps are logged); results from earlier runs are judged by their arrival time.
+
 Acks are kept (a device's ack never goes back). A device holds a result
 until its ack arrives, so a result can come back after its row was pruned
 only if the device never heard the ack for longer than the retention; it is
@@ -27,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from lepton.clock import StepWatch, boot_clock
 from lepton.coordinator.db import open_db, write_tx
 
 log = logging.getLogger(__name__)
@@ -65,6 +73,27 @@ def prune_below(db, device: str, cutoff: float) -> int:
     return _first_at_or_after(db, device, hi)[0]
 
 
+class RunFloor:
+    """The pruning cutoff, kept below every arrival time this run stored until the run is old enough."""
+
+    def __init__(self) -> None:
+        self.started = boot_clock()
+        self.floor = self.last = time.time()  # no arrival time of this run is below the floor
+        self.watch = StepWatch()
+
+    def cutoff(self, keep_s: float) -> float:
+        step, now = self.watch.check(), time.time()
+        if step:
+            log.warning("the wall clock was set %s by %.0f s: results stored since this coordinator started are "
+                        "kept until it has run %.0f days", "forward" if step > 0 else "back", abs(step),
+                        keep_s / DAY_S)
+        if step < 0:  # set back somewhere since the last pass: arrivals since then may be as low as this
+            self.floor = min(self.floor, self.last + step)
+        self.last = now
+        cutoff = now - keep_s
+        return cutoff if boot_clock() - self.started >= keep_s else min(cutoff, self.floor)
+
+
 class Retention:
     """The pruning thread (see the module doc)."""
 
@@ -91,10 +120,11 @@ class Retention:
         db = open_db(self.db_path, self.synchronous)
         try:
             wait = min(self.every_s, FIRST_AFTER_S)  # soon after a start, then every every_s
+            run = RunFloor()
             while not stop.wait(wait):
                 wait = self.every_s
                 try:
-                    self.prune(db, time.time() - self.keep_days * DAY_S, stop)
+                    self.prune(db, run.cutoff(self.keep_days * DAY_S), stop)
                 except Exception:  # a locked or full database now is not a reason to stop pruning later
                     log.exception("pruning results failed; trying again in %g s", self.every_s)
         finally:

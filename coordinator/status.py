@@ -20,7 +20,7 @@ EVENT_KINDS = (
     "coordinator-start", "models-reloaded",
     "device-new", "device-online", "device-capabilities", "device-offline", "device-stale",
     "streams", "degraded", "recovered", "model-failed",
-    "placement", "stream-skipped", "unserved", "plan-failed",
+    "placement", "stream-skipped", "unserved", "plan-failed", "clock-step",
 )
 
 

@@ -239,7 +239,7 @@ def test_no_device_is_called_stale_while_the_coordinator_itself_is_cut_off(fleet
         reb._due(False)
         return sorted(d["id"] for d in reg.devices() if d["liveness"] == "stale")
 
-    reb.started = time.time() - 100  # long past start-up
+    reb.started = time.monotonic() - 100  # long past start-up
     with reg.db.atomic():
         reg.db.execute("UPDATE devices SET status_at = status_at - 60, telemetry_at = telemetry_at - 60")
     reb.bus_connected = lambda: False
@@ -249,6 +249,30 @@ def test_no_device_is_called_stale_while_the_coordinator_itself_is_cut_off(fleet
     assert sweep() == [], "one period of grace after the reconnect"
     reb.started -= 16  # stale_after_s (15 s) passed since the reconnect and still nothing heard
     assert sweep() == ["strong", "weak"]
+
+
+@pytest.mark.parametrize("step_s", [90 * 86400.0, -2 * 3600.0])
+def test_liveness_follows_a_step_of_the_wall_clock(fleet, monkeypatch, step_s):
+    """Set forward by 90 days, the clock made every device look silent for 90 days (all called stale at once);
+    set back by 2 hours, a device that then went silent stayed online for 2 hours. The times devices were last
+    heard move with the step; what is heard after it is not moved."""
+    reg, reb, rec, _ = fleet
+    reb.started = time.monotonic() - 100  # long past start-up
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + step_s)
+    reb._swept = 0.0
+    reb._due(False)
+    assert sorted(d["id"] for d in reg.devices() if d["liveness"] == "stale") == []
+    now = time.time()
+    assert [d["id"] for d in reg.silent(now + 1, 15.0)] == [], "heard just now on the new clock"
+    assert sorted(d["id"] for d in reg.silent(now + 16, 15.0)) == ["strong", "weak"], "stale 15 s from now"
+    time.sleep(1.1)
+    telemetry(reg, "strong", 2.0)  # heard after the step, a second later: on the new clock already
+    reb._swept = 0.0
+    reb._due(False)  # no second step: nothing moves again
+    assert [d["id"] for d in reg.silent(now + 16, 15.0)] == ["weak"]
+    events = [(e["kind"], e["detail"]) for e in reg.db.query("SELECT kind, detail FROM events WHERE kind = 'clock-step'")]
+    assert len(events) == 1 and ("forward" if step_s > 0 else "back") in events[0][1]
 
 
 def test_no_device_is_called_stale_while_ingest_cannot_store_telemetry(fleet):
@@ -262,7 +286,7 @@ def test_no_device_is_called_stale_while_ingest_cannot_store_telemetry(fleet):
         reb._due(False)
         return sorted(d["id"] for d in reg.devices() if d["liveness"] == "stale")
 
-    reb.started = time.time() - 100
+    reb.started = time.monotonic() - 100
     with reg.db.atomic():
         reg.db.execute("UPDATE devices SET status_at = status_at - 60, telemetry_at = telemetry_at - 60")
     reb.ingest_ok = lambda: False

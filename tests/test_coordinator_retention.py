@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import threading
 
+import pytest
+
 from test_coordinator_process import CAM, CoordinatorWatch
 from test_coordinator_standins import CoordinatorProcess, StandIn, coordinator_config, db_rows, wait_for
 
@@ -42,6 +44,36 @@ def test_prune_deletes_what_arrived_before_the_cutoff_per_device(tmp_path):
     assert seqs(db, "b") == []
     assert seqs(db, "c") == [1, 2, 3, 4, 5]
     assert dict(db.execute("SELECT device, seq FROM acks").fetchall()) == {"a": 22, "b": 5, "c": 5}
+
+
+def test_a_step_of_the_wall_clock_does_not_prune_what_this_run_stored(tmp_path, monkeypatch):
+    """A coordinator whose clock is set forward by 90 days must not take an hour's results (acked, so deleted on
+    the devices) for 90-day-old ones; set back, the results it then stores are kept as long as any."""
+    import time
+
+    from lepton.coordinator.retention import DAY_S, RunFloor
+
+    db = open_db(tmp_path / "c.db")
+    keep = 30 * DAY_S
+    run = RunFloor()
+    real, start = time.time, time.time()
+    fill(db, "old", {1: start - 31 * DAY_S})  # an earlier run's result, past the retention on any clock
+    fill(db, "a", {1: start, 2: start + 0.5})  # stored by this run, before the step
+    monkeypatch.setattr(time, "time", lambda: real() + 90 * DAY_S)
+    fill(db, "a", {3: time.time()})  # and after it
+    Retention(str(tmp_path / "c.db"), 30, 3600).prune(db, run.cutoff(keep))
+    assert seqs(db, "a") == [1, 2, 3], "the step did not age this run's results"
+    assert seqs(db, "old") == [], "what is old on either clock still goes"
+    # Set back by 2 hours: what arrives now has times below the run's start; none is pruned either.
+    monkeypatch.setattr(time, "time", lambda: real() - 2 * 3600)
+    fill(db, "b", {1: time.time()})
+    assert run.cutoff(keep) <= time.time() - 1
+    monkeypatch.setattr(time, "time", lambda: real() + 90 * DAY_S)  # and forward again
+    Retention(str(tmp_path / "c.db"), 30, 3600).prune(db, run.cutoff(keep))
+    assert seqs(db, "a") == [1, 2, 3] and seqs(db, "b") == [1]
+    # Once the run itself is older than the retention, arrival times decide again.
+    monkeypatch.setattr("lepton.coordinator.retention.boot_clock", lambda: run.started + keep + 1)
+    assert run.cutoff(keep) == pytest.approx(time.time() - keep, abs=1)
 
 
 def test_prune_goes_in_chunks_and_stops_when_asked(tmp_path):
