@@ -28,12 +28,44 @@ class DeviceSpec:
     role: str
     threads: int = 1
     cpu_share: float = 1.0
-    slowdown: float = 1.0  # emulates a slower CPU on this one machine
+    slowdown: float = 1.0  # a slower CPU, against a host where mobilenet96 takes REFERENCE_INVOKE_MS
     up_mbps: float = 50.0
     down_mbps: float = 50.0
     rtt_ms: float = 5.0
     sources: tuple[dict, ...] = ()
     streams: tuple[dict, ...] = ()
+
+
+# The host the demo's slowdowns were set on: mobilenet96 in 0.85 ms. A camera's slowdown of 150 stands for
+# a device that takes 128 ms, on any host: on one 3.7 x faster, a fixed factor made the camera take 35 ms,
+# too little for offloading to pay for its model load, so no stream was offloaded to the worker the demo kills.
+REFERENCE_INVOKE_MS = 0.85
+MAX_SLOWDOWN = 1000.0  # runtime.slowdown's bound
+
+
+def host_invoke_ms(model: str = "mobilenet96", n: int = 60) -> float:
+    """The median invoke time of *model* (from the shipped zoo) on this host, one thread."""
+    import statistics
+
+    import numpy as np
+
+    from lepton.models.registry import default_registry
+    from lepton.models.runner import ModelRunner
+
+    runner = ModelRunner.from_entry(default_registry().get(model), num_threads=1)
+    runner.warmup(10)
+    tensor = runner.preprocess(np.zeros((96, 96, 3), np.uint8))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        runner.invoke(tensor)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def host_slowdown(target_ms: float, host_ms: float) -> float:
+    """runtime.slowdown that makes an invoke of *host_ms* here take *target_ms* (within the config's bounds)."""
+    return max(1.0, min(MAX_SLOWDOWN, target_ms / host_ms))
 
 
 def demo_devices() -> list[DeviceSpec]:
@@ -62,15 +94,18 @@ def spike_device() -> DeviceSpec:
                       streams=({"id": "gate-objects", "source": "gate", "model": "mobilenet224"},))
 
 
-def agent_config(spec: DeviceSpec, workdir: Path, host: str, port: int, prefix: str, keepalive: int) -> dict[str, Any]:
-    """An agent config for *spec* (validated by the agent's own loader before use)."""
+def agent_config(spec: DeviceSpec, workdir: Path, host: str, port: int, prefix: str, keepalive: int,
+                 host_ms: float = REFERENCE_INVOKE_MS) -> dict[str, Any]:
+    """An agent config for *spec* (validated by the agent's own loader before use); *host_ms*: mobilenet96's
+    invoke time on this host, which the slowdown is scaled by."""
     state = workdir / spec.id
+    slowdown = host_slowdown(spec.slowdown * REFERENCE_INVOKE_MS, host_ms) if spec.slowdown > 1 else 1.0
     return {
         "device_id": spec.id,
         "prefix": prefix,
         "broker": {"host": host, "port": port, "keepalive": keepalive, "reconnect_min_s": 0.2, "reconnect_max_s": 2.0},
         "outbox": {"path": str(state / "outbox.db"), "resend_after_s": 10.0},
-        "runtime": {"threads": spec.threads, "cpu_share": spec.cpu_share, "slowdown": spec.slowdown},
+        "runtime": {"threads": spec.threads, "cpu_share": spec.cpu_share, "slowdown": round(slowdown, 2)},
         "telemetry": {"interval_s": 2.0, "window_s": 20.0},
         "models": {"cache_dir": str(state / "models")},
         "link": {"up_mbps": spec.up_mbps, "down_mbps": spec.down_mbps, "rtt_ms": spec.rtt_ms, "measure": False},
@@ -140,6 +175,7 @@ class Fleet:
     def __init__(self, workdir: Path, host: str, port: int, prefix: str, keepalive: int = 2):
         self.workdir, self.host, self.port, self.prefix, self.keepalive = workdir, host, port, prefix, keepalive
         self.procs: dict[str, Proc] = {}
+        self.host_ms: float | None = None  # mobilenet96 here, measured before the first agent starts
 
     def _spawn(self, name: str, part: str, config: dict[str, Any]) -> Proc:
         path = self.workdir / f"{name}.toml"
@@ -161,7 +197,11 @@ class Fleet:
 
     def start_agent(self, spec: DeviceSpec) -> Proc:
         (self.workdir / spec.id).mkdir(parents=True, exist_ok=True)
-        cfg = agent_config(spec, self.workdir, self.host, self.port, self.prefix, self.keepalive)
+        if self.host_ms is None:
+            self.host_ms = host_invoke_ms()
+            log.info("mobilenet96 takes %.3f ms here: slowdowns scaled by %.2f", self.host_ms,
+                     REFERENCE_INVOKE_MS / self.host_ms)
+        cfg = agent_config(spec, self.workdir, self.host, self.port, self.prefix, self.keepalive, self.host_ms)
         return self._spawn(spec.id, "agent", cfg)
 
     def kill(self, name: str) -> None:

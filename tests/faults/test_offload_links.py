@@ -59,19 +59,11 @@ def cam_slowdown() -> float:
     here, 0.85 ms there): at 3x the compute, C* fell and the 1.6 x C* step ran the
     link at 40% utilisation, where queueing (which the static prediction leaves out)
     put the measured round trip 35-70% above it."""
-    from lepton.models.registry import default_registry
-    from lepton.models.runner import ModelRunner
+    from lepton.demo.fleet import host_invoke_ms, host_slowdown
 
-    registry = default_registry()
-    runner = ModelRunner.from_entry(registry.get("mobilenet96"), num_threads=1)
-    runner.warmup(10)
-    tensor = runner.preprocess(np.zeros((96, 96, 3), np.uint8))
-    times = []
-    for _ in range(60):
-        t0 = time.perf_counter()
-        runner.invoke(tensor)
-        times.append((time.perf_counter() - t0) * 1000)
-    return min(1000.0, CAM_COMPUTE_MS / statistics.median(times))  # the config's bound
+    return host_slowdown(CAM_COMPUTE_MS, host_invoke_ms())
+
+
 WORKER = {"sources": [], "streams": [], "link": {"probe_interval_s": 2.0, "window_s": 8.0},
           "telemetry": {"interval_s": 1.0, "window_s": 20.0}}
 
