@@ -71,6 +71,8 @@ class Rebalancer:
         self._ingest_was_ok = True
         self._repeats = Repeats(log, "rebalance", FAILURE_LOG_S)
         self._clock = StepWatch()
+        self._skipped: set[str] = set()  # streams the last plan skipped, and those it left unserved: recorded
+        self._unserved: set[str] = set()  # as events when they change
         self._clock_checked = time.monotonic()
 
     # --- from other threads -------------------------------------------------
@@ -246,11 +248,15 @@ class Rebalancer:
                                              "desired": encode(msg).decode(), "desired_at": now}, pk="device")
                 self.registry.event("placement", dev, placement.describe(prev.get("desired"), msg), now=now)
                 changed.append(msg)
-            for note in view.skipped:
+            # Recorded when they change, not at every plan: a misconfigured device is otherwise named twice a
+            # second while its neighbours flap, and the events that matter fall out of the kept window.
+            for note in sorted(set(view.skipped) - self._skipped):
                 self.registry.event("stream-skipped", detail=note, now=now)
+            self._skipped = set(view.skipped)
             unserved = {k: v for k, v in (result.unserved or {}).items() if v > placement.MIN_SHARE}
-            if unserved:
+            if unserved and set(unserved) != self._unserved:
                 self.registry.event("unserved", detail=", ".join(f"{k} {v:.0%}" for k, v in sorted(unserved.items())), now=now)
+            self._unserved = set(unserved)
             self.db.execute(
                 "INSERT INTO plans (ts, trigger, status, path, objective, gap, solve_s, changed, plan, snapshot) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

@@ -350,6 +350,8 @@ def test_load_spike_in_measured_stream_rate_replans(fleet):
     assert json.loads(row["snapshot"])["streams"][0]["rate_hz"] == 30.0
     # one core at 80% holds 10 inputs/s of 80 ms: two thirds of 30/s cannot be served
     assert json.loads(row["plan"])["unserved"]["cam"] > 0.6
+    reb.plan_once("timer")  # still unserved: said once
+    assert [e["detail"][:4] for e in reg.db.query("SELECT detail FROM events WHERE kind = 'unserved'")] == ["cam "]
 
 
 def test_a_birth_without_capabilities_does_not_stop_planning_for_the_fleet(fleet):
@@ -367,6 +369,10 @@ def test_a_birth_without_capabilities_does_not_stop_planning_for_the_fleet(fleet
     assert reb.plan_once("test") is not None
     assert set(rec.take()) == {"weak", "strong"}
     assert not list(reg.db.query("SELECT * FROM events WHERE kind = 'plan-failed'"))
+    for _ in range(3):  # plan after plan, the same skip is one event: named again only once it changes
+        reb.plan_once("timer")
+    skipped = [e["detail"] for e in reg.db.query("SELECT detail FROM events WHERE kind = 'stream-skipped'")]
+    assert skipped == ["bare/door: the device announced no capabilities"]
 
 
 def test_stream_ids_stay_distinct_when_a_qualified_id_is_another_stream_s_own():
