@@ -59,6 +59,7 @@ class PlannerConfig(_Section):
     interval_s: float = Field(30.0, gt=0, description="replan at least this often (s); events replan sooner")
     time_limit_s: float = Field(5.0, gt=0, description="solver time limit (s)")
     migration_penalty_ms: float = Field(20.0, ge=0, description="cost of loading a model not already held (keeps the fleet from flapping)")
+    route_hold: float = Field(0.05, ge=0, le=1, description="a stream moves off the devices serving it only to one this fraction faster (keeps measurement noise from moving streams); 0: no hold")
     utilization_cap: float = Field(0.8, gt=0, le=1, description="share of a device's CPU the planner may fill")
     unserved_penalty_ms: float = Field(10000.0, ge=0, description="cost of a stream share left unserved")
     default_compute_ms: float = Field(50.0, gt=0, description="inference time assumed when neither telemetry nor a bench profile knows it")

@@ -13,6 +13,9 @@ replayed offline. Where a figure comes from, in order of trust:
   has (else the configured one); a stream whose origin is not online
   produces nothing and is left out; so is one whose model the registry lacks.
 - current: the models each device reported loaded.
+- routes: the devices each stream is served on by the placement last
+  published to its origin (``params.route_hold`` keeps a stream there unless
+  another device is that much faster).
 - failures count per model version, for ``exclude_failed_s``: a device whose
   newest version of a model failed there is to hold the newest that did not
   (``FleetView.versions``); a (model, device) where every version in the
@@ -95,9 +98,25 @@ def build(registry: FleetRegistry, params: dict, default_compute_ms: float = 50.
         "models": snap_models,
         "streams": snap_streams,
         "current": _current(registry, set(ids), set(used)),
+        "routes": _routes(registry, view, set(ids)),
         "params": params,
     }
     return view
+
+
+def _routes(registry: FleetRegistry, view: FleetView, devices: set[str]) -> dict[str, list[str]]:
+    """Stream key -> the devices the placement in force (as last published to its origin) serves it on."""
+    placements = registry.placements()
+    out: dict[str, list[str]] = {}
+    for key, (origin, sid) in view.streams.items():
+        desired = (placements.get(origin) or {}).get("desired")
+        if not desired:
+            continue
+        on = sorted({r["device"] for r in json.loads(desired).get("routes", {}).get(sid) or []
+                     if r.get("device") in devices})
+        if on:
+            out[key] = on
+    return out
 
 
 def _failed(registry: FleetRegistry, versions: dict[str, list[dict]], ids: list[str], since: float):

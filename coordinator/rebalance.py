@@ -44,6 +44,7 @@ FAILURE_LOG_S = 30.0  # a failure that repeats the same way is logged this often
 def planner_params(cfg) -> dict:
     """Snapshot ``params`` from the ``[planner]`` config section."""
     return {"utilization_cap": cfg.utilization_cap, "migration_penalty_ms": cfg.migration_penalty_ms,
+            "route_hold": cfg.route_hold,
             "unserved_penalty_ms": cfg.unserved_penalty_ms, "time_limit_s": cfg.time_limit_s, "queueing": cfg.queueing}
 
 

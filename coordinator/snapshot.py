@@ -92,6 +92,11 @@ class Params(_Strict):
     unserved_penalty_ms: Positive = Field(
         10000.0, description="cost of leaving a stream unserved, ms (keep it above any real latency)"
     )
+    route_hold: float = Field(
+        0.05, ge=0, le=1, description="a stream that has `routes` moves to another device only if it is more "
+        "than this fraction faster there (its new routes cost 1 + route_hold times their latency), so that "
+        "measurement noise does not move streams between equal devices; 0: no hold"
+    )
     time_limit_s: Positive = Field(5.0, description="wall-clock budget of the solver")
     queueing: bool = Field(False, description="add the M/D/1 queueing delay (piecewise-linear) to the objective")
     candidates_k: Annotated[int, Field(ge=1, le=1024)] = Field(
@@ -118,6 +123,8 @@ class Snapshot(_Strict):
     models: list[ModelSpec] = Field(default_factory=list)
     streams: list[StreamSpec] = Field(default_factory=list)
     current: dict[str, list[str]] = Field(default_factory=dict, description="device id -> models it holds now")
+    routes: dict[str, list[str]] = Field(
+        default_factory=dict, description="stream id -> devices the plan in force serves it on (see params.route_hold)")
     params: Params = Field(default_factory=Params)
 
     @model_validator(mode="after")
@@ -147,6 +154,13 @@ class Snapshot(_Strict):
             for name in held:
                 if name not in models:
                     raise ValueError(f"current[{dev!r}]: unknown model {name!r}")
+        streams = {s.id for s in self.streams}
+        for sid, on in self.routes.items():
+            if sid not in streams:
+                raise ValueError(f"routes: unknown stream {sid!r}")
+            for dev in on:
+                if dev not in devices:
+                    raise ValueError(f"routes[{sid!r}]: unknown device {dev!r}")
         return self
 
 

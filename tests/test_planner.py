@@ -191,6 +191,40 @@ def test_migration_penalty_keeps_the_current_placement_when_the_gain_is_small():
     assert [r.device for r in plan(migration_fleet(20.0, 20.0)).routes["s"]] == ["c"]  # saves 30 ms > 20
 
 
+def hold_fleet(b_ms: float, hold: float | None = None) -> dict:
+    """Two workers holding the model; the stream is served on w1 (50 ms) now; w2 takes *b_ms*."""
+    models = [{"name": "m", "memory_mb": 10, "compute_ms": {"o": 500.0, "w1": 50.0, "w2": b_ms}}]
+    devices = [dev("o", up=1000, down=1000), dev("w1", up=1000, down=1000), dev("w2", up=1000, down=1000)]
+    snap = snapshot(devices, models, [stream("s", "o", "m")], current={"w1": ["m"], "w2": ["m"]})
+    snap["routes"] = {"s": ["w1"]}
+    if hold is not None:
+        snap["params"]["route_hold"] = hold
+    return snap
+
+
+@pytest.mark.parametrize("b_ms, hold, served_on", [
+    (49.0, None, "w1"),  # 2% faster: within the default hold of 5%, the stream stays
+    (45.0, None, "w2"),  # 10% faster: it moves
+    (49.0, 0.0, "w2"),  # no hold: any gain moves it
+])
+def test_a_stream_moves_off_its_routes_only_for_more_than_route_hold(b_ms, hold, served_on):
+    """Two workers that hold the model cost the same; without a hold, whichever the latest measurement made a
+    fraction faster took the stream, and every timer replan moved streams back and forth."""
+    p = plan(hold_fleet(b_ms, hold))
+    assert [r.device for r in p.routes["s"]] == [served_on]
+    r = p.routes["s"][0]  # the latency reported is D, not the held cost
+    assert r.transfer_ms + r.propagation_ms + r.compute_ms == pytest.approx(
+        static_latency(hold_fleet(b_ms), stream("s", "o", "m"), dev(served_on, up=1000, down=1000)), abs=0.01)
+
+
+def test_explain_names_the_route_hold_when_it_keeps_a_stream_where_it_is(tmp_path, capsys):
+    path = tmp_path / "fleet.json"
+    path.write_text(json.dumps(hold_fleet(49.0)))
+    assert run_cli(["plan", "--snapshot", str(path), "--explain", "s", "--json"]) == 0
+    w2 = next(d for d in json.loads(capsys.readouterr().out)["devices"] if d["device"] == "w2")
+    assert w2["verdict"].startswith("1.0 ms faster than where the stream is served, within the 5%"), w2["verdict"]
+
+
 def test_link_capacity_splits_a_stream_the_uplink_cannot_carry():
     # offloaded: 8 * 10 kB / 5 Mbit/s = 16 ms + 0.08 + 5 = 21 ms < 30 ms locally, but 100 Hz x 10 kB =
     # 8 Mbit/s and the camera's uplink carries 0.8 x 5 = 4 Mbit/s: exactly half may leave
@@ -405,6 +439,8 @@ def test_lp_rounding_with_greedy_repair_is_feasible():
     (lambda s: s["params"].update(utilization_cap=1.5), "params.utilization_cap"),
     (lambda s: s["devices"][0].update(speed=3), "devices[0].speed"),
     (lambda s: s["streams"][0].update(id="a/b"), "streams[0].id"),
+    (lambda s: s.update(routes={"t": ["a"]}), "routes: unknown stream 't'"),
+    (lambda s: s.update(routes={"s": ["zz"]}), "routes['s']: unknown device 'zz'"),
 ])
 def test_bad_snapshots_are_refused_naming_the_field(mutate, needle):
     snap = snapshot([dev("a"), dev("b")], [{"name": "m", "memory_mb": 1, "compute_ms": {"a": 1.0}}],

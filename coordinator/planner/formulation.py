@@ -124,7 +124,7 @@ def build(prob: Problem, reserved: Reserved | None = None) -> Formulation:
     _link_rows(prob, rows, y0, u0, cap * prob.up - res.up, cap * prob.down - res.down)
     c = np.concatenate([
         np.where(prob.x_current, 0.0, prob.load_cost),
-        prob.weight[prob.p_s] * prob.p_total,
+        prob.weight[prob.p_s] * prob.p_cost,
         prob.unserved_cost,
     ])
     var_ub = np.ones(nx + ny + ns)

@@ -55,7 +55,7 @@ def device_load(prob: Problem, sol: Solution) -> np.ndarray:
 
 def objective(prob: Problem, sol: Solution) -> float:
     """Internal objective (rate-weighted latency sum + penalties) of a cleaned solution."""
-    total = float(np.dot(prob.weight[prob.p_s] * prob.p_total, sol.y))
+    total = float(np.dot(prob.weight[prob.p_s] * prob.p_cost, sol.y))
     total += float(np.dot(prob.unserved_cost, sol.u))
     total += prob.load_cost * int(np.count_nonzero(sol.x & ~prob.x_current))
     if prob.params.queueing and prob.n_streams:
@@ -120,7 +120,7 @@ def greedy_solution(prob: Problem, held: np.ndarray | None = None) -> Solution:
     y = np.zeros(prob.p_s.size)
     u = np.ones(prob.n_streams)
     a_all, b_all = prob.input_mbps(), prob.reply_mbps()
-    total = prob.p_total
+    total = prob.p_cost
     for s in np.argsort(-prob.s_rate, kind="stable"):
         lo, hi = prob.s_start[s], prob.s_start[s + 1]
         if lo == hi:

@@ -45,6 +45,7 @@ class Problem:
     s_R: np.ndarray
     weight: np.ndarray  # r_s / mean rate
     current: set[tuple[int, int]]  # (model, device) held now
+    routed: set[tuple[int, int]] = field(default_factory=set)  # (stream, device) the plan in force serves
     slo: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per stream, inf: none
     mean_rate: float = 1.0  # the weights' unit (shared by every part of a partitioned fleet)
     # candidate routes
@@ -58,6 +59,7 @@ class Problem:
     x_m: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
     x_d: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
     x_current: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    p_moved: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # a new route of a routed stream
 
     @property
     def n_streams(self) -> int:
@@ -66,6 +68,11 @@ class Problem:
     @property
     def p_total(self) -> np.ndarray:
         return self.p_transfer + self.p_prop + self.p_compute
+
+    @property
+    def p_cost(self) -> np.ndarray:
+        """Latency as the objective counts it: a route that moves a routed stream costs ``route_hold`` more."""
+        return self.p_total * (1.0 + self.params.route_hold * self.p_moved)
 
     @property
     def p_local(self) -> np.ndarray:
@@ -107,7 +114,7 @@ class Problem:
             s_origin=self.s_origin[streams], s_model=self.s_model[streams], s_rate=self.s_rate[streams],
             s_L=self.s_L[streams], s_R=self.s_R[streams], weight=self.weight[streams], slo=self.slo[streams],
             p_s=p_s, p_d=self.p_d[pair_idx], p_x=p_x.ravel(), p_transfer=self.p_transfer[pair_idx],
-            p_prop=self.p_prop[pair_idx], p_compute=self.p_compute[pair_idx],
+            p_prop=self.p_prop[pair_idx], p_compute=self.p_compute[pair_idx], p_moved=self.p_moved[pair_idx],
             s_start=np.searchsorted(p_s, np.arange(streams.size + 1)),
             x_m=self.x_m[x_idx], x_d=self.x_d[x_idx], x_current=self.x_current[x_idx],
         )
@@ -142,6 +149,9 @@ def build_problem(snap: Snapshot) -> Problem:
         weight=np.maximum(rate / mean_rate, ZERO_RATE_WEIGHT),
         current={(model_index[m], dev_index[d]) for d, ms in snap.current.items() for m in ms},
     )
+    stream_index = {sid: i for i, sid in enumerate(prob.stream_ids)}
+    prob.routed = {(stream_index[sid], dev_index[d]) for sid, on in snap.routes.items() if sid in stream_index
+                   for d in on}
     prob.slo = np.array([np.inf if s.slo_ms is None else s.slo_ms for s in active], dtype=float)
     prob.mean_rate = float(mean_rate)
     from lepton.coordinator.planner import candidates  # it imports this module
@@ -200,3 +210,7 @@ def _set_pairs(prob: Problem, s_idx: np.ndarray, d_idx: np.ndarray) -> None:
     prob.x_m, prob.x_d = xkeys // n_dev, xkeys % n_dev
     cur = np.array([m * n_dev + d for m, d in prob.current], dtype=int)
     prob.x_current = np.isin(xkeys, cur)
+    routed = np.array([s * n_dev + d for s, d in prob.routed], dtype=int)
+    has_routes = np.zeros(prob.n_streams, bool)
+    has_routes[[s for s, _ in prob.routed]] = True
+    prob.p_moved = has_routes[prob.p_s] & ~np.isin(prob.p_s * n_dev + prob.p_d, routed)

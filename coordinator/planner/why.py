@@ -95,6 +95,11 @@ def _not_chosen(prob, result: Plan, spec, s: int, d: int, static: np.ndarray, sh
     if needs_load and prob.load_cost > 0 and saving > 0 and weighted <= prob.load_cost:
         return (f"{spec.model} is not loaded here: a load costs {prob.load_cost:g} ms in the plan, more than the "
                 f"{weighted:.1f} ms it would save ({saving:.1f} ms faster x rate weight {prob.weight[s]:.2f})")
+    held_on = [prob.dev_ids[o] for s_, o in sorted(prob.routed) if s_ == s]
+    hold = prob.params.route_hold
+    if held_on and dev not in held_on and saving > 0 and (1 + hold) * static[d] >= served:
+        return (f"{saving:.1f} ms faster than where the stream is served, within the {hold:.0%} a stream must gain "
+                f"to move (params.route_hold) from the routes in force ({', '.join(held_on)})")
     used = max((r.utilization for rs in result.routes.values() for r in rs if r.device == dev), default=0.0)
     cap = prob.params.utilization_cap
     if used >= cap - 0.01:
