@@ -6,7 +6,13 @@ replayed offline. Where a figure comes from, in order of trust:
 
 - compute time of model m on device d: the median of d's recent measurements
   (telemetry, reported invoke time); else the model's bench profile from the
-  registry; else ``default_compute_ms``.
+  registry (else ``default_compute_ms``) times the device's ``compute_scale``:
+  how d's measured times of other models compare with their bench profiles,
+  or, for a device that has run nothing yet, the median of devices of its
+  kind (arch, cores, CPU share, runtime, memory), else 1. The bench profile
+  was measured on the machine that built the zoo; taken as it was, a camera
+  that had just joined looked as fast as that machine, was planned a score
+  of streams, and lost them all two seconds later when it measured 300x that.
 - links: the device's measured rtt / up / down; else the hints in its birth
   (``capabilities.link``); else ``DEFAULT_LINK``.
 - streams: from the devices' births, at the rate telemetry measured once it
@@ -28,6 +34,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -84,13 +92,16 @@ def build(registry: FleetRegistry, params: dict, default_compute_ms: float = 50.
     known = {name: rows[0] for name, rows in versions.items()}
     links = registry.links()
     view = FleetView(snapshot={}, known=known)
-    snap_devices = [_device(d, links.get(d["id"]), d["id"] in online) for d in devices if d["capabilities"]]
+    measured = registry.compute()
+    scales = compute_scales([d for d in devices if d["capabilities"]], measured, known)
+    snap_devices = [_device(d, links.get(d["id"]), d["id"] in online, scales[d["id"]])
+                    for d in devices if d["capabilities"]]
     ids = [d["id"] for d in snap_devices]
     snap_streams = _streams(registry, view, online, set(ids), known)
     view.excluded, view.versions = _failed(registry, versions, ids, now - exclude_failed_s)
     used = sorted({s["model"] for s in snap_streams})
-    measured = {k: v for k, v in registry.compute().items() if k[0] in ids}
-    snap_models = [_model(known[name], measured, default_compute_ms, view.excluded, ids) for name in used]
+    measured = {k: v for k, v in measured.items() if k[0] in ids}
+    snap_models = [_model(known[name], measured, default_compute_ms, view.excluded, ids, scales) for name in used]
     view.snapshot = {
         "v": 1,
         "ts": now,
@@ -168,7 +179,36 @@ def _streams(registry: FleetRegistry, view: FleetView, online: set[str], planned
     return out
 
 
-def _device(row: dict, link: dict | None, online: bool) -> dict:
+def compute_scales(devices: list[dict], measured: dict[tuple[str, str], float], known: dict) -> dict[str, float]:
+    """Per device, its compute time against the bench profiles (see the module doc)."""
+    ratios: dict[str, list[float]] = {}
+    for (dev, model), ms in measured.items():
+        bench = (known.get(model) or {}).get("compute_ms")
+        if bench and bench > 0 and ms and ms > 0:
+            ratios.setdefault(dev, []).append(ms / bench)
+    own = {dev: statistics.median(r) for dev, r in ratios.items()}
+    kind = {d["id"]: _kind(json.loads(d["capabilities"])) for d in devices}
+    of_kind: dict[tuple, list[float]] = {}
+    for dev, scale in own.items():
+        if dev in kind:
+            of_kind.setdefault(kind[dev], []).append(scale)
+    out = {}
+    for d in devices:
+        dev = d["id"]
+        peers = of_kind.get(kind[dev])
+        scale = own.get(dev) or (statistics.median(peers) if peers else 1.0)
+        out[dev] = float(f"{scale:.4g}")
+    return out
+
+
+def _kind(caps: dict) -> tuple:
+    """Devices alike enough to run a model alike: arch, cores, CPU share, runtime, memory (to a power of 2)."""
+    memory = caps.get("memory_mb") or 0
+    return (caps.get("arch"), caps.get("cpu_count"), caps.get("cpu_share"), caps.get("runtime"),
+            round(math.log2(memory)) if memory > 0 else 0)
+
+
+def _device(row: dict, link: dict | None, online: bool, compute_scale: float = 1.0) -> dict:
     caps = json.loads(row["capabilities"])
     hints = caps.get("link") or {}
     measured = link or {}
@@ -188,10 +228,12 @@ def _device(row: dict, link: dict | None, online: bool) -> dict:
         "downlink_mbps": pick("down_mbps"),
         "rtt_ms": pick("rtt_ms"),
         "online": online,
+        "compute_scale": compute_scale,
     }
 
 
-def _model(row: dict, measured: dict, default_ms: float, excluded: list[tuple[str, str]], devices: list[str]) -> dict:
+def _model(row: dict, measured: dict, default_ms: float, excluded: list[tuple[str, str]], devices: list[str],
+           scales: dict[str, float]) -> dict:
     compute = {dev: ms for (dev, model), ms in measured.items() if model == row["name"] and ms and ms > 0}
     default = float(row["compute_ms"] or default_ms)
     banned = {dev for model, dev in excluded if model == row["name"]}
@@ -204,7 +246,7 @@ def _model(row: dict, measured: dict, default_ms: float, excluded: list[tuple[st
     }
     if banned:
         # The snapshot's way to say "cannot run there": no compute_ms entry and no default.
-        spec["compute_ms"] = {d: compute.get(d, default) for d in devices if d not in banned}
+        spec["compute_ms"] = {d: compute.get(d, default * scales.get(d, 1.0)) for d in devices if d not in banned}
         spec["default_compute_ms"] = None
     return spec
 

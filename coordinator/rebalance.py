@@ -302,9 +302,11 @@ def _figures(snapshot: dict, devices: set[str]) -> dict[str, float]:
     for stream in snapshot.get("streams", []):
         if stream["origin"] in devices:
             out[f"{stream['id']}.rate_hz"] = stream["rate_hz"]
+    scale = {d["id"]: d.get("compute_scale", 1.0) for d in snapshot.get("devices", [])}
     for mod in snapshot.get("models", []):
-        for dev in devices:  # a first measurement replaces the bench default: compare with what was assumed
-            ms = mod["compute_ms"].get(dev, mod.get("default_compute_ms"))
+        for dev in devices:  # a first measurement replaces the scaled bench default: compare with what was assumed
+            default = mod.get("default_compute_ms")
+            ms = mod["compute_ms"].get(dev, None if default is None else default * scale.get(dev, 1.0))
             if ms is not None:
                 out[f"{mod['name']}@{dev}"] = ms
     return out

@@ -53,6 +53,9 @@ class DeviceSpec(_Strict):
     downlink_mbps: NonNeg = Field(description="broker -> device capacity, Mbit/s (0: no link)")
     rtt_ms: NonNeg = Field(0.0, description="round-trip time device <-> broker, ms")
     online: bool = Field(True, description="offline devices serve nothing and their streams are not planned")
+    compute_scale: Positive = Field(
+        1.0, description="inference time here against the bench profile, for a model with no compute_ms entry "
+        "for this device: default_compute_ms x compute_scale")
 
 
 class ModelSpec(_Strict):

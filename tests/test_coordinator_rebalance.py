@@ -231,6 +231,25 @@ def test_measurement_noise_between_two_equal_workers_moves_no_stream(fleet):
     assert [r.device for r in rec.take()["weak"].routes["cam"]] == [other]
 
 
+def test_a_new_device_is_assumed_as_fast_as_devices_of_its_kind_not_the_bench_machine(fleet):
+    """A device that has run nothing was planned with the zoo's bench profile (3 ms, the build machine): a camera
+    that just joined was sent other devices' streams and lost them when it measured 80 ms two seconds later."""
+    from lepton.coordinator import fleetview
+
+    reg, reb, rec, _ = fleet
+    with reg.db.atomic():
+        reg.apply_status(m.Status(device="strong", state="offline", ts=time.time()), time.time())
+    birth(reg, "weak2", 1, [], {"up_mbps": 100, "down_mbps": 100, "rtt_ms": 2})  # a camera like weak
+    birth(reg, "odd", 4, [], {"up_mbps": 100, "down_mbps": 100, "rtt_ms": 2})  # a kind nobody measured
+    devices = {d["id"]: d for d in fleetview.build(reg, reb.params).snapshot["devices"]}
+    assert devices["weak"]["compute_scale"] == pytest.approx(80 / 3, rel=1e-3)  # its own: 80 ms against 3
+    assert devices["weak2"]["compute_scale"] == devices["weak"]["compute_scale"]  # its kind's
+    assert devices["odd"]["compute_scale"] == 1.0  # nothing better known: the bench profile
+    reb.plan_once("new devices")
+    # not to the untried twin of the camera; to the untried device of unknown kind, taken at the bench profile
+    assert [r.device for r in rec.take()["weak"].routes["cam"]] == ["odd"]
+
+
 def test_offline_device_is_planned_around_and_not_told(fleet):
     reg, reb, rec, _ = fleet
     reb.plan_once("test")

@@ -162,11 +162,13 @@ def build_problem(snap: Snapshot) -> Problem:
 
 
 def _compute_matrix(snap: Snapshot, dev_index: dict[str, int]) -> np.ndarray:
-    """Inference ms per (model, device): compute_ms, else default_compute_ms, else NaN (cannot run)."""
+    """Inference ms per (model, device): compute_ms, else default_compute_ms x the device's compute_scale, else
+    NaN (cannot run)."""
     compute = np.full((len(snap.models), len(dev_index)), np.nan)
+    scale = np.array([d.compute_scale for d in snap.devices], dtype=float)
     for mi, m in enumerate(snap.models):
         if m.default_compute_ms is not None:
-            compute[mi, :] = m.default_compute_ms
+            compute[mi, :] = m.default_compute_ms * scale
         for dev, ms in m.compute_ms.items():
             compute[mi, dev_index[dev]] = ms
     return compute
