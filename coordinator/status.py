@@ -15,6 +15,8 @@ from lepton.errors import ConfigError
 if TYPE_CHECKING:  # the CLI imports EVENT_KINDS at every start: keep sqlite_utils out of that
     from sqlite_utils import Database
 
+CLOCK_OFF_S = 60.0  # a device clock this far from the coordinator's is shown in `lepton status`
+
 # Every kind of event the coordinator records (``FleetRegistry.event``), for ``lepton events --kind``.
 EVENT_KINDS = (
     "coordinator-start", "models-reloaded",
@@ -38,10 +40,13 @@ def fleet_status(db: Database, now: float | None = None) -> dict:
         desired = json.loads(p["desired"]) if p.get("desired") else {}
         reported = json.loads(p["reported"]) if p.get("reported") else {}
         seen = max(d["status_at"] or 0, d["telemetry_at"] or 0)
+        telemetry = json.loads(d["telemetry"]) if d.get("telemetry") else {}
         devices.append({
             "id": d["id"], "agent_version": d["agent_version"] or "", "liveness": d["liveness"], "degraded": bool(d["degraded"]),
             "degraded_reason": d["degraded_reason"], "reason": d["reason"] if d["liveness"] == "offline" else "",
             "last_seen_s": round(now - seen, 1) if seen else None,
+            # the device's clock minus this one's, from its newest telemetry (+ the time it took to arrive)
+            "clock_offset_s": round(telemetry["ts"] - d["telemetry_at"], 1) if telemetry.get("ts") and d["telemetry_at"] else None,
             "load1": d["load1"], "cpu_percent": d["cpu_percent"], "outbox_depth": d["outbox_depth"],
             "acked_seq": acks.get(d["id"], 0),
             "streams": streams.get(d["id"], []),
@@ -101,6 +106,9 @@ def render_status(status: dict) -> str:
     rows = []
     for d in status["devices"]:
         live = d["liveness"] + (" degraded" if d["degraded"] else "")
+        offset = d.get("clock_offset_s")
+        if offset is not None and abs(offset) >= CLOCK_OFF_S:  # its results' capture times are off by as much
+            live += f" clock {_duration(offset)}"
         seen = "-" if d["last_seen_s"] is None else f"{d['last_seen_s']:.0f}s"
         models = _models_cell(d)
         routes = " ".join(f"{s}->{'|'.join(r) or 'unserved'}" for s, r in d["routes"].items()) or ",".join(d["streams"]) or "-"
@@ -124,6 +132,18 @@ def render_status(status: dict) -> str:
     else:
         lines.append("\nno plan yet")
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    """A signed span the way a person reads it: +90d, -2.0h, +75s."""
+    sign, v = ("+" if seconds >= 0 else "-"), abs(seconds)
+    if v >= 86400:
+        return f"{sign}{v / 86400:.0f}d"
+    if v >= 3600:
+        return f"{sign}{v / 3600:.1f}h"
+    if v >= 60:
+        return f"{sign}{v / 60:.0f}m"
+    return f"{sign}{v:.0f}s"
 
 
 def _models_cell(d: dict) -> str:

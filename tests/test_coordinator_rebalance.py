@@ -323,6 +323,21 @@ def test_liveness_follows_a_step_of_the_wall_clock(fleet, monkeypatch, step_s):
     assert len(events) == 1 and ("forward" if step_s > 0 else "back") in events[0][1]
 
 
+def test_status_shows_a_device_whose_clock_is_off(fleet):
+    """A Pi before NTP dates its results at its image's date; the operator sees it in `lepton status`."""
+    from lepton.coordinator.status import fleet_status, render_status
+
+    reg, _, _, _ = fleet
+    msg = m.Telemetry(device="weak", ts=time.time() - 90 * 86400, models={})
+    with reg.db.atomic():
+        reg.apply_telemetry(msg, time.time())
+    status = fleet_status(reg.db)
+    offsets = {d["id"]: d["clock_offset_s"] for d in status["devices"]}
+    assert offsets["weak"] == pytest.approx(-90 * 86400, abs=5) and abs(offsets["strong"]) < 5
+    rows = {line.split()[0]: line for line in render_status(status).splitlines()[1:] if line.strip()}
+    assert "online clock -90d" in rows["weak"] and "clock" not in rows["strong"]
+
+
 def test_no_device_is_called_stale_while_ingest_cannot_store_telemetry(fleet):
     """A full disk stops ingest: telemetry arrives but is not stored, so every device looks silent. Devices
     were all called stale once it could store again, before the backlog was in; now the sweep waits while
