@@ -48,7 +48,7 @@ import numpy as np
 from lepton.agent.config import StreamConfig
 from lepton.agent.outbox import Pending
 from lepton.errors import LeptonError
-from lepton.protocol import Topics, encode
+from lepton.protocol import Topics
 from lepton.protocol import messages as m
 from lepton.protocol.messages import MAX_DEPTH, MAX_INT, MAX_JSON_BYTES, SCHEMA_VERSION, too_deep
 
