@@ -91,7 +91,7 @@ class RuntimeConfig(_Section):
     warmup: int = Field(3, ge=1, le=1000, description="invokes at load time; their median is the first compute-time estimate")
     stall_s: float = Field(30.0, gt=0, description="a pipeline busy on one frame this long is stuck: systemd watchdog pings stop")
     cpu_share: float = Field(0.0, ge=0, le=1024, description="cores the planner may use for inference; 0: all of them")
-    slowdown: float = Field(1.0, ge=1, le=1000, description="emulate a slower CPU on one machine: each invoke takes slowdown x the median of the last 15 invoke times on this host (a pause after the invoke), and reports that. For demos and tests")
+    slowdown: float = Field(1.0, ge=1, le=10000, description="emulate a slower CPU on one machine: each invoke takes slowdown x the median of the last 15 invoke times on this host (a pause after the invoke), and reports that. For demos and tests")
 
 
 class TelemetryConfig(_Section):

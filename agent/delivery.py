@@ -28,9 +28,11 @@ acknowledge past results this device dropped or expired meanwhile.
 
 Deadlines are wall-clock times (a result's capture time plus the stream's
 ``deadline_s``). When the wall clock is set (NTP steps a Pi that booted at
-its image's date forward by months), every held deadline moves with it, in
-the outbox and in memory, so a result expires ``deadline_s`` after its
-capture however the clock was set meanwhile (lepton.clock).
+its image's date forward by months), every deadline this process made moves
+with it, in the outbox and in memory, so a result expires ``deadline_s``
+after its capture however the clock was set meanwhile (lepton.clock). Rows
+held from before the process started stay as they are: they were made on
+the clock of their own run.
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ class Delivery:
         self._drop_logged = -FAILURE_LOG_S
         self._clock = StepWatch()  # deadlines held here and in the outbox are on the wall clock as of its last check
         self._deadline_shift = 0.0  # a clock step the outbox's deadlines have yet to be moved by (a write failed)
+        # Rows below this seq were committed before this process started, on the clock as it was then (a Pi that
+        # booted at its last shutdown's date held them from before): a step seen now is not theirs to follow.
+        self._run_first_seq = outbox.next_seq
 
     # --- from other threads -----------------------------------------------------
     def submit(self, item: Pending) -> None:
@@ -202,7 +207,7 @@ class Delivery:
             log.warning("the wall clock was set %s by %.1f s: deadlines of held results move with it",
                         "forward" if step > 0 else "back", abs(step))
         if self._deadline_shift:
-            self.outbox.shift_deadlines(self._deadline_shift)  # raises on a full disk: tried again next round
+            self.outbox.shift_deadlines(self._deadline_shift, self._run_first_seq)  # raises on a full disk: retried
             self._deadline_shift = 0.0
 
     def _on_clock(self, item: Pending, offset: float) -> Pending:

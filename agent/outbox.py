@@ -302,13 +302,15 @@ class Outbox:
             self._removed(len(rows), sum(r[1] for r in rows))
         return len(rows)
 
-    def shift_deadlines(self, step: float) -> int:
-        """Move every held deadline by *step* seconds (the wall clock was set by that much); how many moved."""
+    def shift_deadlines(self, step: float, from_seq: int = 0) -> int:
+        """Move the deadlines of held rows from *from_seq* on by *step* seconds (the wall clock was set by that
+        much); how many moved."""
         with self._lock:
-            moved = self._db.execute("SELECT count(*) FROM outbox WHERE deadline IS NOT NULL").fetchone()[0]
+            moved = self._db.execute("SELECT count(*) FROM outbox WHERE deadline IS NOT NULL AND seq >= ?",
+                                     (from_seq,)).fetchone()[0]
             if moved:
-                self._tx(self._db.execute, "UPDATE outbox SET deadline = deadline + ? WHERE deadline IS NOT NULL",
-                         (step,))
+                self._tx(self._db.execute, "UPDATE outbox SET deadline = deadline + ? WHERE deadline IS NOT NULL "
+                         "AND seq >= ?", (step, from_seq))
         return moved
 
     def _delete_upto(self, seq: int, updates: list[tuple[str, tuple]]) -> None:

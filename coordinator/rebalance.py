@@ -75,6 +75,10 @@ class Rebalancer:
         self._skipped: set[str] = set()  # streams the last plan skipped, and those it left unserved: recorded
         self._unserved: set[str] = set()  # as events when they change
         self._clock_checked = time.monotonic()
+        # Stored times this process wrote are at or after this (on the clock as it is now; moved with each step):
+        # earlier ones were written on the clock of an earlier run, which a step seen now is not about.
+        self._run_from = time.time() - 1.0
+        self._clock_pending: list[tuple[float, float, float]] = []  # (step, written-after, now before it) to apply
 
     # --- from other threads -------------------------------------------------
     def notify(self, changes: list[Change]) -> None:
@@ -172,16 +176,22 @@ class Rebalancer:
         """Move the stored liveness and failure times with a step of the wall clock (see the module doc)."""
         step, tick = self._clock.check(), time.monotonic()
         since, self._clock_checked = tick - self._clock_checked, tick
-        if not step:
-            return
-        now = time.time()
-        # Times written after the step, on the new clock, lie within the time since the last check: kept.
-        with write_tx(self.db):
-            moved = self.registry.shift_clock(step, now - since - 1.0, now + 1.0)
-            self.registry.event("clock-step", detail=f"the wall clock was set {'forward' if step > 0 else 'back'} "
-                                f"by {abs(step):.1f} s; {moved} stored time(s) of devices moved with it", now=now)
-        log.warning("the wall clock was set %s by %.1f s: when devices were last heard and models failed moved "
-                    "with it", "forward" if step > 0 else "back", abs(step))
+        if step:
+            now = time.time()
+            # Times written after the step, on the new clock, lie within the time since the last check (kept);
+            # this run's times before it lie between its start and the old clock's now (moved).
+            self._clock_pending.append((step, now - since - 1.0, now - step + 1.0))
+            log.warning("the wall clock was set %s by %.1f s: when devices were last heard and models failed move "
+                        "with it", "forward" if step > 0 else "back", abs(step))
+        while self._clock_pending:  # a write that failed (a locked or full database) is tried again next round
+            step, after, before = self._clock_pending[0]
+            now = time.time()
+            with write_tx(self.db):
+                moved = self.registry.shift_clock(step, self._run_from, before, after, now + 1.0)
+                self.registry.event("clock-step", detail=f"the wall clock was set {'forward' if step > 0 else 'back'} "
+                                    f"by {abs(step):.1f} s; {moved} stored time(s) of devices moved with it", now=now)
+            self._run_from += step
+            self._clock_pending.pop(0)
 
     def _collect(self, trigger: str) -> str:
         with self._lock:
@@ -253,11 +263,9 @@ class Rebalancer:
             # second while its neighbours flap, and the events that matter fall out of the kept window.
             for note in sorted(set(view.skipped) - self._skipped):
                 self.registry.event("stream-skipped", detail=note, now=now)
-            self._skipped = set(view.skipped)
             unserved = {k: v for k, v in (result.unserved or {}).items() if v > placement.MIN_SHARE}
             if unserved and set(unserved) != self._unserved:
                 self.registry.event("unserved", detail=", ".join(f"{k} {v:.0%}" for k, v in sorted(unserved.items())), now=now)
-            self._unserved = set(unserved)
             self.db.execute(
                 "INSERT INTO plans (ts, trigger, status, path, objective, gap, solve_s, changed, plan, snapshot) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -266,6 +274,7 @@ class Rebalancer:
             )
             self.db.execute("DELETE FROM plans WHERE id <= (SELECT max(id) FROM plans) - ?", [KEEP_PLANS])
             self.db.execute("DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - ?", [KEEP_EVENTS])
+        self._skipped, self._unserved = set(view.skipped), set(unserved)  # recorded: committed
         return changed
 
     def _republish_all(self) -> None:

@@ -218,15 +218,15 @@ class FleetRegistry:
         self.event("model-failed", device, f"{model} {state.version}: {state.reason}", now=now)
         return [Change("failed", device, model)]
 
-    def shift_clock(self, step: float, keep_from: float, keep_to: float) -> int:
+    def shift_clock(self, step: float, run_from: float, run_to: float, keep_from: float, keep_to: float) -> int:
         """Move the stored times that liveness and failure windows compare with the wall clock by *step* s (the
-        clock was set by that much); times within [keep_from, keep_to] were written on the new clock and stay.
-        How many moved."""
+        clock was set by that much): those within [run_from, run_to] (written by this run before the step), but
+        not those within [keep_from, keep_to] (written after it, on the new clock). How many moved."""
         moved = 0
         for table, column in (("devices", "status_at"), ("devices", "telemetry_at"), ("failures", "at")):
             moved += self.db.execute(
-                f"UPDATE {table} SET {column} = {column} + ? WHERE {column} IS NOT NULL AND {column} NOT BETWEEN ? AND ?",
-                [step, keep_from, keep_to]).rowcount
+                f"UPDATE {table} SET {column} = {column} + ? WHERE {column} BETWEEN ? AND ? "
+                f"AND {column} NOT BETWEEN ? AND ?", [step, run_from, run_to, keep_from, keep_to]).rowcount
         return moved
 
     # --- liveness sweep (rebalancer) ------------------------------------------------

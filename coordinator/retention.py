@@ -16,10 +16,10 @@ a new arrival time; it is pruned with its neighbours.
 
 Arrival times are the coordinator's wall clock. A step of it must not delete
 what it did not mean to: set forward by 90 days, every stored result looked
-older than 30 days, though the devices had deleted them on ack. So results
-that arrived during this run are never pruned before the run has lasted
-``keep_results_days`` on the boot clock, however the wall clock moved (the
-steps are logged); results from earlier runs are judged by their arrival time.
+older than 30 days, though the devices had deleted them on ack. So the
+cutoff for results that arrived during this run before a forward step is
+moved back by the step (``RunFloor``; the steps are logged); results from
+earlier runs are judged by their arrival time.
 
 Acks are kept (a device's ack never goes back). A device holds a result
 until its ack arrives, so a result can come back after its row was pruned
@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from lepton.clock import StepWatch, boot_clock
+from lepton.clock import StepWatch
 from lepton.coordinator.db import open_db, write_tx
 
 log = logging.getLogger(__name__)
@@ -74,24 +74,35 @@ def prune_below(db, device: str, cutoff: float) -> int:
 
 
 class RunFloor:
-    """The pruning cutoff, kept below every arrival time this run stored until the run is old enough."""
+    """The pruning cutoff, corrected for forward steps of the wall clock during this run.
+
+    A result stored before a forward step of S looks S older than it is; its cutoff is S earlier. Such results
+    lie between the run's floor (no arrival time of this run is below it) and the time of the step, results
+    stored after it above; so the cutoff is held at max(floor, cutoff - S), never above the plain one: results
+    from before the run go at the plain cutoff, this run's pre-step results when they are really old enough,
+    and its post-step ones at most S later than they would (kept longer, never lost). A backward step needs
+    nothing (results before it look younger: kept longer), but lowers the floor.
+    """
 
     def __init__(self) -> None:
-        self.started = boot_clock()
-        self.floor = self.last = time.time()  # no arrival time of this run is below the floor
+        self.floor = self.last = time.time()
+        self.forward = 0.0  # the forward steps of this run, summed
         self.watch = StepWatch()
 
     def cutoff(self, keep_s: float) -> float:
         step, now = self.watch.check(), time.time()
         if step:
-            log.warning("the wall clock was set %s by %.0f s: results stored since this coordinator started are "
-                        "kept until it has run %.0f days", "forward" if step > 0 else "back", abs(step),
-                        keep_s / DAY_S)
+            log.warning("the wall clock was set %s by %.0f s: results stored before that are pruned by their age, "
+                        "not by the times they were stored with", "forward" if step > 0 else "back", abs(step))
         if step < 0:  # set back somewhere since the last pass: arrivals since then may be as low as this
             self.floor = min(self.floor, self.last + step)
+        elif step > 0:
+            self.forward += step
         self.last = now
         cutoff = now - keep_s
-        return cutoff if boot_clock() - self.started >= keep_s else min(cutoff, self.floor)
+        if not self.forward or cutoff <= self.floor:
+            return cutoff
+        return min(cutoff, max(self.floor, cutoff - self.forward))
 
 
 class Retention:

@@ -9,12 +9,14 @@ Decisions written down here (and in docs/planner.md):
 
 - A model runs on a device with the compute time ``compute_ms[device]``
   (measured by telemetry, or a bench profile). Where that entry is missing it
-  runs in ``default_compute_ms`` if the model gives one, unscaled: a single
-  inference runs on one thread, so a device's core count sets how many
-  inferences per second it sustains (the CPU constraint), not how long one
-  takes. With neither, the model cannot run on that device.
+  runs in ``default_compute_ms`` times the device's ``compute_scale`` (how
+  its measured times compare with the bench profiles; 1 by default) if the
+  model gives one. The core count does not scale it: a single inference
+  runs on one thread, so a device's core count sets how many inferences per
+  second it sustains (the CPU constraint), not how long one takes. With
+  neither, the model cannot run on that device.
 - Every id named anywhere (a stream's origin or model, a ``compute_ms`` key,
-  a ``current`` entry) must be declared; a typo is an error, never a silent
+  a ``current`` or ``routes`` entry) must be declared; a typo is an error, never a silent
   "device unknown, skip".
 - A link of 0 Mbit/s means "no link": that device neither offloads nor
   serves offloaded inputs. A device with ``cpu`` 0 serves nothing.

@@ -323,6 +323,21 @@ def test_liveness_follows_a_step_of_the_wall_clock(fleet, monkeypatch, step_s):
     assert len(events) == 1 and ("forward" if step_s > 0 else "back") in events[0][1]
 
 
+def test_a_clock_step_leaves_times_an_earlier_run_wrote(fleet, monkeypatch):
+    """Times written before this coordinator started were on the clock of their own run: a step seen now is not
+    theirs (moved, a device heard before a restart would have looked heard in the future after a forward step)."""
+    reg, reb, rec, _ = fleet
+    before_run = reb._run_from - 50
+    reg.db.execute("UPDATE devices SET status_at = ?, telemetry_at = ? WHERE id = 'strong'", [before_run, before_run])
+    weak_at = reg.device("weak")["telemetry_at"]
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 90 * 86400)
+    reb._due(False)
+    strong, weak = reg.device("strong"), reg.device("weak")
+    assert (strong["status_at"], strong["telemetry_at"]) == (before_run, before_run)
+    assert weak["telemetry_at"] == pytest.approx(weak_at + 90 * 86400, abs=3)
+
+
 def test_status_shows_a_device_whose_clock_is_off(fleet):
     """A Pi before NTP dates its results at its image's date; the operator sees it in `lepton status`."""
     from lepton.coordinator.status import fleet_status, render_status

@@ -48,32 +48,48 @@ def test_prune_deletes_what_arrived_before_the_cutoff_per_device(tmp_path):
 
 def test_a_step_of_the_wall_clock_does_not_prune_what_this_run_stored(tmp_path, monkeypatch):
     """A coordinator whose clock is set forward by 90 days must not take an hour's results (acked, so deleted on
-    the devices) for 90-day-old ones; set back, the results it then stores are kept as long as any."""
+    the devices) for 90-day-old ones: they go when they are 30 days old by the boot clock."""
     import time
 
+    import lepton.clock
     from lepton.coordinator.retention import DAY_S, RunFloor
 
     db = open_db(tmp_path / "c.db")
     keep = 30 * DAY_S
     run = RunFloor()
-    real, start = time.time, time.time()
+    real, boot, start = time.time, lepton.clock.boot_clock, time.time()
+
+    def days_later(days: float, step_days: float = 90) -> None:  # time passes (both clocks) after the step
+        monkeypatch.setattr(lepton.clock, "boot_clock", lambda: boot() + days * DAY_S)
+        monkeypatch.setattr(time, "time", lambda: real() + (step_days + days) * DAY_S)
+
     fill(db, "old", {1: start - 31 * DAY_S})  # an earlier run's result, past the retention on any clock
     fill(db, "a", {1: start, 2: start + 0.5})  # stored by this run, before the step
-    monkeypatch.setattr(time, "time", lambda: real() + 90 * DAY_S)
+    days_later(0)  # the step: the wall clock alone moves
     fill(db, "a", {3: time.time()})  # and after it
-    Retention(str(tmp_path / "c.db"), 30, 3600).prune(db, run.cutoff(keep))
+    prune = Retention(str(tmp_path / "c.db"), 30, 3600).prune
+    prune(db, run.cutoff(keep))
     assert seqs(db, "a") == [1, 2, 3], "the step did not age this run's results"
     assert seqs(db, "old") == [], "what is old on either clock still goes"
-    # Set back by 2 hours: what arrives now has times below the run's start; none is pruned either.
+    days_later(29)
+    prune(db, run.cutoff(keep))
+    assert seqs(db, "a") == [1, 2, 3]
+    days_later(31)  # 31 days old by the boot clock: those from before the step go; the one after is 31 days old
+    prune(db, run.cutoff(keep))  # too, but goes only once 90 more days passed: kept longer, never lost
+    assert seqs(db, "a") == [3]
+
+
+def test_after_a_backward_step_nothing_this_run_stored_is_pruned_early(tmp_path, monkeypatch):
+    import time
+
+    from lepton.coordinator.retention import DAY_S, RunFloor
+
+    run = RunFloor()
+    real = time.time
     monkeypatch.setattr(time, "time", lambda: real() - 2 * 3600)
-    fill(db, "b", {1: time.time()})
-    assert run.cutoff(keep) <= time.time() - 1
-    monkeypatch.setattr(time, "time", lambda: real() + 90 * DAY_S)  # and forward again
-    Retention(str(tmp_path / "c.db"), 30, 3600).prune(db, run.cutoff(keep))
-    assert seqs(db, "a") == [1, 2, 3] and seqs(db, "b") == [1]
-    # Once the run itself is older than the retention, arrival times decide again.
-    monkeypatch.setattr("lepton.coordinator.retention.boot_clock", lambda: run.started + keep + 1)
-    assert run.cutoff(keep) == pytest.approx(time.time() - keep, abs=1)
+    assert run.cutoff(30 * DAY_S) == pytest.approx(time.time() - 30 * DAY_S, abs=1)
+    monkeypatch.setattr(time, "time", lambda: real() + 90 * DAY_S)  # and then forward: floored at the lowest
+    assert run.cutoff(30 * DAY_S) <= real() - 2 * 3600  # time this run stored anything at
 
 
 def test_prune_goes_in_chunks_and_stops_when_asked(tmp_path):

@@ -217,6 +217,20 @@ def test_a_stream_moves_off_its_routes_only_for_more_than_route_hold(b_ms, hold,
         static_latency(hold_fleet(b_ms), stream("s", "o", "m"), dev(served_on, up=1000, down=1000)), abs=0.01)
 
 
+def test_route_hold_keeps_a_stream_on_a_device_that_is_not_among_the_nearest_k():
+    """40 equal workers that hold the model: the one serving the stream, 2% slower than the rest, is not among
+    the 16 nearest candidates nor the 4 nearest holders; it must still be one, or the hold cannot keep it."""
+    n = 40
+    compute = {f"w{i}": 50.0 for i in range(n)} | {"w39": 51.0, "o": 500.0}
+    models = [{"name": "m", "memory_mb": 10, "compute_ms": compute}]
+    devices = [dev(d, up=1000, down=1000) for d in compute]
+    snap = snapshot(devices, models, [stream("s", "o", "m")], current={f"w{i}": ["m"] for i in range(n)})
+    snap["routes"] = {"s": ["w39"]}
+    assert [r.device for r in plan(snap).routes["s"]] == ["w39"]
+    snap["params"]["route_hold"] = 0.0
+    assert [r.device for r in plan(snap).routes["s"]] != ["w39"]
+
+
 def test_explain_names_the_route_hold_when_it_keeps_a_stream_where_it_is(tmp_path, capsys):
     path = tmp_path / "fleet.json"
     path.write_text(json.dumps(hold_fleet(49.0)))

@@ -11,6 +11,8 @@ stream the candidates are:
 - its origin (no transfer at all),
 - the K/4 nearest devices that hold its model now (so keeping a placement
   is always an option),
+- the devices that serve it now (``routes``: else ``route_hold`` could not
+  keep it there in a fleet where K others are nearer),
 - a K/4 slice of a "spread pool": the devices ranked just after the K
   nearest, enough of them to carry twice the model's demand. The K nearest
   are the same few devices for every stream of a model; without the pool a
@@ -41,9 +43,17 @@ def choose(prob: Problem) -> tuple[np.ndarray, np.ndarray]:
             s, d = _group(prob, m, np.flatnonzero(prob.s_model == m), F, held[m, F])
             out_s.append(s)
             out_d.append(d)
+    if prob.routed:
+        rs, rd = (np.array(v, dtype=int) for v in zip(*sorted(prob.routed)))
+        rm = prob.s_model[rs]
+        ok = feasible[rd] & np.isfinite(prob.compute[rm, rd]) & (prob.model_mem[rm] <= prob.mem[rd])
+        out_s.append(rs[ok])
+        out_d.append(rd[ok])
     if not out_s:
         return np.zeros(0, int), np.zeros(0, int)
-    return np.concatenate(out_s), np.concatenate(out_d)
+    n_dev = len(prob.dev_ids)
+    keys = np.unique(np.concatenate(out_s) * n_dev + np.concatenate(out_d))
+    return keys // n_dev, keys % n_dev
 
 
 def _device_part(prob: Problem, m: int, F: np.ndarray, L: np.ndarray, R: np.ndarray) -> np.ndarray:

@@ -117,6 +117,7 @@ class Problem:
             p_prop=self.p_prop[pair_idx], p_compute=self.p_compute[pair_idx], p_moved=self.p_moved[pair_idx],
             s_start=np.searchsorted(p_s, np.arange(streams.size + 1)),
             x_m=self.x_m[x_idx], x_d=self.x_d[x_idx], x_current=self.x_current[x_idx],
+            routed={(int(new_s[s]), d) for s, d in self.routed if new_s[s] >= 0},
         )
         return sub, pair_idx, x_idx
 
