@@ -405,6 +405,8 @@ class Agent:
         from lepton.models.runtime import runtime_info
 
         runtime, version = runtime_info()
+        if self.cfg.runtime.slowdown > 1:  # an emulated slower device is another kind of device to the planner
+            version = f"{version} (slowdown x{self.cfg.runtime.slowdown:g})"
         cpus = os.cpu_count() or 1
         caps = m.Capabilities(
             cpu_count=cpus, memory_mb=psutil.virtual_memory().total / 2**20, arch=platform.machine() or "unknown",

@@ -9,7 +9,10 @@ replayed offline. Where a figure comes from, in order of trust:
   registry (else ``default_compute_ms``) times the device's ``compute_scale``:
   how d's measured times of other models compare with their bench profiles,
   or, for a device that has run nothing yet, the median of devices of its
-  kind (arch, cores, CPU share, runtime, memory), else 1. The bench profile
+  kind (arch, cores, CPU share, threads, runtime and version, memory), else
+  1: the first device of a kind is tried at the bench profile's speed (it
+  may be planned streams it gives back once it measured itself); the rest
+  of its kind are then known. The bench profile
   was measured on the machine that built the zoo; taken as it was, a camera
   that had just joined looked as fast as that machine, was planned a score
   of streams, and lost them all two seconds later when it measured 300x that.
@@ -202,10 +205,11 @@ def compute_scales(devices: list[dict], measured: dict[tuple[str, str], float], 
 
 
 def _kind(caps: dict) -> tuple:
-    """Devices alike enough to run a model alike: arch, cores, CPU share, runtime, memory (to a power of 2)."""
+    """Devices alike enough to run a model alike: arch, cores, CPU share, interpreter threads, runtime and its
+    version (which names an emulated slowdown), memory (to a power of 2)."""
     memory = caps.get("memory_mb") or 0
-    return (caps.get("arch"), caps.get("cpu_count"), caps.get("cpu_share"), caps.get("runtime"),
-            round(math.log2(memory)) if memory > 0 else 0)
+    return (caps.get("arch"), caps.get("cpu_count"), caps.get("cpu_share"), caps.get("threads"), caps.get("runtime"),
+            caps.get("runtime_version"), round(math.log2(memory)) if memory > 0 else 0)
 
 
 def _device(row: dict, link: dict | None, online: bool, compute_scale: float = 1.0) -> dict:

@@ -241,7 +241,12 @@ def test_a_new_device_is_assumed_as_fast_as_devices_of_its_kind_not_the_bench_ma
         reg.apply_status(m.Status(device="strong", state="offline", ts=time.time()), time.time())
     birth(reg, "weak2", 1, [], {"up_mbps": 100, "down_mbps": 100, "rtt_ms": 2})  # a camera like weak
     birth(reg, "odd", 4, [], {"up_mbps": 100, "down_mbps": 100, "rtt_ms": 2})  # a kind nobody measured
+    emulated = m.Capabilities(cpu_count=1, memory_mb=1024, arch="aarch64", runtime="ai-edge-litert",
+                              runtime_version="2 (slowdown x400)", cpu_share=1)  # like weak, but runs slower
+    with reg.db.atomic():
+        reg.apply_status(m.Status(device="emu", state="online", ts=time.time(), capabilities=emulated), time.time())
     devices = {d["id"]: d for d in fleetview.build(reg, reb.params).snapshot["devices"]}
+    assert devices["emu"]["compute_scale"] == 1.0, "another runtime version: another kind"
     assert devices["weak"]["compute_scale"] == pytest.approx(80 / 3, rel=1e-3)  # its own: 80 ms against 3
     assert devices["weak2"]["compute_scale"] == devices["weak"]["compute_scale"]  # its kind's
     assert devices["odd"]["compute_scale"] == 1.0  # nothing better known: the bench profile
@@ -486,3 +491,18 @@ def test_the_newest_version_is_the_one_devices_call_newest(tmp_path):
     reg.set_models([{"name": "digits", "version": v, "sha256": SHA, "size": 1, "memory_mb": 1.0, "compute_ms": 1.0,
                      "family": "digits", "variant": ""} for v in ("1.9", "1.10")])
     assert reg.known_models()["digits"]["version"] == "1.10"
+
+
+def test_a_placement_is_the_same_whatever_the_order_of_its_routes_and_small_share_moves():
+    """What counts as a change worth a new generation: another device set, or a share moved by 5% or more (link
+    noise moved a split stream's shares by 2-10% at every timer plan)."""
+    from lepton.coordinator.placement import same
+
+    def content(*routes):
+        return {"models": [], "serve": {}, "routes": {"s": [m.Route(device=d, share=x) for d, x in routes]}}
+
+    stored = m.Desired(device="x", generation=1, ts=0, **content(("a", 0.6), ("b", 0.4))).model_dump_json()
+    assert same(stored, content(("b", 0.4), ("a", 0.6)))
+    assert same(stored, content(("a", 0.64), ("b", 0.36)))
+    assert not same(stored, content(("a", 0.66), ("b", 0.34)))
+    assert not same(stored, content(("a", 0.6), ("c", 0.4)))
