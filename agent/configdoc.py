@@ -23,7 +23,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "agent.tom
 HEAD = """# Agent configuration reference
 
 `lepton agent --config FILE` reads one TOML file. Unknown keys are refused (a
-typo never passes as a default), and `lepton agent --check-config FILE` exits
+typo never passes as a default), so are values of the wrong TOML type
+(`port = "1883"`, `fps = true`; an integer is fine for a float), and `lepton agent --check-config FILE` exits
 0, or 2 with one line naming the bad key; `--check-config FILE --json` prints
 the whole configuration with every default filled in. This page is written
 from the code (`python -m lepton.agent.configdoc > docs/agent-config.md`).

@@ -74,7 +74,8 @@ def _add_status(subparsers) -> None:
     st = _db_command(
         subparsers, "status", _status, help="the fleet as the coordinator sees it",
         description="Devices (liveness, load, outbox depth, acked results, desired and reported placement, "
-        "routes) and the last plan, read from the coordinator's database.",
+        "routes; a device clock a minute or more off is marked) and the last plan, read from the coordinator's "
+        "database.",
     )
     st.add_argument("--json", action="store_true", help="print JSON")
 
@@ -83,7 +84,8 @@ def _add_events(subparsers) -> None:
     ev = _db_command(
         subparsers, "events", _events, help="what changed in the fleet and why",
         description="The coordinator's event log: devices born, gone offline or stale, placements published, "
-        "models that failed to load, streams left unserved, plans that failed.",
+        "models that failed to load, streams left unserved or skipped (recorded when the set of them changes), "
+        "plans that failed, steps of the wall clock.",
     )
     ev.add_argument("--limit", type=_count, default=50, metavar="N", help="newest N events (default 50)")
     ev.add_argument("--device", default="", metavar="ID", help="only this device")
