@@ -86,9 +86,6 @@ class Delivery:
         self._drop_logged = -FAILURE_LOG_S
         self._clock = StepWatch()  # deadlines held here and in the outbox are on the wall clock as of its last check
         self._deadline_shift = 0.0  # a clock step the outbox's deadlines have yet to be moved by (a write failed)
-        # Rows below this seq were committed before this process started, on the clock as it was then (a Pi that
-        # booted at its last shutdown's date held them from before): a step seen now is not theirs to follow.
-        self._run_first_seq = outbox.next_seq
 
     # --- from other threads -----------------------------------------------------
     def submit(self, item: Pending) -> None:
@@ -207,7 +204,7 @@ class Delivery:
             log.warning("the wall clock was set %s by %.1f s: deadlines of held results move with it",
                         "forward" if step > 0 else "back", abs(step))
         if self._deadline_shift:
-            self.outbox.shift_deadlines(self._deadline_shift, self._run_first_seq)  # raises on a full disk: retried
+            self.outbox.shift_deadlines(self._deadline_shift, self.outbox.run_first_seq)  # raises on a full disk
             self._deadline_shift = 0.0
 
     def _on_clock(self, item: Pending, offset: float) -> Pending:

@@ -153,6 +153,9 @@ class Outbox:
         self.expired = counters["expired"]
         self.first_seq = counters["first_seq"]
         self.renumbered = 0  # times this process numbered the held results again above an ack (_renumber_above)
+        # Rows below this seq were committed before this process opened the outbox, on the clock as it was then (a
+        # Pi that booted at its last shutdown's date held them from before): a clock step seen now is not theirs.
+        self.run_first_seq = self.next_seq
         self.depth, self.bytes = self._db.execute(
             "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
         low = self._db.execute("SELECT min(seq) FROM outbox").fetchone()[0]
@@ -259,6 +262,7 @@ class Outbox:
         self._floor = first
         self.lost_upto = ack
         self.renumbered += 1
+        self.run_first_seq += shift  # numbered again in order: the same rows are this run's
 
     def _insert_bounded(self, rows: list[Row], next_seq: int, size: int, trim: list[int]) -> None:
         """Insert *rows* and drop the oldest past the bounds in the same transaction, so no

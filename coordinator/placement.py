@@ -68,9 +68,17 @@ def same(stored_json: str | None, content: dict) -> bool:
     for sid, routes in after.items():
         was = {r["device"]: r["share"] for r in before[sid]}
         now = {r["device"]: r["share"] for r in routes}  # by device: two near-equal shares may swap places
-        if set(was) != set(now) or any(abs(was[d] - now[d]) >= SHARE_TOLERANCE for d in now):
+        if set(was) != set(now) or any(_moved(was[d], now[d]) for d in now):
             return False
     return True
+
+
+def _moved(a: float, b: float) -> bool:
+    """A share moved enough to send again: by SHARE_TOLERANCE, or by half of itself and at least a point (0.049
+    to 0.0002 is under the tolerance, but that device would serve 245 times its share). On the 4-decimal grid
+    shares are published on, so that a move of exactly the tolerance counts either way."""
+    d = round(abs(a - b), 4)
+    return d >= SHARE_TOLERANCE or (d >= 0.01 and d >= 0.5 * max(a, b))
 
 
 def describe(old_json: str | None, msg: m.Desired) -> str:

@@ -180,7 +180,12 @@ class Rebalancer:
             now = time.time()
             # Times written after the step, on the new clock, lie within the time since the last check (kept);
             # this run's times before it lie between its start and the old clock's now (moved).
-            self._clock_pending.append((step, now - since - 1.0, now - step + 1.0))
+            before = now - step + 1.0  # this run's pre-step times are below the old clock's now
+            # After a forward step shorter than the time since the last check (a long plan in between) the two
+            # ranges meet: a time there is moved (a device heard up to `since` later) rather than left S old
+            # (called stale at once).
+            after = max(now - since - 1.0, before) if step > 0 else now - since - 1.0
+            self._clock_pending.append((step, after, before))
             log.warning("the wall clock was set %s by %.1f s: when devices were last heard and models failed move "
                         "with it", "forward" if step > 0 else "back", abs(step))
         while self._clock_pending:  # a write that failed (a locked or full database) is tried again next round

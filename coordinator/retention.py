@@ -19,7 +19,8 @@ what it did not mean to: set forward by 90 days, every stored result looked
 older than 30 days, though the devices had deleted them on ack. So the
 cutoff for results that arrived during this run before a forward step is
 moved back by the step (``RunFloor``; the steps are logged); results from
-earlier runs are judged by their arrival time.
+earlier runs are judged by their arrival time (or kept longer: the cutoff
+is held no lower than the run's floor, which is not always below them).
 
 Acks are kept (a device's ack never goes back). A device holds a result
 until its ack arrives, so a result can come back after its row was pruned
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 2000  # rows deleted per transaction
 FIRST_AFTER_S = 60.0  # the first pass, after a start (a coordinator restarted often still prunes)
+CLOCK_CHECK_S = 30.0  # how often the wall clock is compared with the boot clock between passes
 DAY_S = 86400.0
 
 
@@ -89,7 +91,8 @@ class RunFloor:
         self.forward = 0.0  # the forward steps of this run, summed
         self.watch = StepWatch()
 
-    def cutoff(self, keep_s: float) -> float:
+    def observe(self) -> None:
+        """Take in a step of the clock since the last look."""
         step, now = self.watch.check(), time.time()
         if step:
             log.warning("the wall clock was set %s by %.0f s: results stored before that are pruned by their age, "
@@ -99,7 +102,10 @@ class RunFloor:
         elif step > 0:
             self.forward += step
         self.last = now
-        cutoff = now - keep_s
+
+    def cutoff(self, keep_s: float) -> float:
+        self.observe()
+        cutoff = time.time() - keep_s
         if not self.forward or cutoff <= self.floor:
             return cutoff
         return min(cutoff, max(self.floor, cutoff - self.forward))
@@ -130,10 +136,15 @@ class Retention:
     def _run(self, stop: threading.Event) -> None:
         db = open_db(self.db_path, self.synchronous)
         try:
-            wait = min(self.every_s, FIRST_AFTER_S)  # soon after a start, then every every_s
             run = RunFloor()
-            while not stop.wait(wait):
-                wait = self.every_s
+            due = time.monotonic() + min(self.every_s, FIRST_AFTER_S)  # soon after a start, then every every_s
+            # The clock is looked at every CLOCK_CHECK_S between passes: a step back and one forward within a
+            # pass would otherwise cancel out, and what was stored between them would look older than it is.
+            while not stop.wait(min(CLOCK_CHECK_S, max(0.0, due - time.monotonic()))):
+                run.observe()
+                if time.monotonic() < due:
+                    continue
+                due = time.monotonic() + self.every_s
                 try:
                     self.prune(db, run.cutoff(self.keep_days * DAY_S), stop)
                 except Exception:  # a locked or full database now is not a reason to stop pruning later

@@ -91,6 +91,22 @@ def test_an_ack_above_anything_numbered_numbers_the_held_results_again_above_it(
     assert again.ack(502) == 2 and seqs(again) == [503, 504]
 
 
+def test_a_clock_step_moves_the_deadlines_this_run_made_renumbered_or_not(tmp_path):
+    """Rows an earlier run held were made on that run's clock; this run's rows are this run's after they are
+    numbered again above an ack too."""
+    now = time.time()
+    earlier = Outbox(tmp_path / "o.db", first_seq=1)
+    earlier.enqueue([item(0, deadline=now + 10)])
+    earlier.close()
+    box = Outbox(tmp_path / "o.db")
+    assert box.run_first_seq == 2
+    box.enqueue([item(1, deadline=now + 10), item(2, deadline=now + 10)])
+    box.ack(500)  # numbered again: 501 (the earlier run's), 502, 503
+    assert seqs(box) == [501, 502, 503] and box.run_first_seq == 502
+    assert box.shift_deadlines(3600.0, box.run_first_seq) == 2
+    assert [r.deadline - now for r in box.pending(0, 10)] == pytest.approx([10, 3610, 3610])
+
+
 def test_wal_and_full_sync(tmp_path):
     Outbox(tmp_path / "o.db", first_seq=1).close()
     conn = sqlite3.connect(tmp_path / "o.db")

@@ -81,9 +81,11 @@ def test_digits_stream_publishes_correct_labels_then_stops_cleanly(broker, consu
     entry = default_registry().get("digits-int8")
     metrics_port = free_port()
     cfg = agent_config(tmp_path, broker.port, topics.prefix, metrics={"port": metrics_port},
-                       link={"up_mbps": 20.0, "rtt_ms": 15.0, "probe_interval_s": 30.0})
+                       link={"up_mbps": 20.0, "rtt_ms": 15.0, "probe_interval_s": 30.0}, runtime={"slowdown": 1.5})
     agent = start(agents, cfg, tmp_path)
     birth = online(consumer, agent)
+    # an emulated slower device says so: the coordinator takes it for another kind than a full-speed twin
+    assert birth.capabilities.runtime_version.endswith(" (slowdown x1.5)"), birth.capabilities.runtime_version
     assert birth.capabilities.link == {"up_mbps": 20.0, "rtt_ms": 15.0}  # the hints, not the agent's own settings
     assert birth.capabilities.cpu_count == os.cpu_count() and "digits-int8" in birth.capabilities.models
     assert birth.capabilities.runtime and birth.streams[0].id == "digits-cam" and birth.streams[0].payload_bytes > 0

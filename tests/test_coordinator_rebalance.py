@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -328,6 +329,29 @@ def test_liveness_follows_a_step_of_the_wall_clock(fleet, monkeypatch, step_s):
     assert len(events) == 1 and ("forward" if step_s > 0 else "back") in events[0][1]
 
 
+def test_a_clock_step_whose_write_fails_is_applied_at_the_next_round(fleet, monkeypatch):
+    """A locked or full database when the step is seen: the step waits, no device is called stale on the unmoved
+    times, and the next round moves them."""
+    reg, reb, rec, _ = fleet
+    reb.started = time.monotonic() - 100
+    weak_at = reg.device("weak")["telemetry_at"]
+    real, shift = time.time, reb.registry.shift_clock
+    monkeypatch.setattr(time, "time", lambda: real() + 90 * 86400)
+
+    def full(*args):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(reb.registry, "shift_clock", full)
+    with pytest.raises(sqlite3.OperationalError):
+        reb._due(False)
+    assert reg.device("weak")["liveness"] == "online" and reg.device("weak")["telemetry_at"] == weak_at
+    monkeypatch.setattr(reb.registry, "shift_clock", shift)
+    reb._swept = 0.0
+    reb._due(False)
+    assert reg.device("weak")["telemetry_at"] == pytest.approx(weak_at + 90 * 86400, abs=3)
+    assert sorted(d["id"] for d in reg.devices() if d["liveness"] == "stale") == []
+
+
 def test_a_clock_step_leaves_times_an_earlier_run_wrote(fleet, monkeypatch):
     """Times written before this coordinator started were on the clock of their own run: a step seen now is not
     theirs (moved, a device heard before a restart would have looked heard in the future after a forward step)."""
@@ -506,3 +530,9 @@ def test_a_placement_is_the_same_whatever_the_order_of_its_routes_and_small_shar
     assert same(stored, content(("a", 0.64), ("b", 0.36)))
     assert not same(stored, content(("a", 0.66), ("b", 0.34)))
     assert not same(stored, content(("a", 0.6), ("c", 0.4)))
+    for a, b in ((0.6, 0.65), (0.6, 0.55), (0.3, 0.35), (0.35, 0.3), (0.1, 0.15)):  # exactly 5 points, either way
+        was = m.Desired(device="x", generation=1, ts=0, **content(("a", a), ("b", 1 - a))).model_dump_json()
+        assert not same(was, content(("a", b), ("b", 1 - b))), (a, b)
+    small = m.Desired(device="x", generation=1, ts=0, **content(("a", 0.951), ("b", 0.049))).model_dump_json()
+    assert not same(small, content(("a", 0.9998), ("b", 0.0002))), "b would serve 245 times its share"
+    assert same(small, content(("a", 0.955), ("b", 0.045)))
