@@ -12,10 +12,10 @@ replayed offline. Where a figure comes from, in order of trust:
   kind (arch, cores, CPU share, threads, runtime and version, memory), else
   1: the first device of a kind is tried at the bench profile's speed (it
   may be planned streams it gives back once it measured itself); the rest
-  of its kind are then known. The bench profile
-  was measured on the machine that built the zoo; taken as it was, a camera
-  that had just joined looked as fast as that machine, was planned a score
-  of streams, and lost them all two seconds later when it measured 300x that.
+  of its kind are then known. The bench profile was measured on the machine
+  that built the zoo; taken as it was, a camera that had just joined looked
+  as fast as that machine, was planned a score of streams, and lost them all
+  two seconds later when it measured 300x that.
 - links: the device's measured rtt / up / down; else the hints in its birth
   (``capabilities.link``); else ``DEFAULT_LINK``.
 - streams: from the devices' births, at the rate telemetry measured once it
