@@ -246,8 +246,10 @@ class Ingest:
                 self._below_logged[device] = now
                 log.warning("device %s sent %d result(s) numbered at or below its ack %d (seq %d..%d) that are not "
                             "stored: its outbox numbers below or among an older one's results (replaced while its "
-                            "clock was behind?); refused, and acked up to %d so that it numbers them again above",
-                            device, len(refused), acked, min(refused), max(refused), max(acked, top))
+                            "clock was behind?), or it re-sends results stored and pruned since (it missed its acks "
+                            "for longer than db.keep_results_days); refused, and acked up to %d so that it numbers "
+                            "them again above", device, len(refused), acked, min(refused), max(refused),
+                            max(acked, top))
 
     def _one(self, item: Inbound, batch: _Batch, now: float) -> None:
         parsed = None
