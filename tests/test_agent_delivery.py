@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
 import threading
 import time
 
@@ -340,6 +341,33 @@ def test_held_deadlines_move_with_a_step_of_the_wall_clock(setup, monkeypatch, t
         wire.coordinator("online")
         time.sleep(0.5)
         assert wire.seqs() == []
+
+
+def test_a_clock_step_the_outbox_cannot_take_yet_is_applied_later_and_nothing_expires_meanwhile(setup, monkeypatch):
+    """A full disk when the step is seen: nothing is committed or expired on deadlines not yet moved; once the
+    outbox takes the move, the held results go out, none expired."""
+    make, wire, topics = setup
+    delivery, outbox = make(coordinator="offline")
+    wait_for(lambda: delivery.coordinator == "offline", 5, "the retained offline status")
+    delivery.submit(result(topics, deadline=time.time() + 30))
+    wait_for(lambda: outbox.depth == 1, 5, "a result held")
+    shift, calls = outbox.shift_deadlines, []
+
+    def full(*args):
+        calls.append(args)
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(outbox, "shift_deadlines", full)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 90 * 86400)
+    wait_for(lambda: len(calls) >= 2, 5, "the move tried again")
+    delivery.submit(result(topics, deadline=time.time() + 30))  # made on the new clock: waits in memory
+    time.sleep(0.6)
+    assert outbox.depth == 1 and outbox.expired == 0
+    monkeypatch.setattr(outbox, "shift_deadlines", shift)
+    wire.coordinator("online")
+    wait_for(lambda: len(wire.seqs()) >= 2, 10, "both results")
+    assert outbox.expired == 0
 
 
 def test_backoff_doubles_to_the_cap_with_jitter():
