@@ -96,6 +96,7 @@ def build(registry: FleetRegistry, params: dict, default_compute_ms: float = 50.
     links = registry.links()
     view = FleetView(snapshot={}, known=known)
     measured = registry.compute()
+    placements = registry.placements()  # one read: what devices hold (reported) and where streams go (desired)
     scales = compute_scales([d for d in devices if d["capabilities"]], measured, known)
     snap_devices = [_device(d, links.get(d["id"]), d["id"] in online, scales[d["id"]])
                     for d in devices if d["capabilities"]]
@@ -111,16 +112,15 @@ def build(registry: FleetRegistry, params: dict, default_compute_ms: float = 50.
         "devices": snap_devices,
         "models": snap_models,
         "streams": snap_streams,
-        "current": _current(registry, set(ids), set(used)),
-        "routes": _routes(registry, view, set(ids)),
+        "current": _current(placements, set(ids), set(used)),
+        "routes": _routes(placements, view, set(ids)),
         "params": params,
     }
     return view
 
 
-def _routes(registry: FleetRegistry, view: FleetView, devices: set[str]) -> dict[str, list[str]]:
+def _routes(placements: dict[str, dict], view: FleetView, devices: set[str]) -> dict[str, list[str]]:
     """Stream key -> the devices the placement in force (as last published to its origin) serves it on."""
-    placements = registry.placements()
     out: dict[str, list[str]] = {}
     for key, (origin, sid) in view.streams.items():
         desired = (placements.get(origin) or {}).get("desired")
@@ -255,9 +255,9 @@ def _model(row: dict, measured: dict, default_ms: float, excluded: list[tuple[st
     return spec
 
 
-def _current(registry: FleetRegistry, devices: set[str], models: set[str]) -> dict[str, list[str]]:
+def _current(placements: dict[str, dict], devices: set[str], models: set[str]) -> dict[str, list[str]]:
     current: dict[str, list[str]] = {}
-    for dev, row in registry.placements().items():
+    for dev, row in placements.items():
         if dev not in devices or not row.get("reported"):
             continue
         held = json.loads(row["reported"]).get("models", {})

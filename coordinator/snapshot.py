@@ -153,19 +153,17 @@ class Snapshot(_Strict):
             for dev in m.compute_ms:
                 if dev not in devices:
                     raise ValueError(f"models[{i}].compute_ms: unknown device {dev!r} (model {m.name!r})")
-        for dev, held in self.current.items():
-            if dev not in devices:
-                raise ValueError(f"current: unknown device {dev!r}")
-            for name in held:
-                if name not in models:
-                    raise ValueError(f"current[{dev!r}]: unknown model {name!r}")
         streams = {s.id for s in self.streams}
-        for sid, on in self.routes.items():
-            if sid not in streams:
-                raise ValueError(f"routes: unknown stream {sid!r}")
-            for dev in on:
-                if dev not in devices:
-                    raise ValueError(f"routes[{sid!r}]: unknown device {dev!r}")
+        for field, mapping, keys, key_kind, values, value_kind in (
+            ("current", self.current, devices, "device", models, "model"),  # device -> models it holds
+            ("routes", self.routes, streams, "stream", devices, "device"),  # stream -> devices serving it
+        ):
+            for key, named in mapping.items():
+                if key not in keys:
+                    raise ValueError(f"{field}: unknown {key_kind} {key!r}")
+                for name in named:
+                    if name not in values:
+                        raise ValueError(f"{field}[{key!r}]: unknown {value_kind} {name!r}")
         return self
 
 

@@ -45,22 +45,10 @@ MAX_SLOWDOWN = 10000.0  # runtime.slowdown's bound
 
 def host_invoke_ms(model: str = "mobilenet96", n: int = 60) -> float:
     """The median invoke time of *model* (from the shipped zoo) on this host, one thread."""
-    import statistics
-
-    import numpy as np
-
+    from lepton.models.bench import bench_entry
     from lepton.models.registry import default_registry
-    from lepton.models.runner import ModelRunner
 
-    runner = ModelRunner.from_entry(default_registry().get(model), num_threads=1)
-    runner.warmup(10)
-    tensor = runner.preprocess(np.zeros((96, 96, 3), np.uint8))
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        runner.invoke(tensor)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+    return bench_entry(default_registry().get(model), threads=1, iterations=n)["invoke_ms"]
 
 
 def host_slowdown(target_ms: float, host_ms: float) -> float:
