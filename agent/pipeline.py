@@ -4,10 +4,12 @@ Each stream runs ``workers`` named workers. A worker takes the newest frame
 its stream has not taken yet (a slow model drops frames at the source, never
 builds a backlog), preprocesses it and queues it for its own invoke thread
 (``stream-<id>-<n>-invoke``, which does nothing but invoke, releasing the
-GIL). For a model under OVERLAP_BELOW_MS the worker meanwhile postprocesses
-the frame before it and takes and preprocesses the one after, so the model
-runs back to back (at most two frames in hand); a slower model gets the
-newest frame once it is free. A worker's results leave in the order it took
+GIL). While the model runs frame k, the worker postprocesses k-1 and, just
+before k is due to finish (its expected invoke time less the time taking and
+preprocessing a frame takes, ``Staging``), takes the newest frame and queues
+it: the model runs back to back, and the frame it gets next is as fresh as
+one taken when the model is free (at most two frames in hand; a model faster
+than the preprocessing gets the next frame at once). A worker's results leave in the order it took
 its frames (with several workers, each finishes its own). The Result's JSON
 is built here (``ResultEncoder``: the bytes ``encode(Result)`` gives,
 checked as Result checks them, without a pydantic model per result) and
@@ -55,11 +57,12 @@ from lepton.protocol.messages import MAX_DEPTH, MAX_INT, MAX_JSON_BYTES, SCHEMA_
 log = logging.getLogger(__name__)
 
 TAKE_TIMEOUT_S = 0.25  # how long a worker waits for a frame before looking at the stop event
-POLL_S = 0.002  # with a frame invoking, a worker looks for the next frame this often
-# A worker takes the next frame while the model runs only for models faster than this: there the
-# per-frame Python work is a large share of the time, and the frame is at most this much older when
-# it reaches the model. A slower model takes the newest frame once it is free (fresher results).
-OVERLAP_BELOW_MS = 5.0
+POLL_S = 0.002  # with a frame invoking and its successor due, a worker looks for the next frame this often
+# The next frame is staged this long before the invoke in hand is due to finish, on top of what taking
+# and preprocessing a frame takes (x STAGE_FACTOR): the scheduler and the interpreter lock may hold the
+# worker back this much; staged later, the model waits, earlier, the frame is older when it runs.
+STAGE_MARGIN_MS = 1.0
+STAGE_FACTOR = 1.5
 ERROR_LOG_EVERY_S = 30.0
 JPEG_SAMPLE_S = 5.0  # a JPEG stream served here encodes one frame this often: its offload size stays known
 
@@ -234,17 +237,63 @@ class _Invoker:
         self.jobs: queue.SimpleQueue[tuple[Any, np.ndarray] | None] = queue.SimpleQueue()  # None: stop
         self.done: queue.SimpleQueue[Any] = queue.SimpleQueue()  # (outputs, ms) or the exception, per job
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.queued = 0  # jobs put so far (by the worker)
+        self.running = (0, 0.0)  # (number from 1, monotonic start) of the job begun last
+
+    def put(self, runner: Any, tensor: np.ndarray) -> int:
+        """Queue one invoke; its number."""
+        self.queued += 1
+        self.jobs.put((runner, tensor))
+        return self.queued
+
+    def started(self, job: int) -> float:
+        """When job *job* began (now, when it has not begun yet: it is next)."""
+        number, at = self.running
+        return at if number == job else time.monotonic()
 
     def _run(self) -> None:
+        number = 0
         while True:
             job = self.jobs.get()
             if job is None:
                 return
             runner, tensor = job
+            number += 1
+            self.running = (number, time.monotonic())
             try:
                 self.done.put(runner.infer(tensor))
             except Exception as exc:  # handed to the worker, which counts it against its frame
                 self.done.put(exc)
+
+
+class Staging:
+    """When a worker takes its next frame while the model runs one: just before that invoke is due to end.
+
+    ``due(now)`` is the monotonic time to take it: the invoke's start plus
+    the moving average of invoke times, less STAGE_FACTOR x the moving average
+    of what taking and preprocessing a frame took, less STAGE_MARGIN_MS. A
+    model faster than that gets its next frame at once (back to back); a slow
+    one gets the newest frame shortly before it is free, so it never waits
+    for the Python work between frames and never runs a frame a whole invoke
+    old.
+    """
+
+    __slots__ = ("invoke_ms", "stage_ms")
+
+    def __init__(self) -> None:
+        self.invoke_ms = 0.0  # moving average of local invoke times
+        self.stage_ms = 0.0  # moving average of taking + preprocessing one frame
+
+    def invoked(self, ms: float) -> None:
+        self.invoke_ms = ms if not self.invoke_ms else 0.8 * self.invoke_ms + 0.2 * ms
+
+    def staged(self, ms: float) -> None:
+        self.stage_ms = ms if not self.stage_ms else 0.8 * self.stage_ms + 0.2 * ms
+
+    def due(self, started: float) -> float:
+        """When to take the next frame, for an invoke that began at *started* (monotonic)."""
+        lead = STAGE_FACTOR * self.stage_ms + STAGE_MARGIN_MS
+        return started + max(0.0, self.invoke_ms - lead) / 1000.0
 
 
 class StreamPipeline:
@@ -269,7 +318,6 @@ class StreamPipeline:
         self.jpeg_quality = getattr(cfg, "offload_jpeg_quality", 0)
         self._jpeg_bytes: float | None = None  # running mean size of the JPEGs sent (or sampled, when local)
         self._jpeg_sample_at = 0.0
-        self._invoke_ms = 0.0  # moving average of the local invoke time (decides whether workers overlap)
         self._routes: list[tuple[str, float]] | None = None
         self._take = threading.Lock()
         self._last_seq = 0
@@ -356,30 +404,35 @@ class StreamPipeline:
     def _work(self, index: int, stop: threading.Event, invoker: "_Invoker") -> None:
         """One worker: frames in, results out, with the invokes on its own invoke thread.
 
-        For a model faster than OVERLAP_BELOW_MS, while the invoke thread runs
-        frame k this thread postprocesses k-1 and preprocesses k+1 and queues
-        it, so the model runs back to back when frames keep up (at most two
-        local frames in hand). A slower model gets the newest frame once it is
-        free. A frame going elsewhere waits for the local ones before it;
-        results leave in the order frames were taken. On stop, the frames in
-        hand are finished first.
+        While the invoke thread runs frame k this thread postprocesses k-1
+        and, when k is due to end (``Staging``), takes the newest frame,
+        preprocesses it and queues it, so the model runs back to back on fresh
+        frames when frames keep up (at most two local frames in hand). A frame
+        going elsewhere waits for the local ones before it; results leave in
+        the order frames were taken. On stop, the frames in hand are finished
+        first.
         """
-        staged: deque[tuple[Any, Any, np.ndarray, float]] = deque()  # (frame, runner, tensor, taken at)
+        staged: deque[tuple[Any, Any, np.ndarray, float, int]] = deque()  # (frame, runner, tensor, taken at, job)
+        timing = Staging()
         try:
             while True:
-                room = 2 if self._invoke_ms < OVERLAP_BELOW_MS else 1
-                if len(staged) < room and not stop.is_set():
+                due = timing.due(invoker.started(staged[0][4])) if staged else 0.0
+                now = time.monotonic()
+                if len(staged) < 2 and not stop.is_set() and now >= due:
                     frame, plan = self._next_frame(0.0 if staged else TAKE_TIMEOUT_S)
                     if frame is not None:
                         taken = time.monotonic()
                         self._busy[index] = staged[0][3] if staged else taken
-                        self._guarded(frame, self._stage, index, frame, plan, staged, invoker, taken)
+                        self._guarded(frame, self._stage, index, frame, plan, staged, invoker, taken, timing)
                         self._busy[index] = staged[0][3] if staged else None
                         continue
                 if staged:
-                    # Room for one more frame: look for it again soon; else wait for the invoke.
-                    self._finish(index, staged, invoker, POLL_S if len(staged) < room and not stop.is_set()
-                                 else TAKE_TIMEOUT_S)
+                    # Room for one more frame: wait for the invoke until the next is due, then look for it
+                    # every POLL_S; with two in hand (or stopping), wait for the invoke.
+                    wait = TAKE_TIMEOUT_S
+                    if len(staged) < 2 and not stop.is_set():
+                        wait = min(TAKE_TIMEOUT_S, max(POLL_S, due - now))
+                    self._finish(index, staged, invoker, wait, timing)
                 elif stop.is_set():
                     return
         finally:
@@ -395,19 +448,21 @@ class StreamPipeline:
             log.exception("stream %s: frame %d failed", self.cfg.id, frame.seq)
             self._failed(exc, logged=True)
 
-    def _stage(self, index: int, frame, plan: StreamPlan, staged: deque, invoker: "_Invoker", taken: float) -> None:
+    def _stage(self, index: int, frame, plan: StreamPlan, staged: deque, invoker: "_Invoker", taken: float,
+               timing: Staging) -> None:
         """Route one frame: local frames are preprocessed and queued for the invoke thread; a frame going
         elsewhere waits for the local ones before it, so results keep the order frames were taken in."""
         target = plan.pick(self.device)
         if target != self.device or plan.runner is None:
             while staged:
-                self._finish(index, staged, invoker, TAKE_TIMEOUT_S)
+                self._finish(index, staged, invoker, TAKE_TIMEOUT_S, timing)
             self._process(frame, plan, target)
             return
         runner = plan.runner
         tensor = runner.preprocess(frame.data)
-        invoker.jobs.put((runner, tensor))
-        staged.append((frame, runner, tensor, taken))
+        job = invoker.put(runner, tensor)
+        timing.staged((time.monotonic() - taken) * 1000.0)
+        staged.append((frame, runner, tensor, taken, job))
         if self.jpeg_quality and plan.fit is not None and taken >= self._jpeg_sample_at:
             # What an offloaded frame would weigh, before any is offloaded: the planner prices offloading by it.
             self._jpeg_sample_at = taken + JPEG_SAMPLE_S
@@ -416,13 +471,15 @@ class StreamPipeline:
             except (LeptonError, ValueError) as exc:  # the frame itself is served; only the size sample is lost
                 self._warn(f"the JPEG size of its frames could not be sampled: {exc}")
 
-    def _finish(self, index: int, staged: deque, invoker: "_Invoker", wait_s: float) -> None:
+    def _finish(self, index: int, staged: deque, invoker: "_Invoker", wait_s: float, timing: Staging) -> None:
         """Wait up to *wait_s* for the oldest staged frame's invoke; postprocess it and emit its result."""
         try:
             done = invoker.done.get(timeout=wait_s)
         except queue.Empty:
             return  # still invoking: healthy() watches how long
-        frame, runner, tensor, _ = staged.popleft()
+        frame, runner, tensor, _, _ = staged.popleft()
+        if not isinstance(done, BaseException):
+            timing.invoked(done[1])
         self._busy[index] = staged[0][3] if staged else None
         self._guarded(frame, self._finished, frame, runner, tensor, done)
 
@@ -430,7 +487,6 @@ class StreamPipeline:
         if isinstance(done, BaseException):
             raise done
         outputs, infer_ms = done
-        self._invoke_ms = 0.8 * self._invoke_ms + 0.2 * infer_ms
         self.timings(runner.name).add(infer_ms)
         output = runner.postprocess(outputs, tensor)
         self._emit(frame, getattr(runner, "model_json", None) or runner.model_id, output, infer_ms, self.device, None)
