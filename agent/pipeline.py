@@ -259,30 +259,41 @@ class _Invoker:
                 return
             runner, tensor = job
             number += 1
-            self.running = (number, time.monotonic())
+            start = time.monotonic()
+            self.running = (number, start)
             try:
-                self.done.put(runner.infer(tensor))
+                result = runner.infer(tensor)
             except Exception as exc:  # handed to the worker, which counts it against its frame
-                self.done.put(exc)
+                result = exc
+            # The job's wall time, not the invoke the runner timed: with several workers on one model, a job
+            # also waits for the interpreter's lock while another worker's frame runs.
+            self.done.put((result, (time.monotonic() - start) * 1000.0))
 
 
 class Staging:
     """When a worker takes its next frame while the model runs one: just before that invoke is due to end.
 
-    ``due(now)`` is the monotonic time to take it: the invoke's start plus
-    the moving average of invoke times, less STAGE_FACTOR x the moving average
-    of what taking and preprocessing a frame took, less STAGE_MARGIN_MS. A
-    model faster than that gets its next frame at once (back to back); a slow
-    one gets the newest frame shortly before it is free, so it never waits
-    for the Python work between frames and never runs a frame a whole invoke
-    old.
+    ``due(started)`` is the monotonic time to take it: the invoke's start
+    plus the moving average of invoke jobs' wall times (with several workers
+    on one model, a job also waits for the interpreter), less STAGE_FACTOR x
+    the moving average of what taking and preprocessing a frame took, less
+    STAGE_MARGIN_MS. A model faster than that gets its next frame at once
+    (back to back); a slow one gets the newest frame shortly before it is
+    free, so it never waits for the Python work between frames and never
+    runs a frame a whole invoke old. Another model starts the averages afresh.
     """
 
-    __slots__ = ("invoke_ms", "stage_ms")
+    __slots__ = ("invoke_ms", "stage_ms", "runner")
 
     def __init__(self) -> None:
-        self.invoke_ms = 0.0  # moving average of local invoke times
+        self.invoke_ms = 0.0  # moving average of local invoke jobs' wall time (a wait for the model's lock too)
         self.stage_ms = 0.0  # moving average of taking + preprocessing one frame
+        self.runner: Any = None  # the runner these are of: another model starts from nothing
+
+    def runs(self, runner: Any) -> None:
+        """The next frame goes to *runner*: another model than before starts the averages afresh."""
+        if runner is not self.runner:
+            self.runner, self.invoke_ms, self.stage_ms = runner, 0.0, 0.0
 
     def invoked(self, ms: float) -> None:
         self.invoke_ms = ms if not self.invoke_ms else 0.8 * self.invoke_ms + 0.2 * ms
@@ -460,6 +471,7 @@ class StreamPipeline:
             return
         runner = plan.runner
         tensor = runner.preprocess(frame.data)
+        timing.runs(runner)
         job = invoker.put(runner, tensor)
         timing.staged((time.monotonic() - taken) * 1000.0)
         staged.append((frame, runner, tensor, taken, job))
@@ -474,12 +486,12 @@ class StreamPipeline:
     def _finish(self, index: int, staged: deque, invoker: "_Invoker", wait_s: float, timing: Staging) -> None:
         """Wait up to *wait_s* for the oldest staged frame's invoke; postprocess it and emit its result."""
         try:
-            done = invoker.done.get(timeout=wait_s)
+            done, wall_ms = invoker.done.get(timeout=wait_s)
         except queue.Empty:
             return  # still invoking: healthy() watches how long
         frame, runner, tensor, _, _ = staged.popleft()
         if not isinstance(done, BaseException):
-            timing.invoked(done[1])
+            timing.invoked(wall_ms)
         self._busy[index] = staged[0][3] if staged else None
         self._guarded(frame, self._finished, frame, runner, tensor, done)
 
