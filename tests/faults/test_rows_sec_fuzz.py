@@ -217,8 +217,13 @@ def what_changed(before: dict, after: dict, most: int = 6) -> dict:
 
 
 def wait_quiet(fleet, counter, timeout: float = 30.0) -> dict:
-    """The state once two reads 1 s apart agree (the start-up traffic has settled)."""
+    """The state once the device runs the coordinator's first plan and two reads 1 s apart agree (the
+    start-up traffic has settled). The first plan alone may take longer than 1 s to reach the device on a
+    slow machine (its solve took 0.86 s once): two reads before it agreed, and it landed mid-fuzz."""
     deadline = time.monotonic() + timeout
+    while (counter.reported.get(DEVICE) is None or counter.reported[DEVICE].generation < 1) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
     before = state(fleet, counter)
     while True:
         time.sleep(1.0)
