@@ -1,4 +1,4 @@
-"""`lepton demo --duration 45 --json`: results from every stream and at least one failover."""
+"""`lepton demo --duration 30 --json`: results from every stream and at least one failover."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from lepton.broker import mosquitto_binary
 def test_demo_headless_summary_shows_failover_and_every_stream(tmp_path):
     if not mosquitto_binary():
         pytest.skip("mosquitto is not installed")
-    out = subprocess.run([sys.executable, "-m", "lepton.cli", "demo", "--duration", "45", "--json",
+    out = subprocess.run([sys.executable, "-m", "lepton.cli", "demo", "--duration", "30", "--json",
                           "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=200)
     summary = json.loads(out.stdout)
     assert out.returncode == 0, summary["problems"]
