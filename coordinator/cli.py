@@ -54,7 +54,19 @@ def _add_coordinator(subparsers) -> None:
     )
     snap.add_argument("--out", metavar="FILE", help="write here instead of standard output")
     snap.add_argument("--plan", metavar="ID", help="the exact snapshot a recorded plan was made from "
-                      "(an id from `lepton status --json`, or 'last') instead of the fleet now")
+                      "(an id from `lepton coordinator plans`, or 'last') instead of the fleet now")
+
+    pl = _db_command(
+        sub, "plans", _plans,
+        help="the plans the coordinator made, newest last",
+        description="The plans the coordinator recorded (it keeps the last 200): when, what set each off (a "
+        "timer, a device gone or born, a stream added, measured compute or links drifting), the solver's "
+        "status and path, objective and gap, solve time, how many devices' placements changed, and what was "
+        "left unserved. Replay one offline: `lepton coordinator snapshot --plan ID --out s.json`, then "
+        "`lepton plan --snapshot s.json --explain STREAM`.",
+    )
+    pl.add_argument("--limit", type=_count, default=20, metavar="N", help="newest N plans (default 20)")
+    pl.add_argument("--json", action="store_true", help="print JSON")
 
 
     back = _db_command(
@@ -232,6 +244,15 @@ def _write(snapshot: dict, out: str | None) -> int:
         print(f"wrote {out}: {len(snapshot['devices'])} devices, {len(snapshot['streams'])} streams", file=sys.stderr)
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def _plans(args) -> int:
+    from lepton.coordinator.db import open_readonly
+    from lepton.coordinator.status import plans, render_plans
+
+    rows = plans(open_readonly(_db_path(args)), args.limit)
+    print(json.dumps(rows, indent=2) if args.json else render_plans(rows))
     return 0
 
 

@@ -73,6 +73,35 @@ def last_plan(db: Database, now: float) -> dict | None:
     return r
 
 
+def plans(db: Database, limit: int = 20) -> list[dict]:
+    """The newest recorded plans (oldest first): id, when, what set each off, how it was solved, how many
+    devices' placements it changed, what it left unserved. The coordinator keeps the last 200."""
+    rows = list(db.query("SELECT id, ts, trigger, status, path, objective, gap, solve_s, changed, plan FROM plans "
+                         "ORDER BY id DESC LIMIT ?", [limit]))
+    for r in rows:
+        try:
+            plan = json.loads(r.pop("plan") or "{}")
+        except ValueError:
+            plan = {}
+        r["unserved"] = {k: v for k, v in (plan.get("unserved") or {}).items() if v and v > 1e-4}
+    return rows[::-1]
+
+
+def render_plans(rows: list[dict]) -> str:
+    cols = ("PLAN", "WHEN", "TRIGGER", "STATUS", "PATH", "OBJECTIVE", "GAP", "SOLVE", "CHANGED", "UNSERVED")
+    out = []
+    for p in rows:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["ts"]))
+        objective = "-" if p["objective"] is None else f"{p['objective']:.4g}"
+        gap = "-" if p["gap"] is None else f"{p['gap']:.2%}"
+        solve = "-" if p["solve_s"] is None else f"{p['solve_s']:.3f}s"
+        unserved = ", ".join(f"{k} {v:.0%}" for k, v in p["unserved"].items()) or "-"
+        trigger = p["trigger"] if len(p["trigger"]) <= 48 else p["trigger"][:47] + "…"
+        out.append((f"#{p['id']}", stamp, trigger, p["status"] or "-", p["path"] or "-", objective, gap, solve,
+                    str(p["changed"]), unserved))
+    return _table(cols, out) if out else "no plan yet"
+
+
 def events(db: Database, limit: int = 50, device: str = "", kind: str = "") -> list[dict]:
     """The newest events (oldest first), optionally for one device or kind (ConfigError for a kind that
     does not exist, so a typo is not mistaken for a quiet fleet)."""

@@ -438,6 +438,34 @@ def test_live_decision_replays_offline(fleet, tmp_path):
     assert json.loads(exact) == recorded
 
 
+def test_plans_lists_the_recorded_plans_to_replay(fleet, tmp_path):
+    """`lepton coordinator plans` names each recorded plan (id, trigger, path, changes); its id replays the
+    exact snapshot that plan was made from."""
+    reg, reb, rec, db_path = fleet
+    reb.plan_once("startup")
+    with reg.db.atomic():
+        reg.apply_status(m.Status(device="strong", state="offline", ts=time.time()), time.time())
+    reb.plan_once("device-offline strong")
+    recorded = list(reg.db.query("SELECT id, trigger, path, changed, snapshot FROM plans ORDER BY id"))
+    assert len(recorded) == 2
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "lepton.cli", "coordinator", *args, "--db", str(db_path)],
+                              capture_output=True, text=True, timeout=60)
+
+    listed = json.loads(cli("plans", "--json").stdout)
+    assert [(p["id"], p["trigger"], p["path"], p["changed"]) for p in listed] == \
+        [(r["id"], r["trigger"], r["path"], r["changed"]) for r in recorded]
+    assert listed[1]["changed"] >= 1  # the offline device's streams moved
+    text = cli("plans", "--limit", "1").stdout
+    assert f"#{recorded[1]['id']}" in text and "device-offline strong" in text and f"#{recorded[0]['id']} " not in text
+    first = cli("snapshot", "--plan", str(listed[0]["id"]))
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout) == json.loads(recorded[0]["snapshot"])
+    bad = cli("plans", "--limit", "0")
+    assert bad.returncode == 2 and "--limit" in bad.stderr
+
+
 def test_load_spike_in_measured_stream_rate_replans(fleet):
     """A stream measured at 3x its configured rate is a drift; the next plan uses the measured rate."""
     reg, reb, rec, _ = fleet
