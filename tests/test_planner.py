@@ -564,3 +564,23 @@ def test_explain_names_the_load_penalty_when_it_keeps_a_faster_device_unused(tmp
     assert run_cli(["plan", "--snapshot", str(path), "--explain", "s", "--json"]) == 0
     peer = next(d for d in json.loads(capsys.readouterr().out)["devices"] if d["device"] == "peer")
     assert peer["verdict"].startswith(verdict), peer["verdict"]
+
+
+def test_explain_says_what_keeps_an_unused_device_from_a_partly_unserved_stream(tmp_path, capsys):
+    """s needs 2 CPUs of work at its camera's speed; the camera takes 40% of it. A peer busy with its own
+    stream is full, another has CPU to spare but no memory beside its own model: each is named as such
+    (before, both read "candidate, not used: others are cheaper for the fleet as a whole")."""
+    models = [{"name": "m", "memory_mb": 100, "compute_ms": {"a": 100.0, "b": 50.0, "c": 50.0}},
+              {"name": "n", "memory_mb": 10, "compute_ms": {"b": 50.0}},
+              {"name": "k", "memory_mb": 100, "compute_ms": {"c": 20.0}}]
+    fleet = snapshot([dev("a"), dev("b"), dev("c", mem=150)], models,
+                     [stream("s", "a", "m", rate=20), stream("t", "b", "n", rate=16), stream("u", "c", "k", rate=20)])
+    path = tmp_path / "fleet.json"
+    path.write_text(json.dumps(fleet))
+    assert run_cli(["plan", "--snapshot", str(path), "--explain", "s", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert abs(info["unserved"] - 0.6) < 0.01  # the camera serves 0.8 x 1000 / (20 x 100) = 40%
+    verdicts = {d["device"]: d["verdict"] for d in info["devices"]}
+    assert verdicts["a"].startswith("serves ")
+    assert verdicts["b"].startswith("full: the plan uses 80% of its CPU (cap 80%); the stream is "), verdicts["b"]
+    assert verdicts["c"].startswith("no memory left for m (100 of 150 MB held"), verdicts["c"]

@@ -88,9 +88,25 @@ def _not_chosen(prob, result: Plan, spec, s: int, d: int, static: np.ndarray, sh
     would save, or how full the plan leaves it."""
     dev = prob.dev_ids[d]
     index = {name: i for i, name in enumerate(prob.dev_ids)}
-    served = sum(share * static[index[other]] for other, share in shares.items() if other in index)
-    saving = served - static[d] if shares else 0.0
+    part = sum(share for other, share in shares.items() if other in index)
+    # The mean latency of the part served: a stream partly unserved is not faster for the share left out.
+    served = sum(share * static[index[other]] for other, share in shares.items() if other in index) / part \
+        if part > 0 else 0.0
+    saving = served - static[d] if part > 0 else 0.0
     weighted = float(prob.weight[s]) * saving
+    used = max((r.utilization for rs in result.routes.values() for r in rs if r.device == dev), default=0.0)
+    cap = prob.params.utilization_cap
+    unserved = result.unserved.get(spec.id, 0.0)
+    if unserved > 1e-4:  # the unserved penalty outweighs any load: what stops this device is room
+        if used >= cap - 0.01:
+            return f"full: the plan uses {used:.0%} of its CPU (cap {cap:.0%}); the stream is {unserved:.0%} unserved"
+        held = sum(float(prob.model_mem[prob.model_names.index(name)])
+                   for name in result.placement.get(dev, []) if name in prob.model_names)
+        if spec.model not in result.placement.get(dev, []) and held + float(prob.model_mem[prob.s_model[s]]) > prob.mem[d]:
+            return (f"no memory left for {spec.model} ({held:g} of {prob.mem[d]:g} MB held by the plan's models); "
+                    f"the stream is {unserved:.0%} unserved")
+        return (f"the stream is {unserved:.0%} unserved, yet this device takes none of it: its links (or the "
+                f"origin's uplink) have no room left ({used:.0%} of its CPU used)")
     needs_load = (prob.s_model[s], d) not in prob.current and spec.model not in result.placement.get(dev, [])
     if needs_load and prob.load_cost > 0 and saving > 0 and weighted <= prob.load_cost:
         return (f"{spec.model} is not loaded here: a load costs {prob.load_cost:g} ms in the plan, more than the "
@@ -100,8 +116,6 @@ def _not_chosen(prob, result: Plan, spec, s: int, d: int, static: np.ndarray, sh
     if held_on and dev not in held_on and saving > 0 and (1 + hold) * static[d] >= served:
         return (f"{saving:.1f} ms faster than where the stream is served, within the {hold:.0%} a stream must gain "
                 f"to move (params.route_hold) from the routes in force ({', '.join(held_on)})")
-    used = max((r.utilization for rs in result.routes.values() for r in rs if r.device == dev), default=0.0)
-    cap = prob.params.utilization_cap
     if used >= cap - 0.01:
         return f"full: the plan uses {used:.0%} of its CPU (cap {cap:.0%})"
     return f"candidate, not used: others are cheaper for the fleet as a whole ({used:.0%} of its CPU used)"
