@@ -119,6 +119,32 @@ def test_camera_missing_at_start_connects_when_it_appears(tmp_path, started, cap
     assert sum("connected to" in m for m in messages) == 1, messages
 
 
+def test_camera_that_opens_but_gives_no_frame_is_named_once_and_again_when_it_gives_frames(tmp_path, started,
+                                                                                          caplog):
+    """A device that opens and gives nothing (here a video file with no frames) logged a connected/lost pair
+    at every retry, for ever."""
+    import cv2
+
+    path = tmp_path / "blank.avi"
+    writer = cv2.VideoWriter(str(tmp_path / "empty.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
+    writer.release()
+    os.replace(tmp_path / "empty.avi", path)
+    caplog.set_level(logging.INFO, logger="lepton.agent.sources")
+    source = started({"id": "blank", "type": "camera", "device": str(path), "fps": 100,
+                      "reconnect_s": 0.05, "reconnect_max_s": 0.1})
+    assert source.latest(0, 1.0) is None
+    assert source.stats()["reconnects"] >= 5  # retried all along
+    messages = [r.getMessage() for r in caplog.records if "blank" in r.getMessage()]
+    assert sum("opens but gives no frame (no frame could be decoded)" in m for m in messages) == 1, messages
+    assert sum("connected to" in m for m in messages) <= 1 and not any("lost" in m for m in messages), messages
+    write_video(tmp_path / "partial.avi")
+    os.replace(tmp_path / "partial.avi", path)
+    assert source.latest(0, 5.0) is not None
+    assert source.stats()["connected"] is True
+    messages = [r.getMessage() for r in caplog.records if "blank" in r.getMessage()]
+    assert sum("gives frames again" in m for m in messages) == 1, messages
+
+
 def test_camera_on_missing_v4l2_index_waits_without_crashing(started):
     index = next(i for i in range(40, 64) if not os.path.exists(f"/dev/video{i}"))
     source = started({"id": "usb", "type": "camera", "device": index, "reconnect_s": 0.05})

@@ -163,6 +163,7 @@ class BaseSource:
         self._rate_marks: deque[tuple[float, int]] = deque()  # (monotonic time, frames_in) at each rate()
         self._dropped = 0
         self._connected = False
+        self._first_frame_note: str | None = None  # logged with the next frame (a device that gave none came back)
         self.reconnects = 0  # times a lost device came back
         self._halt = threading.Event()
         self._stop: threading.Event | None = None
@@ -238,9 +239,11 @@ class BaseSource:
 
         *open_device* returns an object with ``close()`` or raises Unavailable;
         *pump* delivers frames and returns STOPPED, REWIND, FINISHED or the
-        reason the device was lost. One log line per state change, not per retry.
+        reason the device was lost. One log line per state change, not per
+        retry: a device that opens but gives no frame is named once (not a
+        connected/lost pair at every retry), and again when it gives frames.
         """
-        failing = lost = False
+        failing = lost = silent = False
         while self.running():
             try:
                 device = open_device()
@@ -256,12 +259,17 @@ class BaseSource:
             if lost:
                 self.reconnects += 1
             failing = lost = False
-            opened_at = time.monotonic()
-            self.set_connected(True, "connected to %s", what)
+            opened_at, frames_at = time.monotonic(), self._frames_in
+            if silent:  # said once; its first frame says it is back
+                self._first_frame_note = f"{what} gives frames again"
+                self.set_connected(True)
+            else:
+                self.set_connected(True, "connected to %s", what)
             try:
                 outcome = pump(device)
             finally:
                 device.close()
+                self._first_frame_note = None
             if outcome == REWIND:
                 continue
             if outcome in (STOPPED, FINISHED):
@@ -273,7 +281,15 @@ class BaseSource:
             # reopened at the first (short) wait forever.
             if time.monotonic() - opened_at >= _STABLE_S:
                 backoff.reset()
-            self.set_connected(False, "lost %s (%s); reconnecting", what, outcome)
+            if self._frames_in > frames_at:
+                silent = False
+                self.set_connected(False, "lost %s (%s); reconnecting", what, outcome)
+            else:
+                if not silent:
+                    log.warning("%s %s: %s opens but gives no frame (%s); retrying every %.1f-%.0f s",
+                                self.kind, self.id, what, outcome, backoff.first_s, backoff.max_s)
+                silent = True
+                self.set_connected(False)
             if not self.sleep(backoff.next()):
                 return
 
@@ -290,6 +306,9 @@ class BaseSource:
             self._frame = frame
             self._frames_in += 1
             self._cond.notify_all()
+        if self._first_frame_note is not None:
+            log.info("%s %s: %s", self.kind, self.id, self._first_frame_note)
+            self._first_frame_note = None
         return frame
 
     def latest(self, after_seq: int, timeout: float) -> Frame | None:
