@@ -41,7 +41,7 @@ def _add_coordinator(subparsers) -> None:
     # --config default would overwrite a shared one).
     group.add_argument("--config", metavar="FILE", dest="coordinator_config",
                        help="coordinator TOML config (defaults for every key left out): run the coordinator "
-                       "with it (before 'snapshot': read the database it names)")
+                       "with it (before 'plans', 'snapshot' or 'backup': read the database it names)")
     group.add_argument("--check-config", metavar="FILE", help="validate FILE and what start-up needs of it (files "
                        "readable, directories there), changing nothing, and exit: 0 if valid, 2 with the reason")
     p.set_defaults(func=_run)

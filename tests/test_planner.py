@@ -584,3 +584,21 @@ def test_explain_says_what_keeps_an_unused_device_from_a_partly_unserved_stream(
     assert verdicts["a"].startswith("serves ")
     assert verdicts["b"].startswith("full: the plan uses 80% of its CPU (cap 80%); the stream is "), verdicts["b"]
     assert verdicts["c"].startswith("no memory left for m (100 of 150 MB held"), verdicts["c"]
+
+
+def test_explain_names_the_load_that_costs_more_than_a_small_unserved_share(tmp_path, capsys):
+    """A 1 Hz stream among 100 Hz ones, 9% of it over what its peer can take: loading its model on the idle
+    camera costs the plan more than leaving 9% of it out, and the verdict says so (it blamed the links of
+    the origin, which uses none)."""
+    models = [{"name": "m", "memory_mb": 100, "compute_ms": {"a": 900.0, "b": 880.0}},
+              {"name": "n", "memory_mb": 10, "compute_ms": {"b": 1.0, "c": 1.0}}]
+    fleet = snapshot([dev("a"), dev("b"), dev("c")], models,
+                     [stream("s", "a", "m", rate=1)] + [stream(f"h{i}", "c", "n", rate=100) for i in range(3)],
+                     current={"b": ["m"]}, migration_penalty_ms=20.0)
+    path = tmp_path / "fleet.json"
+    path.write_text(json.dumps(fleet))
+    assert run_cli(["plan", "--snapshot", str(path), "--explain", "s", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["unserved"] > 0.05
+    verdicts = {d["device"]: d["verdict"] for d in info["devices"]}
+    assert verdicts["a"].startswith("m is not loaded here: a load costs 20 ms in the plan, more than leaving "), verdicts

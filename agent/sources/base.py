@@ -163,7 +163,8 @@ class BaseSource:
         self._rate_marks: deque[tuple[float, int]] = deque()  # (monotonic time, frames_in) at each rate()
         self._dropped = 0
         self._connected = False
-        self._first_frame_note: str | None = None  # logged with the next frame (a device that gave none came back)
+        # (line, after a loss) logged with the first frame since the device opened, by the capture thread
+        self._first_frame_note: tuple[str, bool] | None = None
         self.reconnects = 0  # times a lost device came back
         self._halt = threading.Event()
         self._stop: threading.Event | None = None
@@ -240,8 +241,11 @@ class BaseSource:
         *open_device* returns an object with ``close()`` or raises Unavailable;
         *pump* delivers frames and returns STOPPED, REWIND, FINISHED or the
         reason the device was lost. One log line per state change, not per
-        retry: a device that opens but gives no frame is named once (not a
-        connected/lost pair at every retry), and again when it gives frames.
+        retry: ``connected to`` comes with the first frame, so a device that
+        opens but gives no frame is named once (``opens but gives no frame``,
+        not a connected/lost pair at every retry), and ``gives frames again``
+        when it does. ``reconnects`` counts losses a device came back from
+        with frames.
         """
         failing = lost = silent = False
         while self.running():
@@ -256,20 +260,19 @@ class BaseSource:
                 if not self.sleep(backoff.next()):
                     return
                 continue
-            if lost:
-                self.reconnects += 1
-            failing = lost = False
+            came_back, failing, lost = lost, False, False
             opened_at, frames_at = time.monotonic(), self._frames_in
-            if silent:  # said once; its first frame says it is back
-                self._first_frame_note = f"{what} gives frames again"
-                self.set_connected(True)
-            else:
-                self.set_connected(True, "connected to %s", what)
+            if not self._connected:  # announced with its first frame: a device that opens may still give none
+                self._first_frame_note = (f"{what} gives frames again" if silent else f"connected to {what}",
+                                          came_back)
+            self.set_connected(True)
             try:
                 outcome = pump(device)
             finally:
                 device.close()
                 self._first_frame_note = None
+            gave = self._frames_in > frames_at
+            silent = silent and not gave
             if outcome == REWIND:
                 continue
             if outcome in (STOPPED, FINISHED):
@@ -277,12 +280,11 @@ class BaseSource:
                     self.set_connected(False, "finished %s", what)
                 return
             lost = True
-            # A device that drops right after each connect must not be
+            # A device that drops right after each connect (or gives nothing) must not be
             # reopened at the first (short) wait forever.
-            if time.monotonic() - opened_at >= _STABLE_S:
+            if gave and time.monotonic() - opened_at >= _STABLE_S:
                 backoff.reset()
-            if self._frames_in > frames_at:
-                silent = False
+            if gave:
                 self.set_connected(False, "lost %s (%s); reconnecting", what, outcome)
             else:
                 if not silent:
@@ -306,9 +308,12 @@ class BaseSource:
             self._frame = frame
             self._frames_in += 1
             self._cond.notify_all()
-        if self._first_frame_note is not None:
-            log.info("%s %s: %s", self.kind, self.id, self._first_frame_note)
+        if self._first_frame_note is not None:  # the first frame since the device opened
+            note, came_back = self._first_frame_note
             self._first_frame_note = None
+            log.info("%s %s: %s", self.kind, self.id, note)
+            if came_back:
+                self.reconnects += 1
         return frame
 
     def latest(self, after_seq: int, timeout: float) -> Frame | None:

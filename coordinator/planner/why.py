@@ -96,8 +96,14 @@ def _not_chosen(prob, result: Plan, spec, s: int, d: int, static: np.ndarray, sh
     weighted = float(prob.weight[s]) * saving
     used = max((r.utilization for rs in result.routes.values() for r in rs if r.device == dev), default=0.0)
     cap = prob.params.utilization_cap
+    needs_load = (prob.s_model[s], d) not in prob.current and spec.model not in result.placement.get(dev, [])
     unserved = result.unserved.get(spec.id, 0.0)
-    if unserved > 1e-4:  # the unserved penalty outweighs any load: what stops this device is room
+    if unserved > 1e-4:  # what keeps this device from the share left out
+        left_out = unserved * float(prob.unserved_cost[s])  # what leaving it out costs the plan
+        if needs_load and prob.load_cost > 0 and \
+                left_out <= prob.load_cost + unserved * float(prob.weight[s]) * static[d]:
+            return (f"{spec.model} is not loaded here: a load costs {prob.load_cost:g} ms in the plan, more than "
+                    f"leaving {unserved:.0%} of the stream unserved ({left_out:.1f} ms)")
         if used >= cap - 0.01:
             return f"full: the plan uses {used:.0%} of its CPU (cap {cap:.0%}); the stream is {unserved:.0%} unserved"
         held = sum(float(prob.model_mem[prob.model_names.index(name)])
@@ -105,9 +111,12 @@ def _not_chosen(prob, result: Plan, spec, s: int, d: int, static: np.ndarray, sh
         if spec.model not in result.placement.get(dev, []) and held + float(prob.model_mem[prob.s_model[s]]) > prob.mem[d]:
             return (f"no memory left for {spec.model} ({held:g} of {prob.mem[d]:g} MB held by the plan's models); "
                     f"the stream is {unserved:.0%} unserved")
-        return (f"the stream is {unserved:.0%} unserved, yet this device takes none of it: its links (or the "
-                f"origin's uplink) have no room left ({used:.0%} of its CPU used)")
-    needs_load = (prob.s_model[s], d) not in prob.current and spec.model not in result.placement.get(dev, [])
+        if dev != spec.origin:
+            return (f"the stream is {unserved:.0%} unserved, yet this device takes none of it ({used:.0%} of its CPU "
+                    f"used): the links between it and {spec.origin} have no room left, or the {result.path} path "
+                    f"left it out")
+        return (f"the stream is {unserved:.0%} unserved, yet its origin takes no more of it ({used:.0%} of its CPU "
+                f"used): the {result.path} path left it out")
     if needs_load and prob.load_cost > 0 and saving > 0 and weighted <= prob.load_cost:
         return (f"{spec.model} is not loaded here: a load costs {prob.load_cost:g} ms in the plan, more than the "
                 f"{weighted:.1f} ms it would save ({saving:.1f} ms faster x rate weight {prob.weight[s]:.2f})")
