@@ -96,7 +96,7 @@ def render_plans(rows: list[dict]) -> str:
         gap = "-" if p["gap"] is None else f"{p['gap']:.2%}"
         solve = "-" if p["solve_s"] is None else f"{p['solve_s']:.3f}s"
         unserved = ", ".join(f"{k} {v:.0%}" for k, v in p["unserved"].items()) or "-"
-        trigger = p["trigger"] if len(p["trigger"]) <= 48 else p["trigger"][:47] + "…"
+        trigger = p["trigger"] if len(p["trigger"]) <= 48 else p["trigger"][:45] + "..."
         out.append((f"#{p['id']}", stamp, trigger, p["status"] or "-", p["path"] or "-", objective, gap, solve,
                     str(p["changed"]), unserved))
     return _table(cols, out) if out else "no plan yet"
