@@ -253,7 +253,7 @@ class BaseSource:
                 device = open_device()
             except Unavailable as exc:
                 if not failing:
-                    log.warning("%s %s: cannot open %s (%s); retrying every %.1f-%.0f s",
+                    log.warning("%s %s: cannot open %s (%s); retrying every %g-%g s",
                                 self.kind, self.id, what, exc, backoff.first_s, backoff.max_s)
                 failing = True
                 self.set_connected(False)
@@ -288,7 +288,7 @@ class BaseSource:
                 self.set_connected(False, "lost %s (%s); reconnecting", what, outcome)
             else:
                 if not silent:
-                    log.warning("%s %s: %s opens but gives no frame (%s); retrying every %.1f-%.0f s",
+                    log.warning("%s %s: %s opens but gives no frame (%s); retrying every %g-%g s",
                                 self.kind, self.id, what, outcome, backoff.first_s, backoff.max_s)
                 silent = True
                 self.set_connected(False)
@@ -300,6 +300,12 @@ class BaseSource:
     def publish(self, data: np.ndarray, meta: dict[str, Any] | None = None, captured_at: float | None = None) -> Frame:
         """Put a new frame in the slot, counting the one it replaces as dropped if nobody took it."""
         data.flags.writeable = False
+        if self._first_frame_note is not None:  # the first frame since the device opened: said before it is taken
+            note, came_back = self._first_frame_note
+            self._first_frame_note = None
+            log.info("%s %s: %s", self.kind, self.id, note)
+            if came_back:
+                self.reconnects += 1
         with self._cond:
             if self._frame is not None and self._frame.seq > self._taken:
                 self._dropped += 1
@@ -308,12 +314,6 @@ class BaseSource:
             self._frame = frame
             self._frames_in += 1
             self._cond.notify_all()
-        if self._first_frame_note is not None:  # the first frame since the device opened
-            note, came_back = self._first_frame_note
-            self._first_frame_note = None
-            log.info("%s %s: %s", self.kind, self.id, note)
-            if came_back:
-                self.reconnects += 1
         return frame
 
     def latest(self, after_seq: int, timeout: float) -> Frame | None:
