@@ -62,14 +62,11 @@ def fleet_status(db: Database, now: float | None = None) -> dict:
 
 
 def last_plan(db: Database, now: float) -> dict | None:
-    rows = list(db.query("SELECT id, ts, trigger, status, path, objective, gap, solve_s, changed, plan FROM plans "
-                         "ORDER BY id DESC LIMIT 1"))
+    rows = plans(db, 1)
     if not rows:
         return None
     r = rows[0]
-    plan = json.loads(r.pop("plan") or "{}")
     r["age_s"] = round(now - r["ts"], 1)
-    r["unserved"] = {k: v for k, v in (plan.get("unserved") or {}).items() if v and v > 1e-4}
     return r
 
 
