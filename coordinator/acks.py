@@ -38,6 +38,17 @@ class AckTracker:
         self._extend(device)
         return self.acked[device]
 
+    def frontier(self, device: str, floor: int, seqs: Iterable[int]) -> int:
+        """The ack that storing *seqs* with *floor* would give *device*; changes nothing."""
+        acked = max(self.acked.get(device, 0), floor - 1)
+        present = {s for s in seqs if s > acked}
+        above = self._above.get(device)
+        if above:
+            present |= above
+        while acked + 1 in present:
+            acked += 1
+        return acked
+
     def _extend(self, device: str) -> None:
         above = self._above.get(device)
         acked = self.acked.get(device, 0)

@@ -10,6 +10,16 @@ contiguous committed seq on each device's ``acks`` topic. A crash before the
 commit loses nothing: the broker re-delivers what was never PUBACKed and the
 device re-sends what was never acked.
 
+Each device's results are stored in seq order. A result above a gap in its
+device's seqs (a broker that dropped part of its queue at a restart lets
+higher seqs through before the device re-sends the missing ones) is PUBACKed
+but held in memory, unstored and unacknowledged, until the gap fills (the
+re-send) or the device's ``floor`` passes it (it dropped or expired those
+seqs); then it is stored after them. Held results are bounded (HOLD_MAX_ROWS
+per device, HOLD_MAX_BYTES in all, HOLD_MAX_S); one let go, or lost with the
+process, is still in the device's outbox, which re-sends everything it has
+not had acked.
+
 An invalid payload is logged with device, topic and reason, PUBACKed (so the
 broker does not re-deliver it forever) and changes nothing.
 """
@@ -38,6 +48,11 @@ INSERT_RESULT = (
     "INSERT INTO results (device, seq, stream, model, computed_on, captured_at, infer_ms, received_at, payload) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, seq) DO NOTHING"
 )
+HOLD_MAX_ROWS = 10_000  # per device (an agent has at most its ack_window, 200 by default, on the wire)
+HOLD_MAX_BYTES = 64 << 20  # all devices together
+HOLD_MAX_S = 120.0  # a gap the device has not filled by then: let its held results go (it re-sends them)
+HOLD_LOG_S = 60.0  # a device's "held above a gap" line, at most this often
+
 SAVE_ACK = (
     "INSERT INTO acks (device, seq) VALUES (?, ?) "
     "ON CONFLICT (device) DO UPDATE SET seq = excluded.seq WHERE excluded.seq > acks.seq"
@@ -89,6 +104,10 @@ class Ingest:
         self.metrics = metrics
         self.failing = False  # the last commit failed (e.g. a full disk): telemetry is not being stored
         self._below_logged: dict[str, float] = {}  # device -> when results below its ack were last logged
+        self._held: dict[str, dict[int, tuple]] = {}  # device -> seq -> result row, above a gap in its seqs
+        self._held_at: dict[str, float] = {}  # device -> monotonic time since its held results wait for one gap
+        self._held_bytes = 0
+        self._held_logged: dict[str, float] = {}
         self.queue: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
         self.tracker = AckTracker()
         self.committed = 0  # results newly stored since start (duplicates excluded)
@@ -183,7 +202,9 @@ class Ingest:
                 if items[0].qos:  # PUBACKed, so the broker does not re-deliver it forever; nothing changed
                     self.sink.puback(items[0].mid, items[0].qos, items[0].conn)
                 return
+        self._age_held()
         if self.metrics:
+            self.metrics.results_held.set(self.held())
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
             self.metrics.results_stored.inc(new_rows)
             self.metrics.results_duplicate.inc(len(batch.rows) - new_rows)
@@ -202,14 +223,97 @@ class Ingest:
         with write_tx(self.db):
             for item in items:
                 self._one(item, batch, now)
-            self._refuse_below_acks(batch)
+            reset = self._refuse_below_acks(batch)
+            self._in_order(batch, reset, now)
             cur = self.db.conn.executemany(INSERT_RESULT, batch.rows)
             new_rows = max(cur.rowcount, 0)
             acks = {d: self.tracker.committed(d, seqs, batch.floors[d]) for d, seqs in batch.seqs.items()}
             self.db.conn.executemany(SAVE_ACK, list(acks.items()))
         return batch, acks, new_rows
 
-    def _refuse_below_acks(self, batch: _Batch) -> None:
+    def held(self) -> int:
+        """Results received above a gap in their device's seqs, waiting for it to fill."""
+        return sum(len(rows) for rows in self._held.values())
+
+    def _in_order(self, batch: _Batch, reset: set[str], now: float) -> None:
+        """Store each device's results in seq order: hold those above a gap, release those it no longer blocks.
+
+        A device's results up to the ack this batch gives it (contiguous from its ack or floor - 1 over what is
+        stored, this batch and the held results) are stored now, the released ones with this batch's time; the
+        rest wait in ``_held``. ``batch.seqs`` becomes what is stored, which is all the ack may count.
+        """
+        split: dict[str, int] = {}
+        for device, seqs in batch.seqs.items():
+            held = self._held.get(device)
+            if device in reset and held:  # acked past what the replacing outbox numbered: it numbers them again
+                self._let_go(device)
+                held = None
+            top = self.tracker.frontier(device, batch.floors[device], [*seqs, *(held or ())])
+            if not held and (not seqs or max(seqs) <= top):
+                continue  # the usual case: nothing above a gap
+            split[device] = top
+        if not split:
+            return
+        rows: list[tuple] = []
+        for row in batch.rows:
+            top = split.get(row[0])
+            if top is None or row[1] <= top:
+                rows.append(row)
+                continue
+            held = self._held.setdefault(row[0], {})
+            if row[1] in held:
+                continue  # a re-send of one held already
+            if len(held) >= HOLD_MAX_ROWS or self._held_bytes + len(row[8]) > HOLD_MAX_BYTES:
+                continue  # not held: the device re-sends it with the others it has not had acked
+            held[row[1]] = row
+            self._held_bytes += len(row[8])
+            self._held_at.setdefault(row[0], time.monotonic())
+        released = False
+        for device, top in split.items():
+            held = self._held.get(device, {})
+            ready = sorted(seq for seq in held if seq <= top)
+            for seq in ready:
+                row = held.pop(seq)
+                self._held_bytes -= len(row[8])
+                rows.append((*row[:7], now, row[8]))
+            released = released or bool(ready)
+            stored = [seq for seq in batch.seqs[device] if seq <= top]
+            batch.seqs[device] = stored + ready
+            if held:
+                if ready:  # the gap moved: what waits now is timed from here
+                    self._held_at[device] = time.monotonic()
+                self._log_held(device, top, min(held), len(held))
+            else:
+                self._held.pop(device, None)
+                self._held_at.pop(device, None)
+        if released:
+            rows.sort(key=lambda row: (row[0], row[1]))  # each device's in seq order
+        batch.rows = rows
+
+    def _log_held(self, device: str, acked: int, lowest: int, count: int) -> None:
+        now = time.monotonic()
+        if now - self._held_logged.get(device, float("-inf")) >= HOLD_LOG_S:
+            self._held_logged[device] = now
+            log.warning("device %s: %d result(s) from seq %d held until seq %d..%d arrive (a broker dropped them? "
+                        "the device re-sends what it has not had acked): results are stored in seq order",
+                        device, count, lowest, acked + 1, lowest - 1)
+
+    def _let_go(self, device: str) -> None:
+        """Forget *device*'s held results (it still has them, unacknowledged, and re-sends them)."""
+        held = self._held.pop(device, None) or {}
+        self._held_bytes -= sum(len(row[8]) for row in held.values())
+        self._held_at.pop(device, None)
+
+    def _age_held(self) -> None:
+        """Let go of results held longer than HOLD_MAX_S (a gap its device has not filled: it re-sends them)."""
+        if self._held_at:
+            cutoff = time.monotonic() - HOLD_MAX_S
+            for device in [d for d, at in self._held_at.items() if at < cutoff]:
+                log.warning("device %s: letting go of %d result(s) held above a gap for %.0f s (they are re-sent)",
+                            device, len(self._held.get(device, ())), HOLD_MAX_S)
+                self._let_go(device)
+
+    def _refuse_below_acks(self, batch: _Batch) -> set[str]:
         """Results at or below their device's ack whose seq is not stored are not stored now either.
 
         Everything at or below an ack was stored or dropped by the device, so such a result comes from an
@@ -218,8 +322,9 @@ class Ingest:
         results and deleted unsent. Refused, the device is acked up to the highest seq stored for it, which
         is above anything the new outbox numbered, and the device numbers what it holds again above that
         (``Outbox._renumber_above``) and sends it once more. A re-send of a seq stored already is acked as
-        before.
+        before. Returns the devices whose ack was raised so.
         """
+        reset: set[str] = set()
         for device, seqs in list(batch.seqs.items()):
             acked = self.tracker.acked.get(device, 0)
             low = sorted({s for s in seqs if s <= acked})
@@ -241,6 +346,7 @@ class Ingest:
             top = self.db.execute("SELECT max(seq) FROM results WHERE device = ?", [device]).fetchone()[0] or acked
             self.tracker.forget(device)  # acked up to what is stored, gaps of the older outbox included
             self.tracker.acked[device] = max(acked, top)
+            reset.add(device)
             now = time.monotonic()
             if now - self._below_logged.get(device, float("-inf")) >= 60.0:
                 self._below_logged[device] = now
@@ -250,6 +356,7 @@ class Ingest:
                             "for longer than db.keep_results_days); refused, and acked up to %d so that it numbers "
                             "them again above", device, len(refused), acked, min(refused), max(refused),
                             max(acked, top))
+        return reset
 
     def _one(self, item: Inbound, batch: _Batch, now: float) -> None:
         parsed = None
@@ -290,6 +397,7 @@ class Ingest:
             if not device:
                 continue
             self.tracker.forget(device)
+            self._let_go(device)  # some may have been moved into the batch that failed
             rows = list(self.db.query("SELECT seq FROM acks WHERE device = ?", [device]))
             if rows:
                 above = [r["seq"] for r in self.db.query(

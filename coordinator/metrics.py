@@ -19,6 +19,8 @@ class Metrics:
         self.results_stored = Counter("lepton_results_stored", "Results committed (new)", registry=r)
         self.results_duplicate = Counter("lepton_results_duplicate", "Results received again and ignored", registry=r)
         self.results_pruned = Counter("lepton_results_pruned", "Results deleted by db.keep_results_days", registry=r)
+        self.results_held = Gauge("lepton_results_held", "Results received above a gap in their device's seqs, "
+                                  "held until it fills (stored in seq order)", registry=r)
         self.invalid = Counter("lepton_invalid_payloads", "Payloads refused by validation", ["kind"], registry=r)
         self.batch_seconds = Histogram(
             "lepton_ingest_batch_seconds", "Time to commit one ingest batch", registry=r,

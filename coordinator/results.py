@@ -6,7 +6,8 @@ key, newest first, so a query costs about ``--limit`` rows per device
 however many the database holds; ``--since`` finds its first seq per device
 by the binary search retention uses (sequence numbers grow with arrival).
 A ``Follower`` returns what was stored since it last looked, a result
-re-sent after a gap included.
+stored after higher seqs included (ingest stores each device's results in
+seq order; a database written before it did may hold such results).
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ def newest(db: Database, devices: list[str], stream: str = "", limit: int = 20, 
            upto: dict[str, int] | None = None) -> list[dict]:
     """The newest *limit* results of *devices* (oldest first), each as ``result_json`` gives it.
 
-    Newest by each device's seq, which is the order its results arrive in, but for one re-sent after a
-    gap (the device re-sends what no ack covered: it is stored after higher seqs). *since* finds each
+    Newest by each device's seq, which is the order ingest stores its results in (a result above a gap waits
+    for the gap to fill). *since* finds each
     device's first seq as retention does, on the same assumption. *upto*: per device, no seq above it.
     """
     rows: list[dict] = []
@@ -119,8 +120,9 @@ class Follower:
     """What was stored since the last look, each result once, a result stored late included.
 
     Per device it keeps the highest seq seen and the *holes*: seqs below it not stored when last
-    looked and not yet covered by the device's ack. A hole is filled when the device re-sends that
-    result (stored after higher seqs); once the ack passes it, it is filled or never will be (the
+    looked and not yet covered by the device's ack. A hole is filled when that result is stored after
+    higher seqs (in a database from before ingest held results above a gap); once the ack passes it,
+    it is filled or never will be (the
     device dropped it), so holes stay few. Devices that appear later are followed from their first
     result. ``hi`` is the snapshot taken at creation: list what came before with ``newest(upto=hi)``.
     """

@@ -11,6 +11,7 @@ from test_coordinator_standins import MODEL, StandIn, db_rows, wait_for
 from lepton.coordinator.acks import AckTracker
 from lepton.coordinator.bus import Bus
 from lepton.coordinator.config import load_config
+from lepton.coordinator import ingest as ingest_module
 from lepton.coordinator.ingest import Inbound, Ingest
 from lepton.protocol import Topics, decode, encode
 from lepton.protocol import messages as m
@@ -26,6 +27,15 @@ def test_ack_is_contiguous_then_jumps_the_floor():
     assert t.committed("d", [9], floor=8) == 7  # the device dropped 5..7: floor 8 says so; 8 is still due
     assert t.committed("d", [8], floor=8) == 9
     assert t.committed("d", [2], floor=1) == 9  # a late duplicate never moves the ack back
+
+
+def test_frontier_is_the_ack_a_batch_would_give_and_changes_nothing():
+    t = AckTracker()
+    t.load("d", 10, [13])
+    assert t.frontier("d", 1, [11, 15]) == 11  # 12 missing
+    assert t.frontier("d", 1, [11, 12]) == 13  # 13 is stored already
+    assert t.frontier("d", 15, []) == 14  # the floor: 11..14 settled by the device
+    assert t.acked["d"] == 10 and t.pending("d") == 1
 
 
 def test_ack_restores_from_database_state():
@@ -65,14 +75,23 @@ def test_duplicates_stored_once_and_gaps_hold_the_ack(ingest, broker):
     try:
         for seq in [1, 2, 3, 2, 3, 5, 6]:  # re-sends and a gap at 4
             dev.result(seq)
-        wait_for(lambda: dev.last_ack() == 3 and ing.committed == 5, 5, what="ack 3")
+        wait_for(lambda: dev.last_ack() == 3 and ing.committed == 3 and ing.held() == 2, 5, what="ack 3, 5 and 6 held")
+        # Above the gap, 5 and 6 wait unstored: stored, they would come before 4 (the results' order broken).
+        assert db_rows(db, "SELECT seq FROM results WHERE device='dev-1' ORDER BY seq") == [(1,), (2,), (3,)]
         dev.result(4)
         wait_for(lambda: dev.last_ack() == 6, 5, what="ack 6 once 4 arrives")
-        dev.result(9, floor=9)  # 7 and 8 dropped by the device's outbox policy
+        assert ing.held() == 0
+        dev.result(8)  # 7 missing: 8 waits
+        wait_for(lambda: ing.held() == 1, 5, what="8 held above the gap at 7")
+        dev.result(9, floor=9)  # the device's outbox dropped 7 and 8: its floor says so, and 8 is stored after all
         wait_for(lambda: dev.last_ack() == 9, 5, what="ack past the floor")
-        assert db_rows(db, "SELECT seq FROM results WHERE device='dev-1' ORDER BY seq") == [(s,) for s in (1, 2, 3, 4, 5, 6, 9)]
+        rows = db_rows(db, "SELECT seq, received_at FROM results WHERE device='dev-1' ORDER BY seq")
+        assert [r[0] for r in rows] == [1, 2, 3, 4, 5, 6, 8, 9]
+        times = [r[1] for r in rows]
+        assert times == sorted(times), f"a result stored after a higher seq: {rows}"
         assert db_rows(db, "SELECT seq FROM acks WHERE device='dev-1'") == [(9,)]
         assert dev.acks == sorted(dev.acks), "acks went backwards"
+        assert ing.held() == 0
     finally:
         dev.close()
 
@@ -161,9 +180,51 @@ def test_a_result_the_database_refuses_is_isolated_from_its_batch(tmp_path):
         ing.start(stop)  # queued before the thread starts: the three commit as one batch
         wait_for(lambda: len(sink.pubacks) == 3, 5, what="all three PUBACKed")
         assert ing._thread.is_alive()
-        assert db_rows(tmp_path / "c.db", "SELECT seq FROM results ORDER BY seq") == [(1,), (3,)]
+        assert db_rows(tmp_path / "c.db", "SELECT seq FROM results ORDER BY seq") == [(1,)]
+        assert ing.held() == 1  # 3 waits above the gap 2 left
         acks = [decode("acks", p).seq for t, p in sink.published]
         assert acks and acks[-1] == 1, acks  # 2 never stored: the ack stops below it
+    finally:
+        stop.set()
+        ing.join()
+
+
+def test_results_held_above_a_gap_are_bounded_and_let_go_in_time(tmp_path, monkeypatch):
+    """What is held is PUBACKed but not acked: one not held (over the bound, or held too long) is re-sent by the
+    device and stored then, in order; nothing acked is missing."""
+    monkeypatch.setattr(ingest_module, "HOLD_MAX_ROWS", 3)
+    topics, sink, stop = Topics("t/v1"), _Sink(), threading.Event()
+    ing = Ingest(str(tmp_path / "c.db"), topics, sink)
+    mids = iter(range(1, 1000))
+
+    def send(*seqs: int) -> None:
+        for seq in seqs:
+            r = m.Result(device="d", stream="cam", seq=seq, model=MODEL, captured_at=1, inferred_at=1, infer_ms=1,
+                         computed_on="d", output={})
+            ing.submit(Inbound(topics.result("d", "cam"), encode(r), 1, next(mids)))
+        n = len(sink.pubacks) + len(seqs)
+        wait_for(lambda: len(sink.pubacks) == n, 5, what=f"{seqs} PUBACKed")
+
+    def acked() -> int:
+        return decode("acks", sink.published[-1][1]).seq
+
+    def stored() -> list[int]:
+        return [r[0] for r in db_rows(tmp_path / "c.db", "SELECT seq FROM results ORDER BY received_at, seq")]
+
+    ing.start(stop)
+    try:
+        send(1)
+        send(3, 4, 5, 6, 7)  # 2 missing: three held, 6 and 7 over the bound
+        assert stored() == [1] and ing.held() == 3 and acked() == 1
+        send(2)
+        assert stored() == [1, 2, 3, 4, 5] and ing.held() == 0 and acked() == 5
+        send(6, 7)  # the device's re-send of what it has not had acked
+        assert stored() == [1, 2, 3, 4, 5, 6, 7] and acked() == 7
+        monkeypatch.setattr(ingest_module, "HOLD_MAX_S", 0.0)
+        send(9)  # held, and let go at once: held too long
+        assert ing.held() == 0 and stored()[-1] == 7 and acked() == 7
+        send(8, 9)
+        assert stored() == list(range(1, 10)) and acked() == 9
     finally:
         stop.set()
         ing.join()

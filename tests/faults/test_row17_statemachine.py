@@ -19,6 +19,7 @@ the same database). After every step, per device:
 - what was dropped is older than everything held (drop-oldest);
 - no (device, seq) is stored twice, and the stored result is the one the
   device numbered (a reused seq would hide a loss);
+- results are stored in seq order (one above a gap waits for it to fill);
 - acks only go forward and never pass what the device numbered.
 
 ``drain`` (a rule, and the end of every run) reconnects everything and
@@ -279,6 +280,17 @@ class DeliveryMachine(RuleBasedStateMachine):
             assert not held or not gone or max(gone) < min(held), f"{name}: dropped {sorted(gone)} not the oldest"
             wrong = {s for s, tag in stored.items() if dev.tags.get(s, tag) != tag}
             assert not wrong, f"{name}: seqs {sorted(wrong)} stored with another result's payload (seq reused)"
+
+    @invariant()
+    def each_device_stored_in_seq_order(self):
+        conn = sqlite3.connect(f"file:{self.coordinator.db_path}?mode=ro", uri=True, timeout=30)
+        try:
+            for name in self.devices:
+                times = [t for (t,) in conn.execute(
+                    "SELECT received_at FROM results WHERE device = ? ORDER BY seq", (name,))]
+                assert times == sorted(times), f"{name}: a result stored after a higher seq"
+        finally:
+            conn.close()
 
     @invariant()
     def acks_go_forward_and_stay_within_what_was_numbered(self):
