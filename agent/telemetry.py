@@ -69,10 +69,15 @@ class Collector:
     def collect(self) -> m.Telemetry:
         agent = self.agent
         frames_in = frames_dropped = 0
-        for source in agent.sources.values():
+        sources = {}
+        for sid, source in agent.sources.items():
             stats = source.stats()
             frames_in += int(stats.get("frames_in", 0))
             frames_dropped += int(stats.get("frames_dropped", 0))
+            sources[sid] = m.SourceHealth(
+                connected=bool(stats.get("connected", True)), frames_in=int(stats.get("frames_in", 0)),
+                frames_dropped=int(stats.get("frames_dropped", 0)), reconnects=int(stats.get("reconnects", 0)),
+                last_frame_s=stats.get("last_frame_s"))
         models = {}
         for name, window in list(agent.timings.items()):
             values = window.values()
@@ -90,7 +95,7 @@ class Collector:
             outbox_depth=box["depth"], outbox_dropped=box["dropped"] + agent.delivery.lost_uncommitted, outbox_expired=box["expired"],
             offload_failed=sum(p.offload_failed for p in agent.pipelines.values()),
             link=self.link(), streams=agent.stream_rates(),
-            downloads=self.downloads(),
+            downloads=self.downloads(), sources=sources,
         )
         self.extra = {
             "rss_bytes": float(self._process.memory_info().rss),

@@ -16,13 +16,14 @@ if TYPE_CHECKING:  # the CLI imports EVENT_KINDS at every start: keep sqlite_uti
     from sqlite_utils import Database
 
 CLOCK_OFF_S = 60.0  # a device clock this far from the coordinator's is shown in `lepton status`
+SOURCE_SILENT_S = 30.0  # a source open this long without a frame is shown in `lepton status`
 
 # Every kind of event the coordinator records (``FleetRegistry.event``), for ``lepton events --kind``.
 EVENT_KINDS = (
     "coordinator-start", "models-reloaded",
     "device-new", "device-online", "device-capabilities", "device-offline", "device-stale",
     "streams", "degraded", "recovered", "model-failed",
-    "placement", "stream-skipped", "unserved", "plan-failed", "clock-step",
+    "placement", "stream-skipped", "unserved", "plan-failed", "clock-step", "source-down", "source-up",
 )
 
 
@@ -49,6 +50,7 @@ def fleet_status(db: Database, now: float | None = None) -> dict:
             "clock_offset_s": round(telemetry["ts"] - d["telemetry_at"], 1) if telemetry.get("ts") and d["telemetry_at"] else None,
             "load1": d["load1"], "cpu_percent": d["cpu_percent"], "outbox_depth": d["outbox_depth"],
             "acked_seq": acks.get(d["id"], 0),
+            "sources": telemetry.get("sources") or {},  # per source: connected, frames, reconnects, last frame
             "streams": streams.get(d["id"], []),
             "desired_generation": p.get("desired_gen"), "reported_generation": p.get("reported_gen"),
             "desired_models": [mr["name"] for mr in desired.get("models", [])],
@@ -135,6 +137,8 @@ def render_status(status: dict) -> str:
         offset = d.get("clock_offset_s")
         if offset is not None and abs(offset) >= CLOCK_OFF_S:  # its results' capture times are off by as much
             live += f" clock {_duration(offset)}"
+        if d["liveness"] != "offline":
+            live += "".join(f" {problem}" for problem in _source_problems(d.get("sources") or {}))
         seen = "-" if d["last_seen_s"] is None else f"{d['last_seen_s']:.0f}s"
         models = _models_cell(d)
         routes = " ".join(f"{s}->{'|'.join(r) or 'unserved'}" for s, r in d["routes"].items()) or ",".join(d["streams"]) or "-"
@@ -158,6 +162,18 @@ def render_status(status: dict) -> str:
     else:
         lines.append("\nno plan yet")
     return "\n".join(lines)
+
+
+def _source_problems(sources: dict) -> list[str]:
+    """What a device's telemetry says is wrong with its sources: closed, or open with no frame for a while."""
+    out = []
+    for sid, h in sorted(sources.items()):
+        last = h.get("last_frame_s")
+        if not h.get("connected", True):
+            out.append(f"{sid} down" + (f" {_duration(last).lstrip('+')}" if last is not None else ""))
+        elif last is not None and last >= SOURCE_SILENT_S:
+            out.append(f"{sid} no frame {_duration(last).lstrip('+')}")
+    return out
 
 
 def _duration(seconds: float) -> str:

@@ -92,6 +92,17 @@ class Link(BaseModel):
     down_mbps: NonNeg | None = None
 
 
+class SourceHealth(BaseModel):
+    """One source of the device: whether its camera, file or sensor is open, and when it last gave a frame."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    connected: bool = True
+    frames_in: Count = 0
+    frames_dropped: Count = 0
+    reconnects: Count = 0
+    last_frame_s: NonNeg | None = None  # seconds since its newest frame; None: none yet
+
+
 class Telemetry(Message):
     device: Id
     ts: NonNeg
@@ -111,6 +122,7 @@ class Telemetry(Message):
     link: Link = Link()
     streams: dict[Id, NonNeg] = {}  # measured rate per stream (Hz)
     downloads: dict[Id, Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]] = {}  # model -> share fetched
+    sources: dict[Id, SourceHealth] = {}
 
 
 # --- placement ----------------------------------------------------------------

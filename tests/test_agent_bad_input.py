@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from lepton.broker import MosquittoBroker, mosquitto_binary
 from lepton.protocol import Topics
 from test_agent_process import NOISE, agents, online, start  # noqa: F401  (fixtures)
 from test_agent_standins import AgentProcess, Consumer, agent_config, wait_for
+from test_sources import write_video
 
 
 def log_lines(agent: AgentProcess, needle: str) -> list[str]:
@@ -51,7 +53,8 @@ def test_refused_credentials_are_named_and_retried_until_the_broker_accepts(tmp_
 
 
 def test_missing_camera_is_named_and_the_agent_keeps_running(broker, prefix, tmp_path, agents):
-    camera = [{"id": "cam0", "type": "camera", "device": str(tmp_path / "video9"), "reconnect_s": 0.5}]
+    camera = [{"id": "cam0", "type": "camera", "device": str(tmp_path / "video9"), "reconnect_s": 0.5,
+               "reconnect_max_s": 0.5}]
     consumer = Consumer(broker.port, Topics(prefix), tmp_path / "c.db").start()
     try:
         agent = start(agents, agent_config(tmp_path, broker.port, prefix, sources=camera), tmp_path)
@@ -60,6 +63,15 @@ def test_missing_camera_is_named_and_the_agent_keeps_running(broker, prefix, tmp
         assert "video9" in lines[0]
         time.sleep(1.0)
         assert agent.proc.poll() is None and len(log_lines(agent, "cannot open")) == 1
+        # The fleet sees it too: the device's telemetry says the source is not connected and never gave a frame.
+        down = wait_for(lambda: [t.sources["cam0"] for t in consumer.telemetry if "cam0" in t.sources], 10,
+                        "telemetry naming the source")[-1]
+        assert not down.connected and down.frames_in == 0 and down.last_frame_s is None
+        write_video(tmp_path / "clip.avi")
+        os.replace(tmp_path / "clip.avi", tmp_path / "video9")  # the camera appears: the next retry opens it
+        up = wait_for(lambda: [t.sources["cam0"] for t in consumer.telemetry[-1:]
+                               if t.sources["cam0"].frames_in > 0], 15, "telemetry of the source giving frames")[-1]
+        assert up.last_frame_s is not None and up.last_frame_s < 5.0
     finally:
         consumer.close()
 

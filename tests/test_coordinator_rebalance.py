@@ -564,3 +564,33 @@ def test_a_placement_is_the_same_whatever_the_order_of_its_routes_and_small_shar
     small = m.Desired(device="x", generation=1, ts=0, **content(("a", 0.951), ("b", 0.049))).model_dump_json()
     assert not same(small, content(("a", 0.9998), ("b", 0.0002))), "b would serve 245 times its share"
     assert same(small, content(("a", 0.955), ("b", 0.045)))
+
+
+def test_a_source_that_closes_or_goes_silent_is_an_event_and_shows_in_status(tmp_path):
+    """A device's camera that is gone is seen fleet-wide: ``source-down``/``source-up`` events (one per change,
+    not per telemetry) and `lepton status` naming it; a source open but without a frame for 30 s shows too."""
+    from lepton.coordinator.status import events, fleet_status, render_status
+
+    reg = FleetRegistry(open_db(tmp_path / "c.db"))
+    birth(reg, "cam", 2, [{"id": "door", "model": "digits", "rate_hz": 5, "payload_bytes": 256}])
+
+    def send(**health):
+        msg = m.Telemetry(device="cam", ts=time.time(), sources={"cam0": m.SourceHealth(**health)})
+        with reg.db.atomic():
+            reg.apply_telemetry(msg, time.time())
+        return render_status(fleet_status(reg.db)).splitlines()[1]
+
+    def kinds():
+        return [(e["kind"], e["detail"]) for e in events(reg.db) if e["kind"].startswith("source-")]
+
+    row = send(connected=False, frames_in=0)
+    assert "cam0 down" in row
+    assert kinds() == [("source-down", "cam0: not connected (no frame yet); the device retries it")]
+    send(connected=False, frames_in=0)
+    assert len(kinds()) == 1  # no change, no event
+    row = send(connected=True, frames_in=40, reconnects=1, last_frame_s=0.1)
+    assert "cam0" not in row
+    assert [k for k, _ in kinds()] == ["source-down", "source-up"]
+    row = send(connected=True, frames_in=40, reconnects=1, last_frame_s=45.0)
+    assert "cam0 no frame 45s" in row and len(kinds()) == 2
+    assert fleet_status(reg.db)["devices"][0]["sources"]["cam0"]["frames_in"] == 40

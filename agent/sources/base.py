@@ -160,6 +160,7 @@ class BaseSource:
         self._seq = 0
         self._taken = 0  # highest seq handed to any consumer
         self._frames_in = 0
+        self._frame_at: float | None = None  # monotonic time of the newest frame
         self._rate_marks: deque[tuple[float, int]] = deque()  # (monotonic time, frames_in) at each rate()
         self._dropped = 0
         self._connected = False
@@ -312,6 +313,7 @@ class BaseSource:
             self._seq += 1
             frame = Frame(self._seq, time.time() if captured_at is None else captured_at, data, meta or {})
             self._frame = frame
+            self._frame_at = time.monotonic()
             self._frames_in += 1
             self._cond.notify_all()
         return frame
@@ -347,9 +349,11 @@ class BaseSource:
         return self._connected
 
     def stats(self) -> dict:
-        """``frames_in``, ``frames_dropped``, ``connected`` plus what ``extra_stats()`` adds."""
+        """``frames_in``, ``frames_dropped``, ``connected``, ``last_frame_s`` (seconds since the newest frame,
+        None before the first) plus what ``extra_stats()`` adds."""
         with self._cond:
-            out = {"frames_in": self._frames_in, "frames_dropped": self._dropped, "connected": self._connected}
+            out = {"frames_in": self._frames_in, "frames_dropped": self._dropped, "connected": self._connected,
+                   "last_frame_s": None if self._frame_at is None else time.monotonic() - self._frame_at}
         out.update(self.extra_stats())
         return out
 
