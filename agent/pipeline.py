@@ -270,6 +270,11 @@ class _Invoker:
             self.done.put((result, (time.monotonic() - start) * 1000.0))
 
 
+def _ewma(mean: float, sample: float) -> float:
+    """A moving average (weight 0.2 to the new sample) that starts at its first sample (*mean* 0: none yet)."""
+    return 0.8 * mean + 0.2 * sample if mean else sample
+
+
 class Staging:
     """When a worker takes its next frame while the model runs one: just before that invoke is due to end.
 
@@ -296,10 +301,10 @@ class Staging:
             self.runner, self.invoke_ms, self.stage_ms = runner, 0.0, 0.0
 
     def invoked(self, ms: float) -> None:
-        self.invoke_ms = ms if not self.invoke_ms else 0.8 * self.invoke_ms + 0.2 * ms
+        self.invoke_ms = _ewma(self.invoke_ms, ms)
 
     def staged(self, ms: float) -> None:
-        self.stage_ms = ms if not self.stage_ms else 0.8 * self.stage_ms + 0.2 * ms
+        self.stage_ms = _ewma(self.stage_ms, ms)
 
     def due(self, started: float) -> float:
         """When to take the next frame, for an invoke that began at *started* (monotonic)."""

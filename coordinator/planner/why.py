@@ -98,14 +98,15 @@ def _not_chosen(prob, result: Plan, spec, s: int, d: int, static: np.ndarray, sh
     cap = prob.params.utilization_cap
     needs_load = (prob.s_model[s], d) not in prob.current and spec.model not in result.placement.get(dev, [])
     unserved = result.unserved.get(spec.id, 0.0)
+    full = f"full: the plan uses {used:.0%} of its CPU (cap {cap:.0%})" if used >= cap - 0.01 else ""
     if unserved > 1e-4:  # what keeps this device from the share left out
         left_out = unserved * float(prob.unserved_cost[s])  # what leaving it out costs the plan
         if needs_load and prob.load_cost > 0 and \
                 left_out <= prob.load_cost + unserved * float(prob.weight[s]) * static[d]:
             return (f"{spec.model} is not loaded here: a load costs {prob.load_cost:g} ms in the plan, more than "
                     f"leaving {unserved:.0%} of the stream unserved ({left_out:.1f} ms)")
-        if used >= cap - 0.01:
-            return f"full: the plan uses {used:.0%} of its CPU (cap {cap:.0%}); the stream is {unserved:.0%} unserved"
+        if full:
+            return f"{full}; the stream is {unserved:.0%} unserved"
         held = sum(float(prob.model_mem[prob.model_names.index(name)])
                    for name in result.placement.get(dev, []) if name in prob.model_names)
         if spec.model not in result.placement.get(dev, []) and held + float(prob.model_mem[prob.s_model[s]]) > prob.mem[d]:
@@ -125,6 +126,6 @@ def _not_chosen(prob, result: Plan, spec, s: int, d: int, static: np.ndarray, sh
     if held_on and dev not in held_on and saving > 0 and (1 + hold) * static[d] >= served:
         return (f"{saving:.1f} ms faster than where the stream is served, within the {hold:.0%} a stream must gain "
                 f"to move (params.route_hold) from the routes in force ({', '.join(held_on)})")
-    if used >= cap - 0.01:
-        return f"full: the plan uses {used:.0%} of its CPU (cap {cap:.0%})"
+    if full:
+        return full
     return f"candidate, not used: others are cheaper for the fleet as a whole ({used:.0%} of its CPU used)"
