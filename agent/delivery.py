@@ -16,8 +16,8 @@ deadline passed, and re-sends every unacknowledged result, in order:
   messages without a word; acks that come late but keep coming are not that).
 
 Results flow while the coordinator is known to be online, or when this agent
-has never seen a coordinator status (a standalone device watched by
-``mosquitto_sub``). While a coordinator it knows of is offline, or after a
+has never seen a coordinator status and its outbox was never acknowledged (a
+standalone device watched by ``mosquitto_sub``). While a coordinator it knows of is offline, or after a
 reconnect until its status is known again, results wait here, in the outbox,
 and then go out in seq order from the floor: the broker's queue (bounded,
 and silent when it drops) never holds the backlog, and the coordinator sees
@@ -68,7 +68,10 @@ class Delivery:
         self.resent = 0
         self.committed = 0  # results committed since start
         self.coordinator = "unknown"  # as last announced: unknown (since our connect), online, offline
-        self.seen_coordinator = False  # any coordinator status seen by this process
+        # A coordinator status seen by this process, or an ack in this outbox's past: a coordinator exists, so
+        # results wait for its status after every connect, the first included (a device restarted with a backlog
+        # would otherwise send up to ``inflight`` of it before the retained status says where the coordinator is).
+        self.seen_coordinator = outbox.acked > 0
         self._cursor = 0  # highest seq published on the current connection
         self._high = 0  # highest seq ever published by this process
         self._generation = 0

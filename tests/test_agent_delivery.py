@@ -120,6 +120,23 @@ def test_results_wait_while_the_coordinator_is_offline_then_go_in_order(setup):
     assert {g["floor"] for g in wire.got} == {4}  # raised past the dropped ones, so acks do not stall
 
 
+def test_a_restart_with_a_backlog_waits_for_the_coordinators_status_before_sending(setup, tmp_path):
+    """An outbox a coordinator acknowledged before says one exists: at a start, nothing of the backlog goes out
+    before its retained status is known (offline here: nothing at all), then it goes in order from the floor."""
+    make, wire, topics = setup
+    box = Outbox(tmp_path / "o.db", first_seq=1)
+    box.enqueue([result(topics) for _ in range(600)])
+    box.ack(100)
+    box.close()
+    delivery, outbox = make(coordinator="offline")
+    wait_for(lambda: delivery.coordinator == "offline", 5, "the retained offline status")
+    time.sleep(0.5)
+    assert wire.seqs() == [], f"{len(wire.seqs())} results sent before the coordinator's status was known"
+    wire.coordinator("online")
+    wait_for(lambda: len(wire.seqs()) >= 200, 5, "the backlog, once the coordinator is online")
+    assert wire.seqs()[:200] == list(range(101, 301))  # ack_window (200) past the floor: the rest waits for acks
+
+
 @pytest.mark.parametrize("mqtt_version", ["3.1.1", "5"])
 def test_unacked_results_are_resent_after_resend_after_s_until_acked(setup, mqtt_version):
     make, wire, topics = setup
