@@ -97,6 +97,7 @@ class RuntimeConfig(_Section):
 class TelemetryConfig(_Section):
     interval_s: float = Field(2.0, gt=0, le=3600, description="telemetry period (s); the coordinator judges liveness by it (docs/reliability.md: stale_after_s <= 1.5 x keepalive - interval_s - 2 s)")
     window_s: float = Field(60.0, gt=0, le=86400, description="window of the invoke-time percentiles and rates (s)")
+    version: Literal[1, 2] = Field(1, description="telemetry schema written: 2 adds each source's health (camera or sensor down, last frame); set it once the coordinator reads v2 (this release's does; an older one refuses it)")
 
 
 class MetricsConfig(_Section):

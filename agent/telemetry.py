@@ -75,7 +75,8 @@ class Collector:
             frames_in += int(stats.get("frames_in", 0))
             frames_dropped += int(stats.get("frames_dropped", 0))
             sources[sid] = m.SourceHealth(
-                connected=bool(stats.get("connected", True)), frames_in=int(stats.get("frames_in", 0)),
+                connected=bool(stats.get("delivering", stats.get("connected", True))),
+                frames_in=int(stats.get("frames_in", 0)),
                 frames_dropped=int(stats.get("frames_dropped", 0)), reconnects=int(stats.get("reconnects", 0)),
                 last_frame_s=stats.get("last_frame_s"))
         models = {}
@@ -86,7 +87,8 @@ class Collector:
                 models[name] = m.ModelTiming(p50_ms=p50, p95_ms=p95, count=len(values))
         box = agent.outbox.stats()
         memory = psutil.virtual_memory()
-        telemetry = m.Telemetry(
+        v2 = agent.cfg.telemetry.version >= 2
+        telemetry = (m.TelemetryV2 if v2 else m.Telemetry)(
             device=agent.cfg.device_id, ts=time.time(), load1=os.getloadavg()[0],
             cpu_percent=psutil.cpu_percent(interval=None),
             memory_used_mb=(memory.total - memory.available) / 2**20, memory_total_mb=memory.total / 2**20,
@@ -95,7 +97,7 @@ class Collector:
             outbox_depth=box["depth"], outbox_dropped=box["dropped"] + agent.delivery.lost_uncommitted, outbox_expired=box["expired"],
             offload_failed=sum(p.offload_failed for p in agent.pipelines.values()),
             link=self.link(), streams=agent.stream_rates(),
-            downloads=self.downloads(), sources=sources,
+            downloads=self.downloads(), **({"sources": sources} if v2 else {}),
         )
         self.extra = {
             "rss_bytes": float(self._process.memory_info().rss),

@@ -16,9 +16,11 @@ higher seqs through before the device re-sends the missing ones) is PUBACKed
 but held in memory, unstored and unacknowledged, until the gap fills (the
 re-send) or the device's ``floor`` passes it (it dropped or expired those
 seqs); then it is stored after them. Held results are bounded (HOLD_MAX_ROWS
-per device, HOLD_MAX_BYTES in all, HOLD_MAX_S); one let go, or lost with the
-process, is still in the device's outbox, which re-sends everything it has
-not had acked.
+per device, HOLD_MAX_BYTES in all): past the bounds, or once held for
+HOLD_MAX_S, or at a stop, they are stored out of order rather than not at
+all. Held results lost with the process (a crash) are still in their
+device's outbox, which re-sends what it has not had acked (but for a result
+whose deadline passes meanwhile: expired, and counted so by the device).
 
 An invalid payload is logged with device, topic and reason, PUBACKed (so the
 broker does not re-deliver it forever) and changes nothing.
@@ -50,7 +52,8 @@ INSERT_RESULT = (
 )
 HOLD_MAX_ROWS = 10_000  # per device (an agent has at most its ack_window, 200 by default, on the wire)
 HOLD_MAX_BYTES = 64 << 20  # all devices together
-HOLD_MAX_S = 120.0  # a gap the device has not filled by then: let its held results go (it re-sends them)
+HOLD_MAX_S = 120.0  # a gap the device has not filled by then: its held results are stored (out of order)
+ROW_BYTES = 300  # what a held row costs in memory beside its payload
 HOLD_LOG_S = 60.0  # a device's "held above a gap" line, at most this often
 
 SAVE_ACK = (
@@ -106,7 +109,8 @@ class Ingest:
         self._below_logged: dict[str, float] = {}  # device -> when results below its ack were last logged
         self._held: dict[str, dict[int, tuple]] = {}  # device -> seq -> result row, above a gap in its seqs
         self._held_at: dict[str, float] = {}  # device -> monotonic time since its held results wait for one gap
-        self._held_bytes = 0
+        self._held_bytes = 0  # their payloads and ROW_BYTES each
+        self._held_count = 0
         self._held_logged: dict[str, float] = {}
         self.queue: queue.SimpleQueue[Inbound] = queue.SimpleQueue()
         self.tracker = AckTracker()
@@ -154,6 +158,7 @@ class Ingest:
             self._commit(self._drain(first), stop)
         while not self.queue.empty():  # what arrived before the stop is still committed and acked
             self._commit(self._drain(self.queue.get()), stop)
+        self._flush_held()
         self.db.close()
 
     def _drain(self, first: Inbound) -> list[Inbound]:
@@ -202,7 +207,6 @@ class Ingest:
                 if items[0].qos:  # PUBACKed, so the broker does not re-deliver it forever; nothing changed
                     self.sink.puback(items[0].mid, items[0].qos, items[0].conn)
                 return
-        self._age_held()
         if self.metrics:
             self.metrics.results_held.set(self.held())
             self.metrics.batch_seconds.observe(time.perf_counter() - started)
@@ -223,97 +227,118 @@ class Ingest:
         with write_tx(self.db):
             for item in items:
                 self._one(item, batch, now)
-            reset = self._refuse_below_acks(batch)
-            self._in_order(batch, reset, now)
+            self._refuse_below_acks(batch)
+            held = self._in_order(batch, now)
             cur = self.db.conn.executemany(INSERT_RESULT, batch.rows)
             new_rows = max(cur.rowcount, 0)
             acks = {d: self.tracker.committed(d, seqs, batch.floors[d]) for d, seqs in batch.seqs.items()}
             self.db.conn.executemany(SAVE_ACK, list(acks.items()))
+        self._hold(held)
         return batch, acks, new_rows
 
     def held(self) -> int:
         """Results received above a gap in their device's seqs, waiting for it to fill."""
-        return sum(len(rows) for rows in self._held.values())
+        return self._held_count
 
-    def _in_order(self, batch: _Batch, reset: set[str], now: float) -> None:
+    def _in_order(self, batch: _Batch, now: float) -> dict[str, tuple[dict[int, tuple], list[int]]]:
         """Store each device's results in seq order: hold those above a gap, release those it no longer blocks.
 
         A device's results up to the ack this batch gives it (contiguous from its ack or floor - 1 over what is
         stored, this batch and the held results) are stored now, the released ones with this batch's time; the
-        rest wait in ``_held``. ``batch.seqs`` becomes what is stored, which is all the ack may count.
+        rest are to be held. Past the bounds a result is stored as it comes (its order broken, nothing dropped),
+        and results held longer than HOLD_MAX_S are stored (the gap below them may never fill). ``batch.rows``
+        and ``batch.seqs`` become what is stored (all the ack may count). Returns, per device, the results to
+        hold and the held seqs stored: ``_hold`` applies them once the batch is committed, so a failed commit
+        changes nothing here.
         """
-        split: dict[str, int] = {}
+        cutoff = time.monotonic() - HOLD_MAX_S
+        split: dict[str, float] = {}  # device -> highest seq stored now (inf: every held one, held too long)
         for device, seqs in batch.seqs.items():
             held = self._held.get(device)
-            if device in reset and held:  # acked past what the replacing outbox numbered: it numbers them again
-                self._let_go(device)
-                held = None
             top = self.tracker.frontier(device, batch.floors[device], [*seqs, *(held or ())])
-            if not held and (not seqs or max(seqs) <= top):
-                continue  # the usual case: nothing above a gap
-            split[device] = top
+            if held or (seqs and max(seqs) > top):
+                split[device] = top
+        for device in [d for d, at in self._held_at.items() if at < cutoff]:
+            log.warning("device %s: storing %d result(s) held above a gap for %.0f s (the gap may never fill)",
+                        device, len(self._held.get(device, ())), HOLD_MAX_S)
+            split[device] = float("inf")
+            batch.seqs.setdefault(device, [])
+            batch.floors.setdefault(device, 1)
         if not split:
-            return
+            return {}
+        changes: dict[str, tuple[dict[int, tuple], list[int]]] = {d: ({}, []) for d in split}
+        stored: dict[str, list[int]] = {d: [] for d in split}
+        room_rows = HOLD_MAX_ROWS
+        room_bytes = HOLD_MAX_BYTES - self._held_bytes
         rows: list[tuple] = []
         for row in batch.rows:
-            top = split.get(row[0])
-            if top is None or row[1] <= top:
-                rows.append(row)
-                continue
-            held = self._held.setdefault(row[0], {})
-            if row[1] in held:
-                continue  # a re-send of one held already
-            if len(held) >= HOLD_MAX_ROWS or self._held_bytes + len(row[8]) > HOLD_MAX_BYTES:
-                continue  # not held: the device re-sends it with the others it has not had acked
-            held[row[1]] = row
-            self._held_bytes += len(row[8])
-            self._held_at.setdefault(row[0], time.monotonic())
-        released = False
+            device, seq = row[0], row[1]
+            top = split.get(device)
+            if top is not None:
+                if seq > top:
+                    hold = changes[device][0]
+                    if seq in hold or seq in self._held.get(device, ()):
+                        continue  # a re-send of one held already
+                    size = len(row[8]) + ROW_BYTES
+                    if len(self._held.get(device, ())) + len(hold) < room_rows and size <= room_bytes:
+                        hold[seq] = row
+                        room_bytes -= size
+                        continue
+                stored[device].append(seq)  # at or below the ack, or past the bounds: stored now
+            rows.append(row)
         for device, top in split.items():
             held = self._held.get(device, {})
             ready = sorted(seq for seq in held if seq <= top)
-            for seq in ready:
-                row = held.pop(seq)
-                self._held_bytes -= len(row[8])
-                rows.append((*row[:7], now, row[8]))
-            released = released or bool(ready)
-            stored = [seq for seq in batch.seqs[device] if seq <= top]
-            batch.seqs[device] = stored + ready
-            if held:
-                if ready:  # the gap moved: what waits now is timed from here
-                    self._held_at[device] = time.monotonic()
-                self._log_held(device, top, min(held), len(held))
-            else:
-                self._held.pop(device, None)
-                self._held_at.pop(device, None)
-        if released:
-            rows.sort(key=lambda row: (row[0], row[1]))  # each device's in seq order
+            rows += [(*held[seq][:7], now, held[seq][8]) for seq in ready]
+            changes[device][1].extend(ready)
+            batch.seqs[device] = stored[device] + ready
+        rows.sort(key=lambda row: (row[0], row[1]))  # each device's in seq order
         batch.rows = rows
+        return changes
 
-    def _log_held(self, device: str, acked: int, lowest: int, count: int) -> None:
+    def _hold(self, changes: dict[str, tuple[dict[int, tuple], list[int]]]) -> None:
+        """Apply ``_in_order``'s changes after the commit: keep the new held results, forget the stored ones."""
         now = time.monotonic()
-        if now - self._held_logged.get(device, float("-inf")) >= HOLD_LOG_S:
-            self._held_logged[device] = now
-            log.warning("device %s: %d result(s) from seq %d held until seq %d..%d arrive (a broker dropped them? "
-                        "the device re-sends what it has not had acked): results are stored in seq order",
-                        device, count, lowest, acked + 1, lowest - 1)
+        for device, (hold, stored) in changes.items():
+            held = self._held.setdefault(device, {})
+            for seq in stored:
+                row = held.pop(seq)
+                self._held_bytes -= len(row[8]) + ROW_BYTES
+            for seq, row in hold.items():
+                held[seq] = row
+                self._held_bytes += len(row[8]) + ROW_BYTES
+            self._held_count += len(hold) - len(stored)
+            if not held:
+                del self._held[device]
+                self._held_at.pop(device, None)
+                continue
+            if stored or device not in self._held_at:  # waiting for another gap: timed from now
+                self._held_at[device] = now
+            if hold and now - self._held_logged.get(device, float("-inf")) >= HOLD_LOG_S:
+                self._held_logged[device] = now
+                log.warning("device %s: %d result(s) from seq %d held until the seqs below them arrive (a broker "
+                            "dropped them? the device re-sends what it has not had acked): results are stored in "
+                            "seq order", device, len(held), min(held))
 
-    def _let_go(self, device: str) -> None:
-        """Forget *device*'s held results (it still has them, unacknowledged, and re-sends them)."""
-        held = self._held.pop(device, None) or {}
-        self._held_bytes -= sum(len(row[8]) for row in held.values())
-        self._held_at.pop(device, None)
+    def _flush_held(self) -> None:
+        """At a stop: store what is held, out of order rather than not at all (a result past its deadline is not
+        sent again)."""
+        if not self._held:
+            return
+        rows = [row for held in self._held.values() for row in held.values()]
+        try:
+            with write_tx(self.db):
+                self.db.conn.executemany(INSERT_RESULT, rows)
+        except sqlite3.Error as exc:
+            log.warning("could not store the %d result(s) held above a gap at the stop (their devices re-send "
+                        "them): %s", len(rows), exc)
+            return
+        log.info("stored %d result(s) held above a gap at the stop", len(rows))
+        self._held.clear()
+        self._held_at.clear()
+        self._held_bytes = self._held_count = 0
 
-    def _age_held(self) -> None:
-        """Let go of results held longer than HOLD_MAX_S (a gap its device has not filled: it re-sends them)."""
-        if self._held_at:
-            cutoff = time.monotonic() - HOLD_MAX_S
-            for device in [d for d, at in self._held_at.items() if at < cutoff]:
-                log.warning("device %s: letting go of %d result(s) held above a gap for %.0f s (they are re-sent)",
-                            device, len(self._held.get(device, ())), HOLD_MAX_S)
-                self._let_go(device)
-
-    def _refuse_below_acks(self, batch: _Batch) -> set[str]:
+    def _refuse_below_acks(self, batch: _Batch) -> None:
         """Results at or below their device's ack whose seq is not stored are not stored now either.
 
         Everything at or below an ack was stored or dropped by the device, so such a result comes from an
@@ -322,9 +347,8 @@ class Ingest:
         results and deleted unsent. Refused, the device is acked up to the highest seq stored for it, which
         is above anything the new outbox numbered, and the device numbers what it holds again above that
         (``Outbox._renumber_above``) and sends it once more. A re-send of a seq stored already is acked as
-        before. Returns the devices whose ack was raised so.
+        before. Results held above a gap count as stored: they are stored with this batch (``_in_order``).
         """
-        reset: set[str] = set()
         for device, seqs in list(batch.seqs.items()):
             acked = self.tracker.acked.get(device, 0)
             low = sorted({s for s in seqs if s <= acked})
@@ -343,10 +367,10 @@ class Ingest:
                 continue  # re-sends of results already stored: acked again below
             batch.rows = [r for r in batch.rows if r[0] != device or r[1] not in refused]
             batch.seqs[device] = [s for s in seqs if s not in refused]
-            top = self.db.execute("SELECT max(seq) FROM results WHERE device = ?", [device]).fetchone()[0] or acked
+            top = max(self.db.execute("SELECT max(seq) FROM results WHERE device = ?", [device]).fetchone()[0] or acked,
+                      max(self._held.get(device, ()), default=0))
             self.tracker.forget(device)  # acked up to what is stored, gaps of the older outbox included
             self.tracker.acked[device] = max(acked, top)
-            reset.add(device)
             now = time.monotonic()
             if now - self._below_logged.get(device, float("-inf")) >= 60.0:
                 self._below_logged[device] = now
@@ -356,7 +380,6 @@ class Ingest:
                             "for longer than db.keep_results_days); refused, and acked up to %d so that it numbers "
                             "them again above", device, len(refused), acked, min(refused), max(refused),
                             max(acked, top))
-        return reset
 
     def _one(self, item: Inbound, batch: _Batch, now: float) -> None:
         parsed = None
@@ -397,7 +420,6 @@ class Ingest:
             if not device:
                 continue
             self.tracker.forget(device)
-            self._let_go(device)  # some may have been moved into the batch that failed
             rows = list(self.db.query("SELECT seq FROM acks WHERE device = ?", [device]))
             if rows:
                 above = [r["seq"] for r in self.db.query(

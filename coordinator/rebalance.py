@@ -126,8 +126,11 @@ class Rebalancer:
         self.attach()
         # The solver's import (scipy, about 0.6 s) while the coordinator connects, not in the first plan (the
         # first failover after a start took that much longer).
-        import lepton.coordinator.planner.solve  # noqa: F401
-        import scipy.optimize  # noqa: F401
+        try:
+            import lepton.coordinator.planner.solve  # noqa: F401
+            import scipy.optimize  # noqa: F401
+        except Exception as exc:  # each plan tries again and says why it fails
+            log.error("the planner cannot be loaded: %s", exc)
         next_timer = time.monotonic() + min(1.0, self.cfg.interval_s)  # a first plan soon after start
         while not stop.is_set():
             self._wake.wait(timeout=max(0.0, min(1.0, next_timer - time.monotonic())))

@@ -162,20 +162,21 @@ class FleetRegistry:
     def _source_events(self, msg: m.Telemetry, before: str | None, now: float) -> None:
         """``source-down`` / ``source-up`` when a source's camera, file or sensor closes or opens again
         (a source down in a device's first telemetry too)."""
-        if not msg.sources:
+        sources = getattr(msg, "sources", None)  # telemetry v2
+        if not sources:
             return
         try:
             was = {sid: h.get("connected", True) for sid, h in (json.loads(before or "{}").get("sources") or {}).items()}
         except (ValueError, AttributeError):
             was = {}
-        for sid, health in msg.sources.items():
+        for sid, health in sources.items():
             if was.get(sid, True) == health.connected:
                 continue
             if health.connected:
                 detail = f"{sid}: connected again ({health.reconnects} reconnect(s) so far)"
             else:
                 last = "no frame yet" if health.last_frame_s is None else f"last frame {health.last_frame_s:.0f} s ago"
-                detail = f"{sid}: not connected ({last}); the device retries it"
+                detail = f"{sid}: not connected ({last})"
             self.event("source-up" if health.connected else "source-down", msg.device, detail, now=now)
 
     def _add_compute(self, device: str, model: str, ms: float, now: float) -> None:

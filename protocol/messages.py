@@ -13,7 +13,8 @@ import math
 import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from lepton.errors import ProtocolError
 from lepton.protocol.topics import ID_PATTERN
@@ -122,6 +123,13 @@ class Telemetry(Message):
     link: Link = Link()
     streams: dict[Id, NonNeg] = {}  # measured rate per stream (Hz)
     downloads: dict[Id, Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]] = {}  # model -> share fetched
+
+
+class TelemetryV2(Telemetry):
+    """Telemetry v2: v1 plus each source's health. Coordinators of this release read both; an agent writes v2
+    only when ``[telemetry] version = 2`` says its coordinator reads it (docs/protocol.md, versions)."""
+
+    v: Literal[2] = 2
     sources: dict[Id, SourceHealth] = {}
 
 
@@ -246,7 +254,20 @@ KINDS: dict[str, type[Message]] = {
     "replies": Reply,
 }
 
-AnyMessage = Union[Status, Telemetry, Desired, Reported, Result, Ack, CoordinatorStatus, Reply]
+# Kinds with more than one schema version: ``"v"`` picks the schema. KINDS names the v1 one.
+VERSIONS: dict[str, dict[int, type[Message]]] = {"telemetry": {1: Telemetry, 2: TelemetryV2}}
+
+
+def _version(data: Any) -> str:
+    """The schema version a payload names (1 when it names none, as v1's default says)."""
+    return str(data.get("v", 1) if isinstance(data, dict) else getattr(data, "v", 1))
+
+
+_VERSIONED = {kind: TypeAdapter(Annotated[Union[tuple(Annotated[cls, Tag(str(v))] for v, cls in classes.items())],
+                                          Discriminator(_version)])
+              for kind, classes in VERSIONS.items()}
+
+AnyMessage = Union[Status, Telemetry, TelemetryV2, Desired, Reported, Result, Ack, CoordinatorStatus, Reply]
 
 
 def _check_finite(value: Any, depth: int = 0) -> None:
@@ -311,11 +332,15 @@ def decode(kind: str, payload: bytes | str) -> AnyMessage:
         raise ProtocolError(f"{kind}: empty payload")
     if too_deep(raw):
         raise ProtocolError(f"{kind}: JSON nested deeper than {MAX_DEPTH}")
+    versioned = _VERSIONED.get(kind)
     try:
-        return cls.model_validate_json(raw)
+        return versioned.validate_json(raw) if versioned is not None else cls.model_validate_json(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "payload"
+        loc = first.get("loc", ())
+        if versioned is not None and loc and str(loc[0]) in {str(v) for v in VERSIONS[kind]}:
+            loc = loc[1:]  # the schema version the union picked, not a key of the payload
+        where = ".".join(str(p) for p in loc) or "payload"
         raise ProtocolError(f"{kind}: {where}: {first.get('msg')} ({exc.error_count()} error(s))") from None
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"{kind}: {exc}") from None

@@ -57,13 +57,14 @@ def test_missing_camera_is_named_and_the_agent_keeps_running(broker, prefix, tmp
                "reconnect_max_s": 0.5}]
     consumer = Consumer(broker.port, Topics(prefix), tmp_path / "c.db").start()
     try:
-        agent = start(agents, agent_config(tmp_path, broker.port, prefix, sources=camera), tmp_path)
+        cfg = agent_config(tmp_path, broker.port, prefix, sources=camera, telemetry={"interval_s": 1.0, "version": 2})
+        agent = start(agents, cfg, tmp_path)
         online(consumer, agent)
         lines = wait_for(lambda: log_lines(agent, "cannot open"), 15, "the camera error")
         assert "video9" in lines[0]
         time.sleep(1.0)
         assert agent.proc.poll() is None and len(log_lines(agent, "cannot open")) == 1
-        # The fleet sees it too: the device's telemetry says the source is not connected and never gave a frame.
+        # The fleet sees it too: the device's telemetry (v2) says the source is not connected and never gave a frame.
         down = wait_for(lambda: [t.sources["cam0"] for t in consumer.telemetry if "cam0" in t.sources], 10,
                         "telemetry naming the source")[-1]
         assert not down.connected and down.frames_in == 0 and down.last_frame_s is None

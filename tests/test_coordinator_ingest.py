@@ -189,42 +189,72 @@ def test_a_result_the_database_refuses_is_isolated_from_its_batch(tmp_path):
         ing.join()
 
 
-def test_results_held_above_a_gap_are_bounded_and_let_go_in_time(tmp_path, monkeypatch):
-    """What is held is PUBACKed but not acked: one not held (over the bound, or held too long) is re-sent by the
-    device and stored then, in order; nothing acked is missing."""
+def test_results_held_above_a_gap_are_bounded_in_count_and_time_and_stored_at_a_stop(tmp_path, monkeypatch):
+    """Holding keeps the order while it can; past its bounds a result is stored as it comes, never dropped, and
+    the ack still counts only what is stored."""
     monkeypatch.setattr(ingest_module, "HOLD_MAX_ROWS", 3)
     topics, sink, stop = Topics("t/v1"), _Sink(), threading.Event()
     ing = Ingest(str(tmp_path / "c.db"), topics, sink)
     mids = iter(range(1, 1000))
 
-    def send(*seqs: int) -> None:
+    def send(*seqs: int, ack: int) -> None:
         for seq in seqs:
             r = m.Result(device="d", stream="cam", seq=seq, model=MODEL, captured_at=1, inferred_at=1, infer_ms=1,
                          computed_on="d", output={})
             ing.submit(Inbound(topics.result("d", "cam"), encode(r), 1, next(mids)))
         n = len(sink.pubacks) + len(seqs)
-        wait_for(lambda: len(sink.pubacks) == n, 5, what=f"{seqs} PUBACKed")
-
-    def acked() -> int:
-        return decode("acks", sink.published[-1][1]).seq
+        wait_for(lambda: len(sink.pubacks) == n and sink.published
+                 and decode("acks", sink.published[-1][1]).seq == ack, 5, what=f"{seqs} PUBACKed, ack {ack}")
 
     def stored() -> list[int]:
         return [r[0] for r in db_rows(tmp_path / "c.db", "SELECT seq FROM results ORDER BY received_at, seq")]
 
     ing.start(stop)
     try:
-        send(1)
-        send(3, 4, 5, 6, 7)  # 2 missing: three held, 6 and 7 over the bound
-        assert stored() == [1] and ing.held() == 3 and acked() == 1
-        send(2)
-        assert stored() == [1, 2, 3, 4, 5] and ing.held() == 0 and acked() == 5
-        send(6, 7)  # the device's re-send of what it has not had acked
-        assert stored() == [1, 2, 3, 4, 5, 6, 7] and acked() == 7
+        send(1, ack=1)
+        send(3, 4, 5, 6, 7, ack=1)  # 2 missing: three held, 6 and 7 past the bound are stored as they come
+        assert stored() == [1, 6, 7] and ing.held() == 3
+        send(2, ack=7)
+        assert stored() == [1, 6, 7, 2, 3, 4, 5] and ing.held() == 0
         monkeypatch.setattr(ingest_module, "HOLD_MAX_S", 0.0)
-        send(9)  # held, and let go at once: held too long
-        assert ing.held() == 0 and stored()[-1] == 7 and acked() == 7
-        send(8, 9)
-        assert stored() == list(range(1, 10)) and acked() == 9
+        send(9, ack=7)  # held...
+        assert ing.held() == 1 and stored()[-1] == 5
+        send(11, ack=7)  # ...and stored with the next batch, held too long; 11 with it
+        assert ing.held() == 0 and stored()[-2:] == [9, 11]
+        send(8, 10, ack=11)
+        monkeypatch.setattr(ingest_module, "HOLD_MAX_S", 120.0)
+        send(13, ack=11)
+        assert ing.held() == 1
+    finally:
+        stop.set()
+        ing.join()
+    assert stored()[-1] == 13, "a result held at the stop is stored, not dropped"
+    assert sorted(stored()) == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13]
+
+
+def test_a_replaced_outbox_below_the_ack_stores_what_was_held_and_is_acked_above_it(tmp_path):
+    """Rule 8 with results held above a gap: they are stored (their outbox may be gone) and the ack covers them,
+    so the device numbers what it holds above them."""
+    topics, sink, stop = Topics("t/v1"), _Sink(), threading.Event()
+    ing = Ingest(str(tmp_path / "c.db"), topics, sink)
+    mids = iter(range(1, 1000))
+
+    def send(seq: int, tag: str, floor: int) -> None:
+        r = m.Result(device="d", stream="cam", seq=seq, floor=floor, model=MODEL, captured_at=1, inferred_at=1,
+                     infer_ms=1, computed_on="d", output={"tag": tag})
+        ing.submit(Inbound(topics.result("d", "cam"), encode(r), 1, next(mids)))
+        n = len(sink.pubacks) + 1
+        wait_for(lambda: len(sink.pubacks) == n, 5, what=f"{seq} PUBACKed")
+
+    ing.start(stop)
+    try:
+        for seq in (100, 101, 103, 104):
+            send(seq, "old", 100)  # 102 missing: 103 and 104 held
+        assert ing.held() == 2
+        send(50, "new", 50)  # a replaced outbox numbering below the ack (101)
+        wait_for(lambda: decode("acks", sink.published[-1][1]).seq == 104, 5, what="acked above the held ones")
+        rows = db_rows(tmp_path / "c.db", "SELECT seq FROM results ORDER BY seq")
+        assert rows == [(100,), (101,), (103,), (104,)] and ing.held() == 0  # 50 refused: numbered again above
     finally:
         stop.set()
         ing.join()

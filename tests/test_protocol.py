@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from lepton.errors import ProtocolError
 from lepton.protocol import Topics, decode, encode
@@ -108,6 +109,26 @@ def test_a_result_whose_floor_is_above_its_seq_is_refused():
     doc["floor"] = doc["seq"] + 1
     with pytest.raises(ProtocolError, match="floor 8 is above seq 7"):
         decode("results", json.dumps(doc).encode())
+
+
+def test_telemetry_v2_is_read_beside_v1_and_v1_never_gains_its_keys():
+    """A coordinator of this release reads both; v1 stays what older receivers accept (no ``sources``), so an
+    agent writing v1 works with them, and v2 is refused where v1 is the only schema (an older release)."""
+    health = {"cam0": m.SourceHealth(connected=False, frames_in=3, last_frame_s=40.0)}
+    v2 = decode("telemetry", encode(m.TelemetryV2(device="d", ts=1.0, sources=health)))
+    assert isinstance(v2, m.TelemetryV2) and v2.sources == health and v2.v == 2
+    v1 = encode(m.Telemetry(device="d", ts=1.0))
+    assert b'"v":1' in v1 and b"sources" not in v1
+    assert type(decode("telemetry", v1)) is m.Telemetry
+    assert type(decode("telemetry", b'{"device":"d","ts":1}')) is m.Telemetry  # no "v": v1, as before
+    with pytest.raises(ProtocolError, match="sources"):
+        decode("telemetry", v1[:-1] + b',"sources":{}}')  # a v1 payload with a v2 key is refused, as before
+    with pytest.raises(ProtocolError, match="tag '3'"):
+        decode("telemetry", b'{"v":3,"device":"d","ts":1}')
+    with pytest.raises(ProtocolError, match="^telemetry: ts:"):  # named by its key, not the schema version
+        decode("telemetry", b'{"v":2,"device":"d","ts":-1}')
+    with pytest.raises(ValidationError, match="sources"):  # what a v1-only (older) coordinator does with v2
+        m.Telemetry.model_validate_json(encode(m.TelemetryV2(device="d", ts=1.0, sources=health)).replace(b'"v":2', b'"v":1'))
 
 
 def test_offload_frame_roundtrip_and_size_check():

@@ -107,7 +107,8 @@ def test_camera_missing_at_start_connects_when_it_appears(tmp_path, started, cap
     source = started({"id": "late", "type": "camera", "device": str(path), "fps": 100,
                       "reconnect_s": 0.05, "reconnect_max_s": 0.1})
     assert source.latest(0, 0.5) is None
-    assert source.stats() == {"frames_in": 0, "frames_dropped": 0, "connected": False, "reconnects": 0}
+    assert source.stats() == {"frames_in": 0, "frames_dropped": 0, "connected": False, "delivering": False,
+                              "last_frame_s": None, "reconnects": 0}
     write_video(tmp_path / "partial.avi")
     os.replace(tmp_path / "partial.avi", path)  # appears whole, as a device node would
     frame = source.latest(0, 5.0)
@@ -117,6 +118,15 @@ def test_camera_missing_at_start_connects_when_it_appears(tmp_path, started, cap
     # Several failed attempts, but one line for the outage and one for the connect.
     assert sum("cannot open" in m for m in messages) == 1, messages
     assert sum("connected to" in m for m in messages) == 1, messages
+
+
+def _delivering_over(source, seconds: float) -> set[bool]:
+    """Every value ``stats()["delivering"]`` took, sampled for *seconds*."""
+    seen, end = set(), time.monotonic() + seconds
+    while time.monotonic() < end:
+        seen.add(source.stats()["delivering"])
+        time.sleep(0.002)
+    return seen
 
 
 def test_camera_that_opens_but_gives_no_frame_is_named_once_and_again_when_it_gives_frames(tmp_path, started,
@@ -137,9 +147,11 @@ def test_camera_that_opens_but_gives_no_frame_is_named_once_and_again_when_it_gi
     assert sum("opens but gives no frame (no frame could be decoded)" in m for m in messages) == 1, messages
     assert not any("connected to" in m or "lost" in m for m in messages), messages
     assert source.stats()["reconnects"] == 0  # it never came back
+    assert _delivering_over(source, 0.5) == {False}  # opened now and then, never delivering: telemetry says down
     write_video(tmp_path / "partial.avi")
     os.replace(tmp_path / "partial.avi", path)
     assert source.latest(0, 5.0) is not None
+    assert True in _delivering_over(source, 0.5)
     assert source.stats()["connected"] is True and source.stats()["reconnects"] == 1
     time.sleep(0.5)  # several passes of the 5-frame file: each reopened at its end
     assert source.stats()["frames_in"] > 2 * len(LEVELS)

@@ -349,10 +349,12 @@ class BaseSource:
         return self._connected
 
     def stats(self) -> dict:
-        """``frames_in``, ``frames_dropped``, ``connected``, ``last_frame_s`` (seconds since the newest frame,
-        None before the first) plus what ``extra_stats()`` adds."""
+        """``frames_in``, ``frames_dropped``, ``connected`` (the device is open), ``delivering`` (open and it
+        gave a frame since it opened), ``last_frame_s`` (seconds since the newest frame, None before the
+        first) plus what ``extra_stats()`` adds."""
         with self._cond:
             out = {"frames_in": self._frames_in, "frames_dropped": self._dropped, "connected": self._connected,
+                   "delivering": self._connected and self._first_frame_note is None,
                    "last_frame_s": None if self._frame_at is None else time.monotonic() - self._frame_at}
         out.update(self.extra_stats())
         return out

@@ -98,7 +98,7 @@ def agent_config(spec: DeviceSpec, workdir: Path, host: str, port: int, prefix: 
         "broker": {"host": host, "port": port, "keepalive": keepalive, "reconnect_min_s": 0.2, "reconnect_max_s": 2.0},
         "outbox": {"path": str(state / "outbox.db"), "resend_after_s": 10.0},
         "runtime": {"threads": spec.threads, "cpu_share": spec.cpu_share, "slowdown": round(slowdown, 2)},
-        "telemetry": {"interval_s": 2.0, "window_s": 20.0},
+        "telemetry": {"interval_s": 2.0, "window_s": 20.0, "version": 2},  # one release: its coordinator reads v2
         "models": {"cache_dir": str(state / "models")},
         "link": {"up_mbps": spec.up_mbps, "down_mbps": spec.down_mbps, "rtt_ms": spec.rtt_ms, "measure": False},
         "sources": [dict(s) for s in spec.sources],
