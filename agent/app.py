@@ -69,8 +69,12 @@ def _zoo_registry(keys: list) -> Any:
     return Registry(zoo_dir(), trusted_keys=[zoo_public_key(), *keys])
 
 
-def check_references(cfg: AgentConfig, registry: Any = None, fetcher: Any = None) -> None:
-    """Every stream's model is here (registry or delivered cache) and fits its source; ConfigError naming the stream."""
+def check_references(cfg: AgentConfig, registry: Any = None, fetcher: Any = None, verify: bool = False) -> None:
+    """Every stream's model is here (registry or delivered cache) and fits its source; ConfigError naming the stream.
+
+    *verify* (``--check-config``): a registry model's signature, size and sha256 are checked too, so a file
+    that is missing or does not verify is named now rather than when the daemon starts (which checks it
+    as it loads the model)."""
     registry = registry or open_registry(cfg)
     fetcher = fetcher or make_fetcher(cfg, registry)
     for index, source in enumerate(cfg.sources):
@@ -82,6 +86,8 @@ def check_references(cfg: AgentConfig, registry: Any = None, fetcher: Any = None
         try:
             # Nothing verified: the registry names what is missing; a copy that does not verify fails at load (exit 1).
             entry = found[0] if found else registry.get(stream.model, stream.version or None)
+            if verify and not found:
+                registry.verify(entry)
         except ModelError as exc:
             raise ConfigError(f"streams[{index}].model: {exc}") from None
         kind = entry.manifest.preprocess.kind

@@ -45,7 +45,7 @@ def check(path: str, as_json: bool = False) -> int:
         read_password(cfg.broker.password_file)
         if cfg.broker.tls_ca:
             tls_context(cfg.broker)
-        check_references(cfg)
+        check_references(cfg, verify=True)
     if as_json:
         from lepton.agent.sources import validate_source_config
 

@@ -161,6 +161,32 @@ def test_check_config_names_the_file_for_a_model_it_does_not_have(tmp_path, caps
     assert err.startswith(f"lepton: error: config {path}: streams[0].model: no model named 'no-such-model'"), err
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_check_config_refuses_a_model_file_that_is_missing_or_does_not_verify(tmp_path, capsys, damage):
+    """--check-config said ok, then the daemon exited 1 at the model's load: named at check time now (exit 2)."""
+    import shutil
+
+    from lepton.cli import main
+    from lepton.models.registry import default_registry
+
+    zoo = default_registry()
+    entry = zoo.get("digits-int8")
+    shutil.copytree(entry.directory, tmp_path / "registry" / "digits-int8")
+    model = tmp_path / "registry" / "digits-int8" / entry.path.name
+    if damage == "missing":
+        model.unlink()
+    else:
+        model.write_bytes(model.read_bytes()[:100])
+    keys = ", ".join(f'"{k}"' for k in zoo.trusted_keys)
+    path = write(tmp_path, GOOD + f'[models]\ndir = "{tmp_path}/registry"\ntrusted_keys = [{keys}]\n'
+                 f'cache_dir = "{tmp_path}/cache"\n')
+    assert main(["agent", "--check-config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"lepton: error: config {path}: streams[0].model: model "
+                                                         "digits-int8"), err
+    assert ("cannot be read" if damage == "missing" else "size check failed") in err, err
+
+
 def test_check_config_refuses_a_video_file_that_is_not_there(tmp_path, capsys):
     """Found at check time, not when the daemon starts (and exits 2 with every other stream)."""
     from lepton.cli import main

@@ -101,6 +101,23 @@ def check_installed(prefix: Path, bundle: Path, fleet: Fleet, role: str, name: s
             assert (prefix / line.split(":", 1)[1].lstrip("/")).is_file(), line
 
 
+def check_local(prefix: Path, stdout: str, role: str) -> None:
+    """A staged install leaves a config that runs by hand here: every file and state path inside *prefix*."""
+    import tomllib
+
+    local = prefix / f"etc/lepton/{role}.local.toml"
+    assert f"--config {local}" in stdout, stdout
+    assert stat.S_IMODE(local.stat().st_mode) == 0o600
+    config = tomllib.loads(local.read_text())
+    for key in ("tls_ca", "tls_cert", "tls_key"):
+        path = Path(config["broker"][key])
+        assert path.is_file() and path.is_relative_to(prefix), (key, path)
+    state = [config["db"]["path"]] if role == "coordinator" else [config["outbox"]["path"], config["models"]["cache_dir"]]
+    for path in map(Path, state):
+        assert path.is_relative_to(prefix / "var/lib") and path.parent.is_dir(), path
+    assert all(Path(k).is_file() for k in config["models"]["trusted_keys"])
+
+
 def test_install_sh_stages_coordinator_and_agent_on_one_host(tmp_path, wheel):
     """The coordinator host often runs an agent too: both bundles into one prefix,
     sharing the virtualenv; then a re-run repairs a hand-edited config."""
@@ -114,6 +131,7 @@ def test_install_sh_stages_coordinator_and_agent_on_one_host(tmp_path, wheel):
     assert "systemctl skipped" in proc.stdout
     assert not (prefix / "etc/systemd/system/lepton-coordinator.service.d").exists()
     check_installed(prefix, coord, fleet, "coordinator", "lepton-coordinator")
+    check_local(prefix, proc.stdout, "coordinator")
 
     venv = prefix / "opt/lepton/venv/bin"
     where = subprocess.run([str(venv / "python"), "-c", "import lepton.provisioning as p; print(p.__file__)"],
@@ -130,6 +148,7 @@ def test_install_sh_stages_coordinator_and_agent_on_one_host(tmp_path, wheel):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert (prefix / "etc/systemd/system/lepton-agent.service.d/jetson.conf").exists()
         check_installed(prefix, agent, fleet, "agent", "cam-1")
+        check_local(prefix, proc.stdout, "agent")
         units.append("lepton-agent.service")
     print("installed and verified:", ", ".join(units))
     if shutil.which("systemd-analyze"):  # the units (and drop-in) against the venv just installed

@@ -113,11 +113,40 @@ echo "==> check config"
 # only while it runs: check a copy that points at the installed files instead
 # (and at $ETC and $PREFIX/var/lib when staging under --prefix: a staging user
 # need not be able to write /var/lib, which the service's StateDirectory= makes).
+# With --prefix that copy is kept as $ROLE.local.toml, with the agent's state
+# (outbox, model cache) under $PREFIX/var/lib/lepton too: the command printed
+# at the end runs it by hand on this machine, to try a fleet before deploying.
 CHECK=$(mktemp "${TMPDIR:-/tmp}/lepton-check.XXXXXX")
-trap 'rm -f "$CHECK"' EXIT
+trap 'rm -f "$CHECK" "$CHECK.keys"' EXIT
 sed -e "s#/run/credentials/$UNIT#$ETC/credentials#g" -e "s#\"/etc/lepton/#\"$ETC/#g" \
     -e "s#\"/var/lib/lepton#\"$PREFIX/var/lib/lepton#g" "$ETC/$ROLE.toml" > "$CHECK"
+if [ "$ROLE" = agent ] && [ -n "$PREFIX" ]; then
+    # The keys the config leaves at their /var/lib defaults: "section.key=value" lines, set in the copy.
+    "$VENV/bin/python" - "$CHECK" "$PREFIX/var/lib/lepton" > "$CHECK.keys" <<'PY'
+import sys, tomllib
+config, state = tomllib.load(open(sys.argv[1], "rb")), sys.argv[2]
+for section, key, value in (("outbox", "path", "outbox.db"), ("models", "cache_dir", "models")):
+    if key not in config.get(section, {}):
+        print(f'{section}.{key}="{state}/{value}"')
+PY
+    while IFS= read -r line; do
+        section=${line%%.*}; rest=${line#*.}
+        if grep -q "^\[$section\]" "$CHECK"; then
+            sed -i "/^\[$section\]/a ${rest%%=*} = ${rest#*=}" "$CHECK"
+        else
+            printf '\n[%s]\n%s = %s\n' "$section" "${rest%%=*}" "${rest#*=}" >> "$CHECK"
+        fi
+    done < "$CHECK.keys"
+    rm -f "$CHECK.keys"
+fi
 "$VENV/bin/lepton" "$ROLE" --check-config "$CHECK"
+LOCAL=""
+if [ -n "$PREFIX" ]; then
+    LOCAL=$ETC/$ROLE.local.toml
+    install -m 0600 "$CHECK" "$LOCAL"
+    if [ "$ROLE" = agent ]; then install -d -m 0700 "$PREFIX/var/lib/lepton"; fi
+    if [ "$ROLE" = coordinator ]; then install -d -m 0700 "$PREFIX/var/lib/lepton-coordinator"; fi
+fi
 
 if [ "$SYSTEMCTL" = auto ]; then
     SYSTEMCTL=no
@@ -135,3 +164,6 @@ else
     echo "==> systemctl skipped; on the target run: systemctl daemon-reload && systemctl enable --now $UNIT"
 fi
 echo "installed lepton $ROLE"
+if [ -n "$LOCAL" ]; then
+    echo "to run it on this machine, not as a service: $VENV/bin/lepton $ROLE --config $LOCAL"
+fi
