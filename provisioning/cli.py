@@ -202,13 +202,19 @@ def _device(args) -> int:
     return rc
 
 
+def _copy_to_broker(files, src, dest) -> str:
+    """"copy FILES to DEST on the broker host and" (nothing to copy where the broker reads them in place)."""
+    same = Path(src).resolve() == Path(dest).resolve()
+    return "" if same else f"copy {files} to {dest} on the broker host and "
+
+
 def _broker_hint(fleet, written) -> None:
     """Say so when the broker's files changed (a new device raises the queue limit; a re-admitted one
     leaves the ACL's deny list)."""
     home = fleet.layout.broker_dir
     if any(Path(p).parent == home for p in written):
-        print(f"broker files updated in {home}; copy them to {fleet.settings.broker.dir} on the broker host and "
-              "reload it (restart it if the port or bind address changed: a reload keeps the old listener)")
+        print(f"broker files updated in {home}; {_copy_to_broker('them', home, fleet.settings.broker.dir)}"
+              "reload the broker (restart it if the port or bind address changed: a reload keeps the old listener)")
 
 
 def _apply(args) -> int:
@@ -263,12 +269,12 @@ def _revoke(args) -> int:
         return rc
     if args.superseded:
         # A connection made with an old certificate has the same name as the current one: no ACL line can cut it.
-        print(f"now copy {fleet.layout.broker_dir}/crl.pem to {fleet.settings.broker.dir} on the broker host and "
+        print(f"now {_copy_to_broker(f'{fleet.layout.broker_dir}/crl.pem', fleet.layout.broker_dir, fleet.settings.broker.dir)}"
               "restart the broker (systemctl restart mosquitto): a reload refuses the old certificates from then on, "
               "a restart also ends connections made with them")
     else:
-        print(f"now copy {fleet.layout.broker_dir}/crl.pem and acl to {fleet.settings.broker.dir} on the broker host "
-              "and reload the broker (systemctl reload mosquitto, or kill -HUP its pid)")
+        print(f"now {_copy_to_broker(f'{fleet.layout.broker_dir}/crl.pem and acl', fleet.layout.broker_dir, fleet.settings.broker.dir)}"
+              "reload the broker (systemctl reload mosquitto, or kill -HUP its pid)")
     return rc
 
 
@@ -304,7 +310,8 @@ def _broker_config(args) -> int:
     rc = _report(args, [Outcome("broker", ("rotated" if args.rotate else "updated") if written else "unchanged",
                                 written)])
     if written and not args.json:
-        print(f"copy {args.out or fleet.layout.broker_dir} to {fleet.settings.broker.dir} on the broker host and "
+        out = args.out or fleet.layout.broker_dir
+        print(f"{_copy_to_broker(out, out, fleet.settings.broker.dir)}"
               "reload the broker (SIGHUP: it reads the new certificate and CRL; restart it if the port or bind "
               "address changed)")
     return rc

@@ -82,7 +82,10 @@ class Fleet:
         if path.exists():
             current = load_settings(layout.root)
             if current != settings:
-                raise ConfigError(f"{layout.root} is already a fleet with other settings; edit {path} instead")
+                differ = ", ".join(f"{key} ({was!r} there, {want!r} asked)"
+                                   for key, was, want in _differences(current.model_dump(), settings.model_dump()))
+                raise ConfigError(f"{layout.root} is already a fleet with other settings: {differ}; edit {path} "
+                                  "instead (or run init with its settings)")
         with layout.locked():
             written = [path] if write_if_changed(path, settings_toml(settings)) else []
             fleet = cls(layout.root)
@@ -344,4 +347,16 @@ def _clean_tags(tags: Iterable[str]) -> list[str]:
             raise ConfigError(str(exc)) from None
         if tag not in out:
             out.append(tag)
+    return out
+
+
+def _differences(have: dict, want: dict, where: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, value in *have*, value in *want*) wherever the two settings differ."""
+    out = []
+    for key in sorted(set(have) | set(want)):
+        a, b = have.get(key), want.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{where}{key}.")
+        elif a != b:
+            out.append((f"{where}{key}", a, b))
     return out

@@ -13,7 +13,7 @@ from typing import Annotated
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lepton.errors import ConfigError, as_value_error, describe_validation
+from lepton.errors import ConfigError, as_value_error, describe_config_error
 from lepton.protocol import DEFAULT_PREFIX, Topics, check_id
 
 if sys.version_info >= (3, 11):
@@ -135,7 +135,7 @@ def parse_settings(data: dict, where: str = SETTINGS_FILE) -> FleetSettings:
     try:
         return FleetSettings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{where}: {describe_validation(exc, '(top)', first_only=True)}") from None
+        raise ConfigError(f"{where}: {describe_config_error(exc)}") from None
 
 
 def settings_toml(settings: FleetSettings) -> bytes:

@@ -81,7 +81,8 @@ def test_init_again_changes_nothing_and_refuses_other_settings(tmp_path):
     before = snapshot(root)
     _, outcome = Fleet.create(root, new_settings(root, ["broker.example.net", "10.0.0.5"]))
     assert outcome.action == "unchanged" and snapshot(root) == before
-    with pytest.raises(ConfigError, match="already a fleet with other settings"):
+    with pytest.raises(ConfigError, match=r"already a fleet with other settings: broker.host \('broker.example.net' "
+                                          r"there, 'other.example.net' asked\), broker.names"):
         Fleet.create(root, new_settings(root, ["other.example.net"]))
     assert snapshot(root) == before
     (tmp_path / "home").mkdir()
@@ -343,6 +344,21 @@ def test_a_fleet_toml_value_of_the_wrong_type_is_named_and_nothing_is_written(tm
     assert snapshot(root) == before
 
 
+@pytest.mark.parametrize("broker_dir", ["", "/etc/mosquitto/lepton"])
+def test_the_broker_hint_says_copy_only_where_the_broker_reads_its_files_elsewhere(tmp_path, capsys, broker_dir):
+    """On one machine the broker reads the fleet's broker directory itself: "copy DIR to DIR" made no sense."""
+    root = tmp_path / "f"
+    args = ["provision", "init", str(root), "--host", "localhost"] + (["--broker-dir", broker_dir] if broker_dir else [])
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["provision", "broker-config", "--rotate", "--fleet", str(root)]) == 0
+    hint = capsys.readouterr().out.strip().splitlines()[-1]
+    if broker_dir:
+        assert hint.startswith(f"copy {root}/broker to {broker_dir} on the broker host and reload the broker"), hint
+    else:
+        assert hint.startswith("reload the broker (SIGHUP"), hint
+
+
 def test_broker_rotate_renews_the_server_certificate_and_the_crl_and_list_marks_what_expires(tmp_path, capsys):
     """The broker's server certificate and the CRL expire too (every client is refused then), and nothing
     renewed them: broker-config --rotate does; list shows both and marks what is due."""
@@ -601,7 +617,11 @@ def test_moving_the_broker_reissues_the_server_certificate_and_rewrites_configs_
 def test_a_broken_fleet_toml_is_named(tmp_path):
     fleet = make_fleet(tmp_path / "f")
     (fleet.root / "fleet.toml").write_text((fleet.root / "fleet.toml").read_text() + "\n[broker2]\nport = 1\n")
-    with pytest.raises(ConfigError, match=r"fleet.toml: broker2: Extra inputs"):
+    with pytest.raises(ConfigError, match=r"fleet.toml: unknown key 'broker2'$"):  # the agent's words
+        Fleet(fleet.root)
+    (fleet.root / "fleet.toml").write_text((fleet.root / "fleet.toml").read_text().replace(
+        "\n[broker2]\nport = 1\n", "").replace("port = 8883", 'port = "8883"'))
+    with pytest.raises(ConfigError, match=r"fleet.toml: broker.port: Input should be a valid integer \(got '8883'\)"):
         Fleet(fleet.root)
 
 
