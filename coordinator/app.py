@@ -211,8 +211,14 @@ class Coordinator:
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; SIGHUP reloads the model registry. The exit status for the CLI."""
+        received: list[str] = []
+
+        def on_stop(signum, _frame) -> None:
+            received.append(signal.Signals(signum).name)
+            self.stopping.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stopping.set())
+            signal.signal(sig, on_stop)
         reload = threading.Event()
         signal.signal(signal.SIGHUP, lambda *_: reload.set())  # served by the loop below, within a second
         self.start()
@@ -234,9 +240,12 @@ class Coordinator:
                 self.reload_models()
             if self.stopping.wait(1.0 if ready else 0.1):
                 break
+        started = time.monotonic()
+        log.info("received %s: stopping (committing and acknowledging what arrived)", received[0] if received else "stop")
         self.stop()
         watchdog.join()
         self.notifier.close()
+        log.info("stopped in %.1f s", time.monotonic() - started)
         return 0
 
     def _status_line(self) -> str:

@@ -195,7 +195,8 @@ def open_readonly(path: str | Path) -> Database:
     """A read-only view for status tools: never creates, never migrates, never locks writers out."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"no coordinator database at {path} (give --db, or start the coordinator first)")
+        raise ConfigError(f"no coordinator database at {path} (give --db FILE or --config the coordinator's config, "
+                          "or start the coordinator first)")
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0, check_same_thread=False)
         db = Database(conn, execute_plugins=False)

@@ -25,6 +25,7 @@ WINDOW = 8  # compute samples kept per (device, model): the median of the last 8
 # A failure reported again this long after the last report of it is a new attempt that failed (the model was
 # placed there again): a new event and a replan. Sooner, it is the same failure in a later report.
 REFAILED_AFTER_S = 60.0
+STREAM_RATE_CHANGE = 0.05  # a stream whose announced rate moved less than this (relative) is unchanged
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,11 @@ class FleetRegistry:
         old = {r["stream"]: r for r in self.db.query("SELECT * FROM streams WHERE device = ?", [msg.device])}
 
         def same(s: m.StreamInfo, r: dict) -> bool:
-            return (s.model, s.rate_hz, s.payload_bytes, s.reply_bytes, s.slo_ms) == (
-                r["model"], r["rate_hz"], r["payload_bytes"], r["reply_bytes"], r["slo_ms"])
+            # A birth carries the rate its source measured: one that moved by less than STREAM_RATE_CHANGE is the
+            # same stream (an event and a plan at every reconnect otherwise); telemetry follows the rate.
+            rate_same = abs(s.rate_hz - r["rate_hz"]) <= STREAM_RATE_CHANGE * max(s.rate_hz, r["rate_hz"])
+            return rate_same and (s.model, s.payload_bytes, s.reply_bytes, s.slo_ms) == (
+                r["model"], r["payload_bytes"], r["reply_bytes"], r["slo_ms"])
 
         added = [sid for sid, s in new.items() if sid not in old or not same(s, old[sid])]
         removed = [sid for sid in old if sid not in new]

@@ -91,7 +91,7 @@ def render_plans(rows: list[dict]) -> str:
     out = []
     for p in rows:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["ts"]))
-        objective = "-" if p["objective"] is None else f"{p['objective']:.4g}"
+        objective = "-" if p["objective"] is None else f"{p['objective']:.4g} ms"
         gap = "-" if p["gap"] is None else f"{p['gap']:.2%}"
         solve = "-" if p["solve_s"] is None else f"{p['solve_s']:.3f}s"
         unserved = ", ".join(f"{k} {v:.0%}" for k, v in p["unserved"].items()) or "-"
@@ -156,7 +156,7 @@ def render_status(status: dict) -> str:
     if p:
         gap = "" if p["gap"] is None else f", gap {p['gap']:.3%}"
         lines.append(f"\nlast plan #{p['id']} {p['age_s']:.0f}s ago ({p['trigger']}): {p['status']} via {p['path']}, "
-                     f"objective {p['objective']:.4g}{gap}, {p['solve_s']:.3f}s, {p['changed']} device(s) changed")
+                     f"objective {p['objective']:.4g} ms{gap}, {p['solve_s']:.3f}s, {p['changed']} device(s) changed")
         if p["unserved"]:
             lines.append("unserved: " + ", ".join(f"{k} {v:.0%}" for k, v in p["unserved"].items()))
     else:

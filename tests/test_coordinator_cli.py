@@ -332,6 +332,8 @@ def test_unreachable_broker_is_logged_once_and_ready_waits_for_the_connection(tm
             assert "STATUS=coordinator running, models at http://127.0.0.1:" in ready
             assert "connected to 127.0.0.1" in coord.log_text()
             assert coord.stop() == 0
+            log = coord.log_text()  # a stop is said, as the agent says it
+            assert "received SIGTERM: stopping" in log and re.search(r"stopped in \d+\.\d s", log), log[-500:]
     finally:
         coord.stop()
         notify.close()

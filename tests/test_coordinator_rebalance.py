@@ -594,3 +594,27 @@ def test_a_source_that_closes_or_goes_silent_is_an_event_and_shows_in_status(tmp
     row = send(connected=True, frames_in=40, reconnects=1, last_frame_s=45.0)
     assert "cam0 no frame 45s" in row and len(kinds()) == 2
     assert fleet_status(reg.db)["devices"][0]["sources"]["cam0"]["frames_in"] == 40
+
+
+def test_a_rebirth_with_the_same_streams_is_no_streams_event_though_its_measured_rate_moved_a_little(tmp_path):
+    """A birth announces the rate its source measured (1.992 Hz for a 2 Hz camera): every reconnect recorded
+    `streams +door` and replanned. A move under 5% is the same stream; a real change still is one."""
+    from lepton.coordinator.status import events
+
+    reg = FleetRegistry(open_db(tmp_path / "c.db"))
+
+    def rebirth(rate):
+        with reg.db.atomic():
+            reg.apply_status(m.Status(device="cam", state="offline", ts=time.time(), reason="last will"), time.time())
+        return birth(reg, "cam", 2, [{"id": "door", "model": "digits", "rate_hz": rate, "payload_bytes": 64}],
+                     now=time.time())
+
+    def stream_events():
+        return [e["detail"] for e in events(reg.db) if e["kind"] == "streams"]
+
+    birth(reg, "cam", 2, [{"id": "door", "model": "digits", "rate_hz": 2.0, "payload_bytes": 64}])
+    assert stream_events() == ["+door"]
+    changes = rebirth(1.992)
+    assert stream_events() == ["+door"] and not [c for c in changes if c.kind == "streams"]
+    changes = rebirth(3.0)
+    assert stream_events() == ["+door", "+door"] and [c for c in changes if c.kind == "streams"]

@@ -41,6 +41,9 @@ def run(args) -> int:
         from lepton.errors import ConfigError
 
         raise ConfigError(f"--explain: no stream {args.explain!r} in {args.snapshot}")
+    if not snap.streams:  # valid (a coordinator with no devices yet writes such a file), but likely not meant
+        print(f"lepton: note: {args.snapshot} has {len(snap.devices)} device(s) and no streams: nothing to plan",
+              file=sys.stderr)
     result = planner.greedy(snap) if args.greedy else planner.plan(snap)
     if args.explain:
         info = planner.explain(snap, args.explain, result)
