@@ -50,7 +50,8 @@ class Scenario:
                 break  # asked to stop while starting: start no more
             self.fleet.start_agent(spec)
         self.started = time.time()
-        self.obs.note(f"fleet started on a private {type(self.broker).__name__} at {self.broker.host}:{self.broker.port}")
+        self.obs.note(f"fleet started on a private {type(self.broker).__name__} at {self.broker.host}:{self.broker.port}"
+                      f" (watch it: mosquitto_sub -h {self.broker.host} -p {self.broker.port} -v -t '{self.prefix}/#')")
 
     def stop(self) -> None:
         if self.fleet:
