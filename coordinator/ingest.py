@@ -16,9 +16,9 @@ higher seqs through before the device re-sends the missing ones) is PUBACKed
 but held in memory, unstored and unacknowledged, until the gap fills (the
 re-send) or the device's ``floor`` passes it (it dropped or expired those
 seqs); then it is stored after them. Held results are bounded (HOLD_MAX_ROWS
-per device, HOLD_MAX_BYTES in all): past the bounds, or once held for
-HOLD_MAX_S, or at a stop, they are stored out of order rather than not at
-all. Held results lost with the process (a crash) are still in their
+per device, HOLD_MAX_BYTES in all): past the bounds, once HOLD_MAX_S passed
+with none of a device's released (whether messages arrive or not), or at a
+stop, they are stored out of order rather than not at all. Held results lost with the process (a crash) are still in their
 device's outbox, which re-sends what it has not had acked (but for a result
 whose deadline passes meanwhile: expired, and counted so by the device).
 
@@ -52,7 +52,7 @@ INSERT_RESULT = (
 )
 HOLD_MAX_ROWS = 10_000  # per device (an agent has at most its ack_window, 200 by default, on the wire)
 HOLD_MAX_BYTES = 64 << 20  # all devices together
-HOLD_MAX_S = 120.0  # a gap the device has not filled by then: its held results are stored (out of order)
+HOLD_MAX_S = 120.0  # a device's held results waited this long with no gap filled: stored (out of order)
 ROW_BYTES = 300  # what a held row costs in memory beside its payload
 HOLD_LOG_S = 60.0  # a device's "held above a gap" line, at most this often
 
@@ -154,6 +154,8 @@ class Ingest:
             try:
                 first = self.queue.get(timeout=0.2)
             except queue.Empty:
+                if self._held_at and min(self._held_at.values()) < time.monotonic() - HOLD_MAX_S:
+                    self._commit([], stop)  # nothing arrives: store what waited too long all the same
                 continue
             self._commit(self._drain(first), stop)
         while not self.queue.empty():  # what arrived before the stop is still committed and acked
@@ -191,12 +193,12 @@ class Ingest:
             except sqlite3.Error as exc:
                 self.failing = True
                 log.error("ingest commit of %d messages failed, retrying in %.1f s: %s", len(items), delay, exc)
-                self._reload({self._device_of(i) for i in items})
+                self._reload({self._device_of(i) for i in items} | set(self._held_at))
                 if stop.wait(delay):
                     return  # not PUBACKed: the broker re-delivers to the next run
                 delay = min(delay * 2, 5.0)
             except Exception:  # a message the checks let through that the database cannot take
-                self._reload({self._device_of(i) for i in items})
+                self._reload({self._device_of(i) for i in items} | set(self._held_at))
                 if len(items) > 1:  # find it: the others are stored, one at a time
                     for item in items:
                         self._commit([item], stop)
@@ -246,8 +248,8 @@ class Ingest:
         A device's results up to the ack this batch gives it (contiguous from its ack or floor - 1 over what is
         stored, this batch and the held results) are stored now, the released ones with this batch's time; the
         rest are to be held. Past the bounds a result is stored as it comes (its order broken, nothing dropped),
-        and results held longer than HOLD_MAX_S are stored (the gap below them may never fill). ``batch.rows``
-        and ``batch.seqs`` become what is stored (all the ack may count). Returns, per device, the results to
+        and a device's held results are stored once none was released for HOLD_MAX_S (the gap may never
+        fill). ``batch.rows`` and ``batch.seqs`` become what is stored (all the ack may count). Returns, per device, the results to
         hold and the held seqs stored: ``_hold`` applies them once the batch is committed, so a failed commit
         changes nothing here.
         """
@@ -289,8 +291,10 @@ class Ingest:
         for device, top in split.items():
             held = self._held.get(device, {})
             ready = sorted(seq for seq in held if seq <= top)
-            rows += [(*held[seq][:7], now, held[seq][8]) for seq in ready]
             changes[device][1].extend(ready)
+            in_batch = set(stored[device])  # a re-send of a held one is stored from the batch, once
+            ready = [seq for seq in ready if seq not in in_batch]
+            rows += [(*held[seq][:7], now, held[seq][8]) for seq in ready]
             batch.seqs[device] = stored[device] + ready
         rows.sort(key=lambda row: (row[0], row[1]))  # each device's in seq order
         batch.rows = rows

@@ -33,8 +33,9 @@ def fleet_status(db: Database, now: float | None = None) -> dict:
     placements = {r["device"]: r for r in db.query("SELECT * FROM placement")}
     acks = {r["device"]: r["seq"] for r in db.query("SELECT device, seq FROM acks")}
     streams: dict[str, list[str]] = {}
-    for r in db.query("SELECT device, stream, model, rate_hz FROM streams ORDER BY device, stream"):
-        streams.setdefault(r["device"], []).append(f"{r['stream']}:{r['model']}@{r['rate_hz']:g}Hz")
+    for r in db.query("SELECT device, stream, model, coalesce(measured_hz, rate_hz) AS hz FROM streams "
+                      "ORDER BY device, stream"):  # the rate telemetry measures, else the birth's
+        streams.setdefault(r["device"], []).append(f"{r['stream']}:{r['model']}@{r['hz']:.3g}Hz")
     devices = []
     for d in db.query("SELECT * FROM devices ORDER BY id"):
         p = placements.get(d["id"], {})

@@ -338,8 +338,13 @@ def decode(kind: str, payload: bytes | str) -> AnyMessage:
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = first.get("loc", ())
-        if versioned is not None and loc and str(loc[0]) in {str(v) for v in VERSIONS[kind]}:
-            loc = loc[1:]  # the schema version the union picked, not a key of the payload
+        if versioned is not None:
+            if first.get("type") in ("union_tag_invalid", "union_tag_not_found"):  # a "v" no schema has
+                versions = ", ".join(str(v) for v in VERSIONS[kind])
+                raise ProtocolError(f"{kind}: v: schema version {_version(json.loads(raw))} is not one this "
+                                    f"release reads ({versions})") from None
+            if loc and str(loc[0]) in {str(v) for v in VERSIONS[kind]}:
+                loc = loc[1:]  # the schema version the union picked, not a key of the payload
         where = ".".join(str(p) for p in loc) or "payload"
         raise ProtocolError(f"{kind}: {where}: {first.get('msg')} ({exc.error_count()} error(s))") from None
     except (ValueError, RecursionError) as exc:

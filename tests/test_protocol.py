@@ -123,7 +123,7 @@ def test_telemetry_v2_is_read_beside_v1_and_v1_never_gains_its_keys():
     assert type(decode("telemetry", b'{"device":"d","ts":1}')) is m.Telemetry  # no "v": v1, as before
     with pytest.raises(ProtocolError, match="sources"):
         decode("telemetry", v1[:-1] + b',"sources":{}}')  # a v1 payload with a v2 key is refused, as before
-    with pytest.raises(ProtocolError, match="tag '3'"):
+    with pytest.raises(ProtocolError, match=r"^telemetry: v: schema version 3 is not one this release reads \(1, 2\)"):
         decode("telemetry", b'{"v":3,"device":"d","ts":1}')
     with pytest.raises(ProtocolError, match="^telemetry: ts:"):  # named by its key, not the schema version
         decode("telemetry", b'{"v":2,"device":"d","ts":-1}')

@@ -271,7 +271,10 @@ class BaseSource:
                 outcome = pump(device)
             finally:
                 device.close()
-                self._first_frame_note = None
+                with self._cond:  # closed without a frame: not connected from this instant (stats() reads both)
+                    if self._first_frame_note is not None:
+                        self._connected = False
+                    self._first_frame_note = None
             gave = self._frames_in > frames_at
             silent = silent and not gave
             if outcome == REWIND:

@@ -54,6 +54,11 @@ while [ $# -gt 0 ]; do
     esac
 done
 
+case "$PREFIX" in
+    ""|/*) ;;
+    *) PREFIX=$(pwd)/$PREFIX ;;  # the paths written into ROLE.local.toml work from anywhere
+esac
+
 if [ -f "$HERE/agent.toml" ]; then
     ROLE=agent; KEY=device.key; CERT=device.crt
 elif [ -f "$HERE/coordinator.toml" ]; then
@@ -117,13 +122,18 @@ echo "==> check config"
 # (outbox, model cache) under $PREFIX/var/lib/lepton too: the command printed
 # at the end runs it by hand on this machine, to try a fleet before deploying.
 CHECK=$(mktemp "${TMPDIR:-/tmp}/lepton-check.XXXXXX")
-trap 'rm -f "$CHECK" "$CHECK.keys"' EXIT
+KEYS=$(mktemp "${TMPDIR:-/tmp}/lepton-keys.XXXXXX")
+trap 'rm -f "$CHECK" "$KEYS"' EXIT
 sed -e "s#/run/credentials/$UNIT#$ETC/credentials#g" -e "s#\"/etc/lepton/#\"$ETC/#g" \
     -e "s#\"/var/lib/lepton#\"$PREFIX/var/lib/lepton#g" "$ETC/$ROLE.toml" > "$CHECK"
 if [ "$ROLE" = agent ] && [ -n "$PREFIX" ]; then
     # The keys the config leaves at their /var/lib defaults: "section.key=value" lines, set in the copy.
-    "$VENV/bin/python" - "$CHECK" "$PREFIX/var/lib/lepton" > "$CHECK.keys" <<'PY'
-import sys, tomllib
+    "$VENV/bin/python" - "$CHECK" "$PREFIX/var/lib/lepton" > "$KEYS" <<'PY'
+import sys
+try:
+    import tomllib
+except ImportError:  # Python 3.10 (JetPack 6): the package depends on tomli there
+    import tomli as tomllib
 config, state = tomllib.load(open(sys.argv[1], "rb")), sys.argv[2]
 for section, key, value in (("outbox", "path", "outbox.db"), ("models", "cache_dir", "models")):
     if key not in config.get(section, {}):
@@ -136,8 +146,7 @@ PY
         else
             printf '\n[%s]\n%s = %s\n' "$section" "${rest%%=*}" "${rest#*=}" >> "$CHECK"
         fi
-    done < "$CHECK.keys"
-    rm -f "$CHECK.keys"
+    done < "$KEYS"
 fi
 "$VENV/bin/lepton" "$ROLE" --check-config "$CHECK"
 LOCAL=""
