@@ -55,6 +55,7 @@ from lepton.repeats import Repeats
 log = logging.getLogger(__name__)
 
 TICK_S = 0.5  # how often timers (expiry, re-send) are looked at when idle
+STATUS_WAIT_LOG_S = 10.0  # results waiting this long after a connect for the coordinator's status are logged
 FAILURE_LOG_S = 30.0  # a step that keeps failing the same way is logged this often
 
 
@@ -81,6 +82,7 @@ class Delivery:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._next_tick = 0.0
+        self._unknown_since: float | None = None  # monotonic connect time while no coordinator status came since
         self._uncommitted: deque[Pending] = deque()  # handed over, not yet committed (a commit failed: retried)
         self._ack_due = 0  # highest ack not yet applied to the outbox
         self._stop_request: tuple | None = None
@@ -270,10 +272,12 @@ class Delivery:
         self._generation = generation
         self._inflight.clear()
         self.coordinator = "unknown"
+        self._unknown_since = time.monotonic()
         self._resend_all("reconnected")
 
     def _coordinator(self, state: str, live: bool) -> None:
         self.coordinator, self.seen_coordinator = state, True
+        self._unknown_since = None
         if state == "online" and live:
             self._resend_all("the coordinator came online")
 
@@ -292,6 +296,14 @@ class Delivery:
         if expired:
             log.info("expired %d result(s) whose deadline passed (%d in all)", expired, self.outbox.expired)
         self._trim_marks()
+        if (self.coordinator == "unknown" and self.seen_coordinator and self._unknown_since is not None
+                and now - self._unknown_since >= STATUS_WAIT_LOG_S and self.outbox.depth
+                and self.session.connected.is_set()):
+            self._unknown_since = None  # once per connection
+            log.warning("%d result(s) wait for the coordinator's status: none came %.0f s after connecting (a "
+                        "coordinator acknowledged this outbox before, so results go out once its retained status "
+                        "says it is online; is the coordinator gone from this broker?)", self.outbox.depth,
+                        STATUS_WAIT_LOG_S)
         # Only a coordinator known to be online is waited for: with none (or one
         # that said offline) a re-send would only feed the broker's queues.
         # Waited: since the oldest unacknowledged result went out, or since the last ack that deleted something

@@ -137,6 +137,30 @@ def test_a_restart_with_a_backlog_waits_for_the_coordinators_status_before_sendi
     assert wire.seqs()[:200] == list(range(101, 301))  # ack_window (200) past the floor: the rest waits for acks
 
 
+def test_a_wait_for_a_coordinator_status_that_never_comes_is_logged(setup, tmp_path, monkeypatch, caplog):
+    """An outbox a coordinator acknowledged, on a broker with no coordinator status: results wait, and the log
+    says why (it would otherwise wait in silence)."""
+    import logging
+
+    from lepton.agent import delivery as delivery_module
+
+    monkeypatch.setattr(delivery_module, "STATUS_WAIT_LOG_S", 0.5)
+    caplog.set_level(logging.WARNING, logger="lepton.agent.delivery")
+    make, wire, topics = setup
+    box = Outbox(tmp_path / "o.db", first_seq=1)
+    box.enqueue([result(topics) for _ in range(20)])
+    box.ack(5)
+    box.close()
+    make()  # no coordinator status on this broker
+    lines = wait_for(lambda: [r.getMessage() for r in caplog.records if "wait for the coordinator's status" in
+                              r.getMessage()], 5, "the warning")
+    assert lines[0].startswith("15 result(s) wait for the coordinator's status"), lines
+    time.sleep(1.0)
+    assert wire.seqs() == [] and len([r for r in caplog.records if "coordinator's status" in r.getMessage()]) == 1
+    wire.coordinator("online")
+    wait_for(lambda: wire.seqs()[:15] == list(range(6, 21)), 5, "the results once the status comes")
+
+
 @pytest.mark.parametrize("mqtt_version", ["3.1.1", "5"])
 def test_unacked_results_are_resent_after_resend_after_s_until_acked(setup, mqtt_version):
     make, wire, topics = setup
