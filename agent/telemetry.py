@@ -78,7 +78,7 @@ class Collector:
                 connected=bool(stats.get("delivering", stats.get("connected", True))),
                 frames_in=int(stats.get("frames_in", 0)),
                 frames_dropped=int(stats.get("frames_dropped", 0)), reconnects=int(stats.get("reconnects", 0)),
-                last_frame_s=stats.get("last_frame_s"))
+                last_frame_s=stats.get("last_frame_s"), down_s=stats.get("down_s"))
         models = {}
         for name, window in list(agent.timings.items()):
             values = window.values()

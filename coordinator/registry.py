@@ -25,6 +25,7 @@ WINDOW = 8  # compute samples kept per (device, model): the median of the last 8
 # A failure reported again this long after the last report of it is a new attempt that failed (the model was
 # placed there again): a new event and a replan. Sooner, it is the same failure in a later report.
 REFAILED_AFTER_S = 60.0
+SOURCE_DOWN_S = 10.0  # a source not delivering this long is a source-down event (shorter drops are not)
 STREAM_RATE_CHANGE = 0.05  # a stream whose announced rate moved less than this (relative) is unchanged
 
 
@@ -164,24 +165,30 @@ class FleetRegistry:
         return changes
 
     def _source_events(self, msg: m.Telemetry, before: str | None, now: float) -> None:
-        """``source-down`` / ``source-up`` when a source's camera, file or sensor closes or opens again
-        (a source down in a device's first telemetry too)."""
+        """``source-down`` once a source has not delivered for SOURCE_DOWN_S (a camera missing at start
+        included; a camera slow to give its first frame, or a drop it comes back from sooner, is no event),
+        ``source-up`` when one that was down delivers again."""
         sources = getattr(msg, "sources", None)  # telemetry v2
         if not sources:
             return
         try:
-            was = {sid: h.get("connected", True) for sid, h in (json.loads(before or "{}").get("sources") or {}).items()}
-        except (ValueError, AttributeError):
+            was = dict(json.loads(before or "{}").get("sources") or {})
+        except (ValueError, AttributeError, TypeError):
             was = {}
+
+        def down(h: dict) -> bool:
+            return not h.get("connected", True) and (h.get("down_s") or 0) >= SOURCE_DOWN_S
+
         for sid, health in sources.items():
-            if was.get(sid, True) == health.connected:
-                continue
-            if health.connected:
-                detail = f"{sid}: connected again ({health.reconnects} reconnect(s) so far)"
-            else:
+            prev = was.get(sid)
+            was_down = isinstance(prev, dict) and down(prev)
+            if down(health.model_dump()) and not was_down:
                 last = "no frame yet" if health.last_frame_s is None else f"last frame {health.last_frame_s:.0f} s ago"
-                detail = f"{sid}: not connected ({last})"
-            self.event("source-up" if health.connected else "source-down", msg.device, detail, now=now)
+                self.event("source-down", msg.device, f"{sid}: not delivering for {health.down_s:.0f} s ({last})",
+                           now=now)
+            elif was_down and health.connected:
+                self.event("source-up", msg.device, f"{sid}: delivering again ({health.reconnects} reconnect(s) so "
+                           "far)", now=now)
 
     def _add_compute(self, device: str, model: str, ms: float, now: float) -> None:
         rows = list(self.db.query("SELECT window FROM compute WHERE device = ? AND model = ?", [device, model]))

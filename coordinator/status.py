@@ -171,7 +171,8 @@ def _source_problems(sources: dict) -> list[str]:
     for sid, h in sorted(sources.items()):
         last = h.get("last_frame_s")
         if not h.get("connected", True):
-            out.append(f"{sid} down" + (f" {_duration(last).lstrip('+')}" if last is not None else ""))
+            gone = h.get("down_s", last)
+            out.append(f"{sid} down" + (f" {_duration(gone).lstrip('+')}" if gone is not None else ""))
         elif last is not None and last >= SOURCE_SILENT_S:
             out.append(f"{sid} no frame {_duration(last).lstrip('+')}")
     return out

@@ -102,6 +102,7 @@ class SourceHealth(BaseModel):
     frames_dropped: Count = 0
     reconnects: Count = 0
     last_frame_s: NonNeg | None = None  # seconds since its newest frame; None: none yet
+    down_s: NonNeg | None = None  # seconds it has not been delivering (since its start, if it never did); None: up
 
 
 class Telemetry(Message):

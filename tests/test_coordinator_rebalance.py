@@ -567,8 +567,9 @@ def test_a_placement_is_the_same_whatever_the_order_of_its_routes_and_small_shar
 
 
 def test_a_source_that_closes_or_goes_silent_is_an_event_and_shows_in_status(tmp_path):
-    """A device's camera that is gone is seen fleet-wide: ``source-down``/``source-up`` events (one per change,
-    not per telemetry) and `lepton status` naming it; a source open but without a frame for 30 s shows too."""
+    """A device's camera that is gone is seen fleet-wide: ``source-down`` once it has not delivered for 10 s
+    (a camera slow to give its first frame, or back within 10 s, is no event), ``source-up`` when it
+    delivers again, one per change; `lepton status` names it, and a source open but silent for 30 s."""
     from lepton.coordinator.status import events, fleet_status, render_status
 
     reg = FleetRegistry(open_db(tmp_path / "c.db"))
@@ -583,17 +584,23 @@ def test_a_source_that_closes_or_goes_silent_is_an_event_and_shows_in_status(tmp
     def kinds():
         return [(e["kind"], e["detail"]) for e in events(reg.db) if e["kind"].startswith("source-")]
 
-    row = send(connected=False, frames_in=0)
-    assert "cam0 down" in row
-    assert kinds() == [("source-down", "cam0: not connected (no frame yet)")]
-    send(connected=False, frames_in=0)
-    assert len(kinds()) == 1  # no change, no event
+    row = send(connected=False, frames_in=0, down_s=2.0)  # opening: not yet an outage
+    assert "cam0 down 2s" in row and kinds() == []
+    send(connected=True, frames_in=5, last_frame_s=0.1)  # it came within 10 s: no event at all
+    assert kinds() == []
+    send(connected=False, frames_in=5, last_frame_s=4.0, down_s=4.0)
+    send(connected=False, frames_in=5, last_frame_s=12.0, down_s=12.0)
+    assert kinds() == [("source-down", "cam0: not delivering for 12 s (last frame 12 s ago)")]
+    send(connected=False, frames_in=5, last_frame_s=14.0, down_s=14.0)
+    assert len(kinds()) == 1  # still down: no new event
     row = send(connected=True, frames_in=40, reconnects=1, last_frame_s=0.1)
     assert "cam0" not in row
     assert [k for k, _ in kinds()] == ["source-down", "source-up"]
     row = send(connected=True, frames_in=40, reconnects=1, last_frame_s=45.0)
     assert "cam0 no frame 45s" in row and len(kinds()) == 2
     assert fleet_status(reg.db)["devices"][0]["sources"]["cam0"]["frames_in"] == 40
+    send(connected=False, frames_in=0, down_s=30.0)  # missing since the agent started: an event too
+    assert kinds()[-1] == ("source-down", "cam0: not delivering for 30 s (no frame yet)")
 
 
 def test_a_rebirth_with_the_same_streams_is_no_streams_event_though_its_measured_rate_moved_a_little(tmp_path):

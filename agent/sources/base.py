@@ -161,6 +161,7 @@ class BaseSource:
         self._taken = 0  # highest seq handed to any consumer
         self._frames_in = 0
         self._frame_at: float | None = None  # monotonic time of the newest frame
+        self._delivering, self._delivering_since = False, time.monotonic()  # as stats() last saw it, and since when
         self._rate_marks: deque[tuple[float, int]] = deque()  # (monotonic time, frames_in) at each rate()
         self._dropped = 0
         self._connected = False
@@ -353,12 +354,17 @@ class BaseSource:
 
     def stats(self) -> dict:
         """``frames_in``, ``frames_dropped``, ``connected`` (the device is open), ``delivering`` (open and it
-        gave a frame since it opened), ``last_frame_s`` (seconds since the newest frame, None before the
-        first) plus what ``extra_stats()`` adds."""
+        gave a frame since it opened), ``down_s`` (seconds not delivering, as seen by these calls: since the
+        start if it never did; None while it delivers), ``last_frame_s`` (seconds since the newest frame, None
+        before the first) plus what ``extra_stats()`` adds."""
+        now = time.monotonic()
         with self._cond:
+            delivering = self._connected and self._first_frame_note is None
+            if delivering != self._delivering:
+                self._delivering, self._delivering_since = delivering, now
             out = {"frames_in": self._frames_in, "frames_dropped": self._dropped, "connected": self._connected,
-                   "delivering": self._connected and self._first_frame_note is None,
-                   "last_frame_s": None if self._frame_at is None else time.monotonic() - self._frame_at}
+                   "delivering": delivering, "down_s": None if delivering else now - self._delivering_since,
+                   "last_frame_s": None if self._frame_at is None else now - self._frame_at}
         out.update(self.extra_stats())
         return out
 
