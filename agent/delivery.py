@@ -17,11 +17,11 @@ deadline passed, and re-sends every unacknowledged result, in order:
 
 Results flow while the coordinator is known to be online, or when this agent
 has never seen a coordinator status and its outbox was never acknowledged (a
-standalone device watched by ``mosquitto_sub``). While a coordinator it knows of is offline, or after a
-reconnect until its status is known again, results wait here, in the outbox,
-and then go out in seq order from the floor: the broker's queue (bounded,
-and silent when it drops) never holds the backlog, and the coordinator sees
-each device's results in order.
+standalone device watched by ``mosquitto_sub``). While a coordinator it knows
+of is offline, or after a connect until its status is known again, results
+wait here, in the outbox, and then go out in seq order from the floor: the
+broker's queue (bounded, and silent when it drops) never holds the backlog,
+and the coordinator sees each device's results in order.
 
 A re-sent result carries the current ``floor`` so the coordinator can
 acknowledge past results this device dropped or expired meanwhile.

@@ -249,9 +249,9 @@ class Ingest:
         stored, this batch and the held results) are stored now, the released ones with this batch's time; the
         rest are to be held. Past the bounds a result is stored as it comes (its order broken, nothing dropped),
         and a device's held results are stored once none was released for HOLD_MAX_S (the gap may never
-        fill). ``batch.rows`` and ``batch.seqs`` become what is stored (all the ack may count). Returns, per device, the results to
-        hold and the held seqs stored: ``_hold`` applies them once the batch is committed, so a failed commit
-        changes nothing here.
+        fill). ``batch.rows`` and ``batch.seqs`` become what is stored (all the ack may count). Returns, per
+        device, the results to hold and the held seqs stored: ``_hold`` applies them once the batch is
+        committed, so a failed commit changes nothing here.
         """
         cutoff = time.monotonic() - HOLD_MAX_S
         split: dict[str, float] = {}  # device -> highest seq stored now (inf: every held one, held too long)
